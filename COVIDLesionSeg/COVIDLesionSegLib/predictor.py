@@ -1,0 +1,162 @@
+"""Slice-by-slice inference of a trained network on whole CT volumes.
+
+``Predictor`` loads a checkpoint once and serves many volumes::
+
+    predictor = Predictor.default()                      # the shipped model, CUDA when available
+    lesion = predictor.predict_volume(volume)            # volume[z, y, x] → uint8 0/1, same shape
+    masks = predictor.predict_masks(volume)              # {"lesion": ..., "lung": ...} with a lung channel
+    result = predictor.segment_image(sitk_image)         # masks as images on the input's exact grid
+
+Each axial slice goes through the training preprocessing (``preprocessing``), the network runs in
+batches under ``torch.inference_mode()`` (fp16 autocast on CUDA), sigmoid probabilities are resized back
+to the slice size and thresholded at 0.5. With a lung channel, lesions are kept only inside the lung and
+the lung mask is made to include its lesions.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+from . import io
+from .checkpoints import Checkpoint, default_model_name, load_checkpoint, load_registry, resolve_model_file, sha256_of
+from .preprocessing import resize_probabilities, to_network_input, volume_to_uint8
+from .statistics import LesionStatistics, lesion_statistics
+
+logger = logging.getLogger(__name__)
+ProgressCallback = Callable[[int, int], None]  # (slices done, slices total)
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' → CUDA when available, else CPU; 'cuda' without a GPU raises with what to do."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but PyTorch sees no CUDA GPU (CPU-only torch build or no driver); use --device cpu")
+    return torch.device(device)
+
+
+def predict_in_batches(
+    network: Callable[[torch.Tensor], torch.Tensor],
+    inputs: np.ndarray,
+    batch_size: int,
+    consume: Callable[[int, np.ndarray], None],
+    device: torch.device = torch.device("cpu"),
+    on_progress: ProgressCallback | None = None,
+) -> int:
+    """Run ``network`` over ``inputs[N, C, H, W]`` in batches; ``consume(start, probabilities[B, K, H, W])``.
+
+    On CUDA out-of-memory the batch is retried at half the size (down to 1). Returns the batch size that
+    worked, so callers can keep it for the next volume.
+    """
+    start, total = 0, len(inputs)
+    while start < total:
+        batch = torch.from_numpy(inputs[start : start + batch_size]).to(device)
+        try:
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
+                probabilities = torch.sigmoid(network(batch).float()).cpu().numpy()
+        except torch.cuda.OutOfMemoryError:
+            if batch_size == 1:
+                raise RuntimeError("CUDA out of memory even with batch size 1; use --device cpu") from None
+            torch.cuda.empty_cache()
+            batch_size = max(1, batch_size // 2)
+            logger.warning("CUDA out of memory; retrying with batch size %d", batch_size)
+            continue
+        consume(start, probabilities)
+        start += len(probabilities)
+        if on_progress:
+            on_progress(start, total)
+    return batch_size
+
+
+@dataclass
+class SegmentationResult:
+    """Masks (uint8 0/1 ``sitk.Image`` on the input's grid, keyed by channel) and their statistics."""
+
+    masks: dict[str, sitk.Image]
+    statistics: LesionStatistics
+
+
+class Predictor:
+    """A loaded network plus the preprocessing it was trained with."""
+
+    def __init__(self, checkpoint: Checkpoint, device: str = "auto", batch_size: int = 8, name: str = "", sha256: str = ""):
+        self.checkpoint = checkpoint
+        self.channels = list(checkpoint.channels)
+        self.preprocessing = checkpoint.preprocessing
+        self.device = resolve_device(device)
+        self.batch_size = batch_size
+        self.name = name or checkpoint.model_name
+        self.sha256 = sha256
+        self.network = checkpoint.build().to(self.device)
+        if self.device.type == "cpu":
+            self.network = self.network.to(memory_format=torch.channels_last)
+
+    @classmethod
+    def from_checkpoint(cls, source: str | Path, device: str = "auto", batch_size: int = 8) -> "Predictor":
+        """``source`` is a registry name (``Resources/models.json``) or a checkpoint file path."""
+        path = Path(source)
+        if path.is_file():
+            name = path.name
+        else:
+            registry = load_registry()
+            if str(source) not in registry:
+                raise FileNotFoundError(f"{source}: neither a checkpoint file nor a registered model ({', '.join(registry)})")
+            path, name = resolve_model_file(registry[str(source)]), str(source)  # verifies the SHA-256
+        return cls(load_checkpoint(path), device, batch_size, name=name, sha256=sha256_of(path))
+
+    @classmethod
+    def default(cls, device: str = "auto", batch_size: int = 8) -> "Predictor":
+        """The shipped default model of the registry."""
+        return cls.from_checkpoint(default_model_name(), device, batch_size)
+
+    def predict_probabilities(self, volume: np.ndarray, on_progress: ProgressCallback | None = None) -> dict[str, np.ndarray]:
+        """``volume[z, y, x]`` (or one 2D slice) → ``{channel: float32 probabilities of the volume's shape}``."""
+        volume = np.asarray(volume)
+        squeeze = volume.ndim == 2
+        volume = volume[None] if squeeze else volume
+        if volume.ndim != 3:
+            raise ValueError(f"expected a [z, y, x] volume or a 2D slice, got shape {volume.shape}")
+        probabilities = np.zeros((len(self.channels), *volume.shape), dtype=np.float32)
+
+        def store(start: int, batch: np.ndarray) -> None:
+            for offset, slice_probabilities in enumerate(batch):
+                probabilities[:, start + offset] = resize_probabilities(slice_probabilities, *volume.shape[1:])
+
+        inputs = to_network_input(volume_to_uint8(volume, self.preprocessing), self.preprocessing)
+        self.batch_size = predict_in_batches(self.network, inputs, self.batch_size, store, self.device, on_progress)
+        return {channel: probabilities[index][0] if squeeze else probabilities[index] for index, channel in enumerate(self.channels)}
+
+    def predict_masks(self, volume: np.ndarray, on_progress: ProgressCallback | None = None) -> dict[str, np.ndarray]:
+        """``{channel: uint8 0/1 mask}``; with a lung channel the lesion is kept inside the lung, and the lung includes it."""
+        masks = {channel: (p >= 0.5).astype(np.uint8) for channel, p in self.predict_probabilities(volume, on_progress).items()}
+        if "lung" in masks:
+            masks["lesion"] &= masks["lung"]
+        return masks
+
+    def predict_volume(self, volume: np.ndarray, return_probabilities: bool = False, on_progress: ProgressCallback | None = None):
+        """The lesion mask (uint8 0/1, shape of ``volume``); with ``return_probabilities`` also its probabilities."""
+        if not return_probabilities:
+            return self.predict_masks(volume, on_progress)["lesion"]
+        probabilities = self.predict_probabilities(volume, on_progress)
+        lesion = (probabilities["lesion"] >= 0.5).astype(np.uint8)
+        if "lung" in probabilities:
+            lesion &= (probabilities["lung"] >= 0.5).astype(np.uint8)
+        return lesion, probabilities["lesion"]
+
+    def segment_image(self, image: sitk.Image, include_lung: bool = True, on_progress: ProgressCallback | None = None) -> SegmentationResult:
+        """Segment a validated 3D ``sitk.Image`` in radiological orientation; masks come back on its exact grid.
+
+        Statistics always use the lung channel when the model has one; ``include_lung`` only decides whether
+        the lung mask is returned (and so written)."""
+        oriented = io.to_radiological(image)
+        masks = self.predict_masks(sitk.GetArrayViewFromImage(oriented), on_progress)
+        statistics = lesion_statistics(masks["lesion"], image.GetSpacing(), masks.get("lung"))
+        written = [channel for channel in masks if include_lung or channel != "lung"]
+        return SegmentationResult({channel: io.from_radiological(masks[channel], image) for channel in written}, statistics)
