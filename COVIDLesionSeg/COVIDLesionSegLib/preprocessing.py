@@ -73,11 +73,12 @@ def slice_to_uint8(ct_slice: np.ndarray, config: PreprocessingConfig, hounsfield
         hounsfield = is_hounsfield(image, config)
     if hounsfield:
         image = np.clip(image, *config.hu_window)
+    if image.min() == image.max():  # a blank slice stays blank (CLAHE would invent tile patterns on it)
+        return np.zeros((config.size, config.size), dtype=np.uint8)
     if image.shape != (config.size, config.size):
         image = cv2.resize(image, (config.size, config.size), interpolation=cv2.INTER_CUBIC)
     low, high = float(image.min()), float(image.max())
-    scaled = (image - low) / (high - low) if high > low else np.zeros_like(image)
-    image_u8 = (scaled * 255).astype(np.uint8)
+    image_u8 = ((image - low) / max(high - low, 1e-12) * 255).astype(np.uint8)
     clahe = cv2.createCLAHE(clipLimit=config.clahe_clip_limit, tileGridSize=tuple(config.clahe_tile_grid))
     return clahe.apply(image_u8)
 

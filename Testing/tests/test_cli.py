@@ -1,0 +1,97 @@
+"""The CLI end to end on real files: real slices from the shared data stacked into volumes, a real checkpoint."""
+
+import csv
+import pickle
+
+import cv2
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicerio
+
+from COVIDLesionSegLib import cli
+
+
+@pytest.fixture()
+def cases(tmp_path, shared_data):
+    """Two real 3-slice volumes (NIfTI, NRRD), one PNG slice, and one corrupt file in an input folder."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, volume_id, suffix in [("patientA", "coronacases_002", ".nii.gz"), ("patientB", "radiopaedia_4_85506_1", ".nrrd")]:
+        slices = [cv2.imread(str(shared_data / "images" / f"{volume_id}_{pos:03d}.png"), cv2.IMREAD_UNCHANGED) for pos in range(3)]
+        image = sitk.GetImageFromArray(np.stack(slices))
+        image.SetSpacing((1.4, 1.4, 5.0))
+        sitk.WriteImage(image, str(folder / f"{name}{suffix}"))
+    cv2.imwrite(str(folder / "slice.png"), slices[0])
+    (folder / "broken.mha").write_bytes(b"ObjectType = Image\nNDims = 3\n")
+    return folder
+
+
+def read_rows(path):
+    with open(path, newline="") as stream:
+        return {row["input"].rsplit("/", 1)[-1]: row for row in csv.DictReader(stream)}
+
+
+def test_batch_segments_good_cases_reports_bad_one_and_resumes(tmp_path, cases, tiny_checkpoint, capsys):
+    out = tmp_path / "out"
+    arguments = ["segment", str(cases), "-o", str(out), "--weights", str(tiny_checkpoint), "--device", "cpu", "--progress", "none"]
+    assert cli.main(arguments) == 1  # one case failed
+    rows = read_rows(out / "summary.csv")
+    assert {name: row["status"] for name, row in rows.items()} == {
+        "broken.mha": "failed", "patientA.nii.gz": "ok", "patientB.nrrd": "ok", "slice.png": "ok"}
+    assert "broken.mha" in rows["broken.mha"]["error"] and rows["broken.mha"]["output"] == ""
+    assert sorted(p.name for p in out.iterdir()) == ["patientA.seg.nrrd", "patientB.seg.nrrd", "slice.seg.nrrd", "summary.csv"]
+    segmentation = slicerio.read_segmentation(str(out / "patientA.seg.nrrd"))
+    assert segmentation["voxels"].shape[-3:] == (256, 256, 3)
+    assert float(rows["patientA.nii.gz"]["lung_ml"]) >= float(rows["patientA.nii.gz"]["lesion_ml"]) >= 0
+    assert "ERROR" in capsys.readouterr().err
+
+    before = (out / "patientA.seg.nrrd").stat().st_mtime_ns
+    assert cli.main(arguments) == 1
+    rerun = read_rows(out / "summary.csv")
+    assert rerun["patientA.nii.gz"]["status"] == "skipped"
+    assert rerun["patientA.nii.gz"]["lesion_ml"] == rows["patientA.nii.gz"]["lesion_ml"]  # kept from the first run
+    assert (out / "patientA.seg.nrrd").stat().st_mtime_ns == before
+
+    assert cli.main([*arguments, "--overwrite"]) == 1
+    assert read_rows(out / "summary.csv")["patientA.nii.gz"]["status"] == "ok"
+
+
+def test_nifti_labelmap_output_and_parts(tmp_path, cases, tiny_checkpoint):
+    out = tmp_path / "out"
+    common = [str(cases / "patientA.nii.gz"), str(cases / "patientB.nrrd"), "-o", str(out), "--weights", str(tiny_checkpoint),
+              "--format", "nii.gz", "--num-parts", "2", "--progress", "none"]
+    assert cli.main(["segment", *common, "--part-id", "0"]) == 0
+    assert cli.main(["segment", *common, "--part-id", "1"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["patientA.nii.gz", "patientB.nii.gz", "summary.part0.csv", "summary.part1.csv"]
+    labels = sitk.ReadImage(str(out / "patientA.nii.gz"))
+    source = sitk.ReadImage(str(cases / "patientA.nii.gz"))
+    assert labels.GetSize() == source.GetSize() and labels.GetSpacing() == source.GetSpacing()
+
+
+def test_progress_lines_for_a_parent_process(tmp_path, cases, tiny_checkpoint, capsys):
+    assert cli.main(["segment", str(cases / "patientA.nii.gz"), "-o", str(tmp_path / "o"), "--weights", str(tiny_checkpoint),
+                     "--progress", "lines"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2].startswith("PROGRESS 100.0 patientA") and lines[-1] == "OK patientA"
+
+
+@pytest.mark.parametrize("payload", ["pickle", "garbage"])
+def test_unsafe_or_corrupt_checkpoint_stops_before_writing_anything(tmp_path, cases, payload, capsys):
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(pickle.dumps({"w": 1}) if payload == "pickle" else b"garbage")
+    out = tmp_path / "out"
+    assert cli.main(["segment", str(cases / "patientA.nii.gz"), "-o", str(out), "--weights", str(weights)]) == 1
+    assert "model.safetensors" in capsys.readouterr().err and not out.exists()
+
+
+def test_unknown_model_name_lists_the_registered_ones(tmp_path, cases, capsys):
+    assert cli.main(["segment", str(cases / "patientA.nii.gz"), "-o", str(tmp_path / "o"), "--model", "nope"]) == 1
+    assert "neither a checkpoint file nor a registered model" in capsys.readouterr().err
+
+
+def test_usage_errors(tmp_path):
+    with pytest.raises(SystemExit):
+        cli.main(["segment", "x", "-o", str(tmp_path), "--num-parts", "2", "--part-id", "2"])
+    with pytest.raises(SystemExit):
+        cli.main(["segment", "x", "-o", str(tmp_path), "--batch-size", "0"])
