@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io as text_io
 import logging
 import sys
@@ -135,7 +136,7 @@ def segment_cases(cases: list[Case], predictor, output_dir: Path, output_format:
         else:
             try:
                 image = io.read_image(case.path, case.series_id)
-                result = predictor.segment_image(image, include_lung, lambda done, total: reporter.slices(index, case.name, done, total))
+                result = predictor.segment_image(image, include_lung, functools.partial(reporter.slices, index, case.name))
                 io.write_segmentation(target, result.masks)
                 row.update({key: format_number(value) for key, value in result.statistics.to_dict().items()})
             except (io.InputError, OSError, ValueError, RuntimeError) as error:

@@ -47,7 +47,7 @@ def predict_in_batches(
     inputs: np.ndarray,
     batch_size: int,
     consume: Callable[[int, np.ndarray], None],
-    device: torch.device = torch.device("cpu"),
+    device: torch.device | None = None,
     on_progress: ProgressCallback | None = None,
 ) -> int:
     """Run ``network`` over ``inputs[N, C, H, W]`` in batches; ``consume(start, probabilities[B, K, H, W])``.
@@ -55,6 +55,7 @@ def predict_in_batches(
     On CUDA out-of-memory the batch is retried at half the size (down to 1). Returns the batch size that
     worked, so callers can keep it for the next volume.
     """
+    device = device or torch.device("cpu")
     start, total = 0, len(inputs)
     while start < total:
         batch = torch.from_numpy(inputs[start : start + batch_size]).to(device)
@@ -99,7 +100,7 @@ class Predictor:
             self.network = self.network.to(memory_format=torch.channels_last)
 
     @classmethod
-    def from_checkpoint(cls, source: str | Path, device: str = "auto", batch_size: int = 8) -> "Predictor":
+    def from_checkpoint(cls, source: str | Path, device: str = "auto", batch_size: int = 8) -> Predictor:
         """``source`` is a registry name (``Resources/models.json``) or a checkpoint file path."""
         path = Path(source)
         if path.is_file():
@@ -112,7 +113,7 @@ class Predictor:
         return cls(load_checkpoint(path), device, batch_size, name=name, sha256=sha256_of(path))
 
     @classmethod
-    def default(cls, device: str = "auto", batch_size: int = 8) -> "Predictor":
+    def default(cls, device: str = "auto", batch_size: int = 8) -> Predictor:
         """The shipped default model of the registry."""
         return cls.from_checkpoint(default_model_name(), device, batch_size)
 

@@ -49,7 +49,7 @@ class PreprocessingConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "PreprocessingConfig":
+    def from_dict(cls, values: dict) -> PreprocessingConfig:
         known = {key: tuple(value) if isinstance(value, list) else value for key, value in values.items()}
         unknown = set(known) - set(cls.__dataclass_fields__)
         if unknown:

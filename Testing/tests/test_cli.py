@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
-
 from COVIDLesionSegLib import cli
 
 

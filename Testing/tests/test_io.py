@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
-
 from COVIDLesionSegLib import io
 
 ANGLE = math.radians(20)

@@ -2,7 +2,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-
 from COVIDLesionSegLib.predictor import Predictor, predict_in_batches, resolve_device
 
 

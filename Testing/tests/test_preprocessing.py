@@ -1,7 +1,6 @@
 import cv2
 import numpy as np
 import pytest
-
 from COVIDLesionSegLib.preprocessing import (
     PreprocessingConfig,
     is_hounsfield,

@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-
 from COVIDLesionSegLib.statistics import lesion_statistics
 
 
