@@ -20,6 +20,8 @@ import os
 import shutil
 import tempfile
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,7 +95,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     with open(path, "rb") as stream:
         head = stream.read(2)
     if head[:1] == b"\x80" or head == b"PK":
-        raise ValueError(f"{path}: this is a pickle/zip torch checkpoint; only .safetensors checkpoints are accepted (pickles can run code)")
+        raise ValueError(
+            f"{path}: this is a pickle/zip torch checkpoint; only .safetensors checkpoints are accepted (pickles can run code)"
+        )
     try:
         from safetensors import safe_open
 
@@ -120,25 +124,20 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise ValueError(f"{path}: checkpoint metadata is incomplete or invalid ({error!r})") from error
 
 
-class atomic_output:
-    """Context manager yielding a temporary path beside ``path``; renamed onto ``path`` only on success."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-
-    def __enter__(self) -> Path:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        suffix = "".join(self.path.suffixes)
-        handle, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=f".part{suffix}", dir=self.path.parent)
-        os.close(handle)
-        self.temporary = Path(name)
-        return self.temporary
-
-    def __exit__(self, exc_type, exc, traceback) -> None:
-        if exc_type is None:
-            os.replace(self.temporary, self.path)
-        else:
-            self.temporary.unlink(missing_ok=True)
+@contextmanager
+def atomic_output(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (same suffixes, so writers pick the format); it replaces
+    ``path`` only when the block finishes without an exception, otherwise it is deleted."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{''.join(path.suffixes)}", dir=path.parent)
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def sha256_of(path: str | Path) -> str:

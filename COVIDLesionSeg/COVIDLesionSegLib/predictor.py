@@ -151,7 +151,9 @@ class Predictor:
             lesion &= (probabilities["lung"] >= 0.5).astype(np.uint8)
         return lesion, probabilities["lesion"]
 
-    def segment_image(self, image: sitk.Image, include_lung: bool = True, on_progress: ProgressCallback | None = None) -> SegmentationResult:
+    def segment_image(
+        self, image: sitk.Image, include_lung: bool = True, on_progress: ProgressCallback | None = None
+    ) -> SegmentationResult:
         """Segment a validated 3D ``sitk.Image`` in radiological orientation; masks come back on its exact grid.
 
         Statistics always use the lung channel when the model has one; ``include_lung`` only decides whether

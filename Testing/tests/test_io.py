@@ -6,17 +6,17 @@ import SimpleITK as sitk
 import slicerio
 from COVIDLesionSegLib import io
 
-ANGLE = math.radians(20)
+COS, SIN = math.cos(math.radians(20)), math.sin(math.radians(20))
 GEOMETRIES = {
     "identity-odd": ((1.0, 1.0, 1.0), (0, 0, 0), (1, 0, 0, 0, 1, 0, 0, 0, 1)),
     "anisotropic": ((0.61, 0.83, 5.0), (-120.5, 33.25, -7.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)),
     "flipped": ((0.7, 0.7, 2.0), (10, 20, 30), (-1, 0, 0, 0, -1, 0, 0, 0, 1)),
     "permuted-sagittal": ((0.9, 1.1, 1.3), (5, 6, 7), (0, 0, -1, 1, 0, 0, 0, -1, 0)),
-    "oblique": ((0.8, 0.8, 2.5), (-3, 4, -5), (math.cos(ANGLE), -math.sin(ANGLE), 0, math.sin(ANGLE), math.cos(ANGLE), 0, 0, 0, 1)),
+    "oblique": ((0.8, 0.8, 2.5), (-3, 4, -5), (COS, -SIN, 0, SIN, COS, 0, 0, 0, 1)),
 }
 
 
-def make_volume(geometry, size=(37, 29, 7), seed=0) -> sitk.Image:
+def make_volume(geometry, seed=0, size=(37, 29, 7)) -> sitk.Image:
     spacing, origin, direction = GEOMETRIES[geometry]
     array = np.random.default_rng(seed).integers(-1000, 400, size[::-1]).astype(np.int16)
     image = sitk.GetImageFromArray(array)
@@ -127,7 +127,7 @@ BAD_INPUTS = {
     "corrupt": (lambda d: write_bytes(d / "broken.nii.gz", b"\x1f\x8b garbage"), "not a readable image"),
     "empty folder": (lambda d: mkdir(d / "empty"), "no DICOM series"),
     "rgb": (lambda d: write(d / "rgb.png", sitk.GetImageFromArray(np.zeros((8, 8, 3), np.uint8), isVector=True)), "RGB"),
-    "4d": (lambda d: write(d / "four.nii.gz", sitk.JoinSeries([make_volume("identity-odd"), make_volume("identity-odd", seed=1)])), "4D"),
+    "4d": (lambda d: write(d / "four.nii.gz", sitk.JoinSeries([make_volume("identity-odd"), make_volume("identity-odd", 1)])), "4D"),
     "constant": (lambda d: write(d / "flat.nrrd", sitk.GetImageFromArray(np.full((3, 4, 5), -1000, np.int16))), "constant image"),
     "nan": (lambda d: write(d / "nan.nrrd", sitk.GetImageFromArray(np.array([[[0.0, np.nan], [1.0, 2.0]]], np.float32))), "NaN"),
 }
