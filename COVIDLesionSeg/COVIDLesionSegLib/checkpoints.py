@@ -18,8 +18,8 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -130,9 +130,8 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     ``path`` only when the block finishes without an exception, otherwise it is deleted."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{''.join(path.suffixes)}", dir=path.parent)
-    os.close(handle)
-    temporary = Path(name)
+    # Not mkstemp: the writer creates the file itself, so it gets the usual permissions (umask), not 0600.
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.part{''.join(path.suffixes)}")
     try:
         yield temporary
         os.replace(temporary, path)

@@ -3,6 +3,7 @@ import pickle
 
 import pytest
 import torch
+
 from COVIDLesionSegLib.checkpoints import (
     Checkpoint,
     RegistryEntry,

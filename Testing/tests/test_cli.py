@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
+
 from COVIDLesionSegLib import cli
 
 

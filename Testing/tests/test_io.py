@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
+
 from COVIDLesionSegLib import io
 
 COS, SIN = math.cos(math.radians(20)), math.sin(math.radians(20))

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from COVIDLesionSegLib.models import MODELS, build_model, count_parameters
 
 # Pinned so an accidental architecture change is caught; ResAttUNet matches the 24.6 M of compute.md.

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+
 from COVIDLesionSegLib.predictor import Predictor, predict_in_batches, resolve_device
 
 

@@ -1,6 +1,7 @@
 import cv2
 import numpy as np
 import pytest
+
 from COVIDLesionSegLib.preprocessing import (
     PreprocessingConfig,
     is_hounsfield,

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+
 from COVIDLesionSegLib.statistics import lesion_statistics
 
 
