@@ -1,0 +1,94 @@
+"""Slice augmentation: shapes and types kept, masks binary and aligned, deterministic given a seed."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from COVIDLesionSegLib.preprocessing import PreprocessingConfig
+from COVIDLesionSegTraining.augment import ROBUST, augment_slice
+from COVIDLesionSegTraining.data import read_manifest, read_png
+
+CONFIG = PreprocessingConfig()
+
+
+@pytest.fixture(scope="module")
+def real_slice(shared_data):
+    """A real 256² slice of coronacases_003 with its lesion and lung masks ``[2, 256, 256]`` bool."""
+    record = next(r for r in read_manifest(shared_data) if r.volume_id == "coronacases_003" and r.position == 60)
+    lesion = read_png(record.lesion_mask) > 0
+    return read_png(record.image), np.stack([lesion, lesion | (read_png(record.lung_mask) > 0)])
+
+
+@pytest.mark.parametrize("mode", ["none", "flip", "robust"])
+def test_shapes_types_and_binary_masks(real_slice, mode):
+    image, masks = real_slice
+    for seed in range(8):
+        out_image, out_masks = augment_slice(image, masks, np.random.default_rng(seed), mode, CONFIG)
+        assert out_image.shape == image.shape and out_image.dtype == np.uint8
+        assert out_masks.shape == masks.shape and out_masks.dtype == bool
+        assert out_image.flags.c_contiguous and out_masks.flags.c_contiguous
+
+
+def test_none_returns_the_input(real_slice):
+    image, masks = real_slice
+    out_image, out_masks = augment_slice(image, masks, np.random.default_rng(0), "none", CONFIG)
+    assert out_image is image and out_masks is masks
+
+
+def test_flip_mirrors_image_and_masks_together(real_slice):
+    image, masks = real_slice
+    results = [augment_slice(image, masks, np.random.default_rng(seed), "flip", CONFIG) for seed in range(10)]
+    flipped = [(i, m) for i, m in results if not np.array_equal(i, image)]
+    assert 0 < len(flipped) < 10  # p = 0.5
+    for out_image, out_masks in flipped:
+        np.testing.assert_array_equal(out_image, image[:, ::-1])
+        np.testing.assert_array_equal(out_masks, masks[:, :, ::-1])
+
+
+@pytest.mark.parametrize("mode", ["flip", "robust"])
+def test_same_seed_same_result_other_seed_other_result(real_slice, mode):
+    image, masks = real_slice
+    first = augment_slice(image, masks, np.random.default_rng((7, 0, 3)), mode, CONFIG)
+    again = augment_slice(image, masks, np.random.default_rng((7, 0, 3)), mode, CONFIG)
+    np.testing.assert_array_equal(first[0], again[0])
+    np.testing.assert_array_equal(first[1], again[1])
+    others = [augment_slice(image, masks, np.random.default_rng((8, 0, seed)), mode, CONFIG)[0] for seed in range(4)]
+    assert any(not np.array_equal(first[0], other) for other in others)
+
+
+def test_robust_geometry_moves_masks_with_the_image():
+    """With only geometric steps on, an image drawn from the mask still matches the warped mask."""
+    geometry_only = replace(
+        ROBUST,
+        gamma_probability=0,
+        contrast_probability=0,
+        noise_probability=0,
+        blur_probability=0,
+        sharpen_probability=0,
+        reclahe_probability=0,
+        affine_probability=1,
+    )
+    masks = np.zeros((1, 128, 128), bool)
+    masks[0, 30:70, 40:100] = True
+    image = np.where(masks[0], 200, 20).astype(np.uint8)
+    for seed in range(10):
+        out_image, out_masks = augment_slice(image, masks, np.random.default_rng(seed), "robust", CONFIG, geometry_only)
+        agreement = ((out_image > 110) == out_masks[0]).mean()
+        assert agreement > 0.99, (seed, agreement)
+        assert out_masks.sum() > 0
+
+
+def test_robust_changes_intensities_and_fields_of_view(real_slice):
+    image, masks = real_slice
+    outputs = [augment_slice(image, masks, np.random.default_rng(seed), "robust", CONFIG)[0] for seed in range(20)]
+    assert sum(not np.array_equal(output, image) for output in outputs) >= 18
+    corners = [output[:8, :8].max() == 0 and output[-8:, -8:].max() == 0 for output in outputs]
+    assert any(corners)  # a zoom-out or a circular field of view blacks out the corners
+
+
+def test_unknown_mode_is_refused(real_slice):
+    with pytest.raises(ValueError, match="robust"):
+        augment_slice(*real_slice, np.random.default_rng(0), "strong", CONFIG)

@@ -1,0 +1,214 @@
+"""Training end to end on a handful of real slices at 64²: the four models, checkpoints, resume, torchrun, CLIs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from COVIDLesionSegLib.checkpoints import load_checkpoint
+from COVIDLesionSegTraining import train as train_module
+from COVIDLesionSegTraining.config import TrainConfig
+from COVIDLesionSegTraining.evaluate import evaluate_checkpoint
+from COVIDLesionSegTraining.evaluate import main as evaluate_main
+from COVIDLesionSegTraining.splits import SplitSpec
+from COVIDLesionSegTraining.train import main as train_main
+from COVIDLesionSegTraining.train import train
+
+TINY_WIDTHS = (4, 8, 16, 32, 64)
+GROUPS = ("coronacases_001", "coronacases_002", "radiopaedia_4_85506_1", "radiopaedia_7_85703_0")
+HOLDOUT = SplitSpec("holdout", holdout_groups=("radiopaedia_7_85703_0",))
+
+
+@pytest.fixture(scope="module")
+def tiny_data(shared_data, tmp_path_factory):
+    """A manifest of 3 real slices from each of 4 groups (absolute paths into the shared data).
+
+    With ``HOLDOUT``: 3 test slices, and 6 train + 3 validation slices (one group) — 3 steps per epoch at batch 2.
+    """
+    with open(shared_data / "manifest.csv", newline="") as stream:
+        reader = csv.DictReader(stream)
+        fieldnames, rows = reader.fieldnames, list(reader)
+    chosen = []
+    for group in GROUPS:
+        group_rows = [row for row in rows if row["split_group"] == group]
+        chosen += group_rows[len(group_rows) // 2 : len(group_rows) // 2 + 3]
+    for row in chosen:
+        for column in ("image", "mask", "lung_mask"):
+            row[column] = str(shared_data / row[column])
+    folder = tmp_path_factory.mktemp("tiny_data")
+    with open(folder / "manifest.csv", "w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(chosen)
+    return folder
+
+
+def tiny_config(data_dir, output_dir, **changes) -> TrainConfig:
+    values = {
+        "model": "unet",
+        "model_widths": TINY_WIDTHS,
+        "channels": ("lesion", "lung"),
+        "image_size": 64,
+        "max_steps": 2,
+        "split": HOLDOUT,
+        "device": "cpu",
+    }
+    values.update(changes)
+    return TrainConfig(data_dir=str(data_dir), output_dir=str(output_dir), **values)
+
+
+def read_log(run_dir) -> list[dict]:
+    with open(run_dir / "log.csv", newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
+def test_defaults_are_the_papers_protocol():
+    config = TrainConfig(data_dir="d", output_dir="o")
+    assert (config.model, config.encoder_weights, config.learning_rate, config.batch_size, config.epochs) == (
+        "resattunet",
+        "imagenet",
+        1e-4,
+        2,
+        200,
+    )
+    assert (config.image_size, config.dice_weight, config.split.kind, config.channels) == (256, 0.0, "paper", ("lesion",))
+    assert config.differences_from_paper() == []
+
+
+def test_config_round_trips_through_json_and_lists_its_departures(tmp_path):
+    config = TrainConfig(
+        data_dir="d",
+        output_dir="o",
+        encoder_weights="none",
+        channels=("lesion", "lung"),
+        augment="robust",
+        dice_weight=1.0,
+        learning_rate=3e-4,
+        batch_size=4,
+        max_steps=100,
+        split=SplitSpec("holdout", holdout_groups=("coronacases_004",)),
+    )
+    config.save(tmp_path / "config.json")
+    assert TrainConfig.load(tmp_path / "config.json") == config
+    differences = "\n".join(config.differences_from_paper())
+    for word in ("channels", "augment", "soft Dice", "learning_rate", "batch_size", "max_steps", "holdout", "encoder_weights"):
+        assert word in differences
+    assert config.model_kwargs()["encoder_weights"] == "none"
+    assert TrainConfig(data_dir="d", output_dir="o").model_kwargs(for_checkpoint=True)["encoder_weights"] == "none"
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"model": "segformer"}, "unknown model"),
+        ({"model": "resattunet", "model_widths": (4, 8)}, "model_widths"),
+        ({"augment": "heavy"}, "augment"),
+        ({"max_steps": 0}, "max_steps"),
+        ({"channels": ()}, "channels"),
+    ],
+)
+def test_invalid_configs_are_refused(changes, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(data_dir="d", output_dir="o", **changes)
+
+
+@pytest.mark.parametrize("model", ["unet", "attunet", "resunet", "resattunet"])
+def test_each_model_trains_saves_reloads_and_evaluates(tiny_data, tmp_path, model):
+    widths = TINY_WIDTHS if model in ("unet", "attunet") else None
+    config = tiny_config(tiny_data, tmp_path / "run", model=model, model_widths=widths, encoder_weights="none")
+    result = train(config)
+    run_dir = tmp_path / "run"
+    assert result["stopped"] == "max_steps" and result["step"] == 2
+    for name in ("config.json", "run_info.json", "log.csv", "loss_curves.png", "best.safetensors", "last.safetensors", "last.state.json"):
+        assert (run_dir / name).is_file(), name
+    checkpoint = load_checkpoint(run_dir / "best.safetensors")
+    assert checkpoint.model_name == model and checkpoint.channels == ["lesion", "lung"]
+    assert checkpoint.preprocessing.size == 64 and checkpoint.metrics["step"] == 2
+    assert TrainConfig.from_dict(checkpoint.train_config) == config
+    network = checkpoint.build()
+    assert network(torch.zeros(1, 3, 64, 64)).shape == (1, 2, 64, 64)
+    summary = evaluate_checkpoint(run_dir / "best.safetensors", tiny_data, tmp_path / "eval", device="cpu")
+    lesion = summary["channels"]["lesion"]
+    assert summary["subset"] == "test" and lesion["slices"] == 3
+    assert set(lesion["per_volume"]) == {"radiopaedia_7_85703_0"}
+    assert sum(lesion["counts"].values()) == 3 * 256 * 256  # evaluated against the stored 256² labels
+    assert (tmp_path / "eval" / "summary.json").is_file() and (tmp_path / "eval" / "per_slice.csv").is_file()
+
+
+def final_weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run_dir / "last.safetensors").state_dict
+
+
+def test_resume_after_a_budget_or_a_signal_continues_exactly(tiny_data, tmp_path, monkeypatch):
+    straight = train(tiny_config(tiny_data, tmp_path / "straight", max_steps=5, augment="robust"))
+    assert straight["step"] == 5 and straight["epoch"] == 1  # 3 steps per epoch: stopped inside epoch 2
+
+    budget = tmp_path / "budget"
+    assert train(tiny_config(tiny_data, budget, max_steps=2, augment="robust"))["step"] == 2
+    resumed = train(tiny_config(tiny_data, budget, max_steps=5, augment="robust"), resume=True)
+    assert resumed["step"] == 5
+    assert [row["step"] for row in read_log(budget)] == ["2", "3", "5"]
+    assert json.loads((budget / "run_info.json").read_text())["resumed_at_steps"] == [2]
+
+    calls = []
+    original_forward = train_module.SegmentationLoss.forward
+
+    def forward_then_interrupt(self, logits, targets):
+        calls.append(1)
+        if len(calls) == 2:  # during the second optimizer step
+            signal.raise_signal(signal.SIGINT)
+        return original_forward(self, logits, targets)
+
+    interrupted = tmp_path / "interrupted"
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module.SegmentationLoss, "forward", forward_then_interrupt)
+        stopped = train(tiny_config(tiny_data, interrupted, max_steps=5, augment="robust"))
+    assert stopped["stopped"] == "signal" and stopped["step"] == 2
+    assert json.loads((interrupted / "last.state.json").read_text())["progress"]["batches_done"] == 2
+    assert train(tiny_config(tiny_data, interrupted, max_steps=5, augment="robust"), resume=True)["step"] == 5
+
+    expected = final_weights(tmp_path / "straight")
+    for run_dir in (budget, interrupted):
+        weights = final_weights(run_dir)
+        assert all(torch.equal(weights[name], expected[name]) for name in expected), run_dir.name
+
+
+def test_command_line_train_resume_and_evaluate(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    arguments = ["--data", str(tiny_data), "--output", str(run_dir), "--model", "attunet", "--widths", *map(str, TINY_WIDTHS)]
+    arguments += ["--image-size", "64", "--max-steps", "1", "--split", "holdout", "--holdout-groups", "radiopaedia_7_85703_0"]
+    assert train_main([*arguments, "--dice-weight", "1", "--lr", "3e-4", "--device", "cpu"]) == 0
+    assert json.loads((run_dir / "config.json").read_text())["learning_rate"] == 3e-4
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_main(arguments)
+    assert train_main(["--output", str(run_dir), "--resume", "--max-steps", "2"]) == 0
+    assert [row["step"] for row in read_log(run_dir)] == ["1", "2"]
+    with pytest.raises(ValueError, match="learning_rate"):
+        train_main(["--output", str(run_dir), "--resume", "--max-steps", "3", "--lr", "1e-3"])
+
+    output = tmp_path / "evaluation"
+    assert evaluate_main(["--checkpoint", str(run_dir / "best.safetensors"), "--data", str(tiny_data), "--output", str(output)]) == 0
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["split"]["holdout_groups"] == ["radiopaedia_7_85703_0"] and summary["channels"]["lesion"]["slices"] == 3
+
+
+def test_torchrun_with_two_cpu_processes(tiny_data, tmp_path):
+    run_dir = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command += ["-m", "COVIDLesionSegTraining.train", "--data", str(tiny_data), "--output", str(run_dir), "--device", "cpu"]
+    command += ["--model", "unet", "--widths", *map(str, TINY_WIDTHS), "--image-size", "64", "--max-steps", "2"]
+    command += ["--split", "holdout", "--holdout-groups", "radiopaedia_7_85703_0"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=120, env=environment)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["processes"] == 2 and info["steps_per_epoch"] == 2  # 6 slices over 2 processes at batch 2
+    assert [row["step"] for row in read_log(run_dir)] == ["2"]
+    assert load_checkpoint(run_dir / "last.safetensors").metrics["step"] == 2

@@ -1,0 +1,120 @@
+"""``TrainConfig``: every choice of a training run, saved as ``config.json`` and in each checkpoint.
+
+The defaults are the paper's protocol: ResAttUnet with an ImageNet-pretrained ResNet34 encoder,
+BCEWithLogitsLoss, Adam (lr 1e-4), batch size 2, 200 epochs, 256² slices, the checkpoint with the best
+validation loss kept, the paper's slice-level split, no augmentation (the paper mentions none).
+:meth:`TrainConfig.differences_from_paper` lists what a run changes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from COVIDLesionSegLib.models import MODELS
+from COVIDLesionSegLib.preprocessing import PreprocessingConfig
+
+from .augment import check_augment_mode
+from .data import check_channels
+from .splits import SplitSpec
+
+PLAIN_ENCODER_MODELS = ("unet", "attunet")  # take ``widths``
+RESNET_ENCODER_MODELS = ("resunet", "resattunet")  # take ``encoder_weights``
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data_dir: str  # the covid19-ct-seg-20cases-png256 folder
+    output_dir: str  # the run folder: config, log, curves, checkpoints
+    model: str = "resattunet"  # key of COVIDLesionSegLib.models.MODELS
+    model_widths: tuple[int, ...] | None = None  # plain-encoder widths (unet/attunet); None = 64…1024
+    encoder_weights: str = "imagenet"  # resnet encoders: "none", "imagenet" or a local resnet34 weights file
+    channels: tuple[str, ...] = ("lesion",)  # output channels: ("lesion",) or ("lesion", "lung")
+    image_size: int = 256  # network input side, pixels
+    augment: str = "none"  # "none" | "flip" | "robust"
+    dice_weight: float = 0.0  # loss = BCEWithLogits + dice_weight × soft Dice; 0 = the paper's BCE
+    learning_rate: float = 1e-4  # Adam
+    batch_size: int = 2  # per process
+    epochs: int = 200
+    max_steps: int | None = None  # stop after this many optimizer steps (even mid-epoch); None = no budget
+    split: SplitSpec = field(default_factory=SplitSpec)
+    seed: int = 0  # model initialisation, sample order and augmentation
+    device: str = "auto"  # "auto" (CUDA if available), "cpu", "cuda", "cuda:1", …
+    num_workers: int = 0  # DataLoader worker processes per training process
+
+    def __post_init__(self):
+        if self.model not in MODELS:
+            raise ValueError(f"unknown model {self.model!r}; valid: {', '.join(MODELS)}")
+        if self.model_widths is not None:
+            if self.model not in PLAIN_ENCODER_MODELS:
+                raise ValueError(f"model_widths applies to {PLAIN_ENCODER_MODELS} only, not {self.model!r}")
+            object.__setattr__(self, "model_widths", tuple(int(width) for width in self.model_widths))
+        object.__setattr__(self, "channels", check_channels(self.channels))
+        check_augment_mode(self.augment)
+        for name in ("image_size", "batch_size", "epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be at least 1 (or None), got {self.max_steps}")
+        if self.learning_rate <= 0 or self.dice_weight < 0 or self.num_workers < 0:
+            raise ValueError("learning_rate must be > 0, dice_weight ≥ 0 and num_workers ≥ 0")
+
+    def preprocessing(self) -> PreprocessingConfig:
+        return PreprocessingConfig(size=self.image_size)
+
+    def model_kwargs(self, for_checkpoint: bool = False) -> dict:
+        """Constructor kwargs of the network. ``for_checkpoint`` drops the encoder weights source:
+        a checkpoint carries all weights, so rebuilding it must not download or read any."""
+        kwargs = {"in_channels": self.preprocessing().input_channels, "out_channels": len(self.channels)}
+        if self.model in PLAIN_ENCODER_MODELS and self.model_widths is not None:
+            kwargs["widths"] = list(self.model_widths)
+        if self.model in RESNET_ENCODER_MODELS:
+            kwargs["encoder_weights"] = "none" if for_checkpoint else self.encoder_weights
+        return kwargs
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        unknown = set(values) - {item.name for item in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}")
+        values = dict(values)
+        values["split"] = SplitSpec(**values.get("split", {}))
+        return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def differences_from_paper(self) -> list[str]:
+        """One line per setting that departs from the paper's protocol (empty when it follows it)."""
+        paper = TrainConfig(data_dir=self.data_dir, output_dir=self.output_dir)
+        differences = []
+        for name, paper_value in (
+            ("model", paper.model),
+            ("channels", paper.channels),
+            ("image_size", paper.image_size),
+            ("augment", paper.augment),
+            ("learning_rate", paper.learning_rate),
+            ("batch_size", paper.batch_size),
+            ("epochs", paper.epochs),
+        ):
+            if getattr(self, name) != paper_value:
+                differences.append(f"{name}: {getattr(self, name)!r} (paper: {paper_value!r})")
+        if self.model in RESNET_ENCODER_MODELS and self.encoder_weights != paper.encoder_weights:
+            differences.append(f"encoder_weights: {self.encoder_weights!r} (paper: ImageNet-pretrained ResNet34)")
+        if self.model_widths is not None:
+            differences.append(f"model_widths: {self.model_widths} (paper: 64…1024)")
+        if self.dice_weight:
+            differences.append(f"loss: BCEWithLogits + {self.dice_weight} × soft Dice (paper: BCEWithLogitsLoss only)")
+        if self.max_steps is not None:
+            differences.append(f"max_steps: {self.max_steps} optimizer steps budget (paper: {paper.epochs} full epochs)")
+        if self.split.kind != "paper":
+            differences.append(f"split: {self.split.describe()} (paper: 224 + 10 slices drawn by slice)")
+        return differences

@@ -1,0 +1,592 @@
+"""The training loop, and ``covidlesionseg-train``.
+
+One linear loop: split → datasets → model → Adam → epochs of optimizer steps → validation → checkpoints.
+A run folder (``TrainConfig.output_dir``) holds:
+
+- ``config.json`` — the :class:`~.config.TrainConfig`; ``run_info.json`` — differences from the paper,
+  the split (slice counts, volumes, warnings), device, processes, steps per epoch;
+- ``log.csv`` — one row per epoch (and per partial epoch where a step budget or a stop ends it):
+  ``epoch`` (epochs completed, fractional), ``step``, ``train_loss``, ``val_loss``, ``val_dice`` (pooled
+  Dice of the first channel at probability 0.5), ``seconds``; ``loss_curves.png`` drawn from it;
+- ``best.safetensors`` (lowest validation loss) and ``last.safetensors``, written with the core's
+  :func:`~COVIDLesionSegLib.checkpoints.save_checkpoint`; ``last.state.safetensors`` +
+  ``last.state.json`` hold what resuming needs besides the weights (optimizer tensors, RNG state, epoch,
+  step, position inside the epoch, best validation loss) — no pickles.
+
+Sample order is a seeded permutation per epoch (``DistributedSampler``), and augmentation is seeded per
+sample, so ``--resume`` continues exactly where ``last`` stopped, even mid-epoch. ``last`` is written at
+the end of every epoch, when ``max_steps`` is reached and on SIGINT/SIGTERM (after the current step).
+
+Several processes (GPUs) use the same command under ``torchrun``: one process per device,
+DistributedDataParallel, a per-process batch of ``batch_size``; rank 0 writes the files.
+``torchrun --nproc-per-node 4 -m COVIDLesionSegTraining.train --data … --output …``
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from COVIDLesionSegLib.checkpoints import Checkpoint, atomic_output, load_checkpoint, save_checkpoint
+from COVIDLesionSegLib.models import build_model, count_parameters
+from COVIDLesionSegLib.predictor import resolve_device
+
+from .config import TrainConfig
+from .data import ManifestSliceDataset
+from .evaluate import confusion_counts, metrics_from_counts
+from .splits import Split, make_split
+
+logger = logging.getLogger(__name__)
+
+LOG_COLUMNS = ("epoch", "step", "train_loss", "val_loss", "val_dice", "seconds")
+# Fields a resumed run may change; any other difference from the saved config.json is refused.
+RESUMABLE_CHANGES = ("max_steps", "epochs", "num_workers", "device", "data_dir")
+
+
+@dataclass
+class TrainingProgress:
+    """Where training stands; saved as ``last.state.json``."""
+
+    epoch: int = 0  # epochs completed
+    batches_done: int = 0  # optimizer steps done inside epoch ``epoch``
+    step: int = 0  # optimizer steps done in all
+    best_val_loss: float = math.inf
+    best_step: int = -1
+    processes: int = 1  # training processes the epoch's samples are sharded over
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def training_device(name: str, local_rank: int = 0) -> torch.device:
+    """The core's device choice (``"auto"`` = CUDA if available); under torchrun CUDA means ``cuda:<local_rank>``."""
+    device = resolve_device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def start_distributed(device_name: str) -> tuple[DistributedContext, torch.device]:
+    """Join the ``torchrun`` process group when ``WORLD_SIZE`` > 1 (NCCL on CUDA, gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return DistributedContext(), training_device(device_name)
+    context = DistributedContext(int(os.environ["RANK"]), world_size, int(os.environ["LOCAL_RANK"]))
+    device = training_device(device_name, context.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return context, device
+
+
+def set_cpu_threads(context: DistributedContext) -> None:
+    """Share this machine's cores among the local training processes (intra-op threads)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", context.world_size))
+    torch.set_num_threads(max(1, cores // local_processes))
+
+
+def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """1 − soft Dice per sample and channel (``[N, C, H, W]``), averaged; ``smooth`` in pixels."""
+    probabilities = torch.sigmoid(logits).flatten(2)
+    targets = targets.flatten(2)
+    overlap = (probabilities * targets).sum(-1)
+    dice = (2 * overlap + smooth) / (probabilities.sum(-1) + targets.sum(-1) + smooth)
+    return 1 - dice.mean()
+
+
+class SegmentationLoss(nn.Module):
+    """BCEWithLogits (mean over pixels, the paper's loss) + ``dice_weight`` × soft Dice."""
+
+    def __init__(self, dice_weight: float = 0.0):
+        super().__init__()
+        self.dice_weight = dice_weight
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        loss = F.binary_cross_entropy_with_logits(logits, targets)
+        if self.dice_weight:
+            loss = loss + self.dice_weight * soft_dice_loss(logits, targets)
+        return loss
+
+
+def epoch_order(dataset_size: int, epoch: int, seed: int, context: DistributedContext) -> list[int]:
+    """This process's sample indices for ``epoch``: a permutation seeded by (seed, epoch), sharded by rank."""
+    sampler = DistributedSampler(range(dataset_size), num_replicas=context.world_size, rank=context.rank, shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def sum_over_processes(values: list[float], device: torch.device, context: DistributedContext) -> list[float]:
+    if not context.distributed:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+@torch.no_grad()
+def validate(
+    model: nn.Module,
+    dataset: ManifestSliceDataset,
+    loss_function: nn.Module,
+    device: torch.device,
+    batch_size: int,
+    context: DistributedContext,
+) -> tuple[float, float]:
+    """Mean validation loss per slice and pooled Dice of the first channel, over all processes' shards."""
+    model.eval()
+    loss_sum, slices, counts = 0.0, 0, torch.zeros(4, dtype=torch.int64)
+    indices = list(range(context.rank, len(dataset), context.world_size))
+    for start in range(0, len(indices), batch_size):
+        items = [dataset[index] for index in indices[start : start + batch_size]]
+        images = torch.stack([item["image"] for item in items]).to(device, memory_format=torch.channels_last)
+        targets = torch.stack([item["target"] for item in items]).to(device)
+        logits = model(images)
+        loss_sum += loss_function(logits, targets).item() * len(items)
+        slices += len(items)
+        counts += confusion_counts(logits[:, 0] > 0, targets[:, 0] > 0.5).sum(0).cpu()
+    loss_sum, slices, *summed_counts = sum_over_processes([loss_sum, slices, *counts.tolist()], device, context)
+    model.train()
+    return loss_sum / slices, metrics_from_counts(summed_counts)["F1"]
+
+
+class StopRequest:
+    """Turns the first SIGINT/SIGTERM into a request to stop after the current step; a second one kills."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self) -> StopRequest:
+        for signal_number in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signal_number] = signal.signal(signal_number, self._handle)
+        return self
+
+    def _handle(self, signal_number, frame) -> None:
+        self.requested = True
+        signal.signal(signal_number, self._previous[signal_number])
+        logger.warning("stop requested: finishing this step, then saving last.safetensors (signal again to abort)")
+
+    def __exit__(self, *exc_info) -> None:
+        for signal_number, handler in self._previous.items():
+            signal.signal(signal_number, handler)
+
+
+def save_training_state(run_dir: Path, optimizer: torch.optim.Optimizer, progress: TrainingProgress) -> None:
+    """``last.state.safetensors`` (optimizer tensors, RNG states) and ``last.state.json`` (the rest)."""
+    from safetensors.torch import save_file
+
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for parameter_id, values in state["state"].items():
+        for key, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{parameter_id}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{parameter_id}.{key}"] = value
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors.update({f"rng.cuda.{index}": rng for index, rng in enumerate(torch.cuda.get_rng_state_all())})
+    with atomic_output(run_dir / "last.state.safetensors") as temporary:
+        save_file(tensors, str(temporary))
+    document = {"progress": asdict(progress), "param_groups": state["param_groups"], "optimizer_scalars": scalars}
+    with atomic_output(run_dir / "last.state.json") as temporary:
+        temporary.write_text(json.dumps(document, indent=1))
+
+
+def load_training_state(run_dir: Path, optimizer: torch.optim.Optimizer) -> TrainingProgress:
+    """Restore the optimizer and RNG states written by :func:`save_training_state`; returns the progress."""
+    from safetensors.torch import load_file
+
+    document = json.loads((run_dir / "last.state.json").read_text())
+    tensors = load_file(str(run_dir / "last.state.safetensors"))
+    state: dict[int, dict] = {}
+    for name, tensor in tensors.items():
+        if name.startswith("optimizer."):
+            _, parameter_id, key = name.split(".", 2)
+            state.setdefault(int(parameter_id), {})[key] = tensor
+    for name, value in document["optimizer_scalars"].items():
+        parameter_id, key = name.split(".", 1)
+        state.setdefault(int(parameter_id), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": document["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda_states = [tensors[name] for name in sorted(name for name in tensors if name.startswith("rng.cuda."))]
+    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda_states)
+    return TrainingProgress(**document["progress"])
+
+
+def append_log_row(path: Path, row: dict) -> None:
+    new = not path.is_file()
+    with open(path, "a", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=LOG_COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def plot_loss_curves(log_path: Path, image_path: Path) -> None:
+    """``loss_curves.png``: training and validation loss, and validation Dice, against epochs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(log_path, newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    epochs = [float(row["epoch"]) for row in rows]
+    figure, (loss_axes, dice_axes) = plt.subplots(1, 2, figsize=(10, 4))
+    loss_axes.plot(epochs, [float(row["train_loss"]) for row in rows], marker=".", label="training")
+    loss_axes.plot(epochs, [float(row["val_loss"]) for row in rows], marker=".", label="validation")
+    loss_axes.set(xlabel="epoch", ylabel="loss", title="Loss")
+    loss_axes.legend()
+    dice_axes.plot(epochs, [float(row["val_dice"]) for row in rows], marker=".", color="tab:green")
+    dice_axes.set(xlabel="epoch", ylabel="Dice", title="Validation Dice (pooled, threshold 0.5)", ylim=(0, 1))
+    figure.tight_layout()
+    with atomic_output(image_path) as temporary:
+        figure.savefig(temporary, format="png", dpi=100)
+    plt.close(figure)
+
+
+def check_resumable(saved: TrainConfig, requested: TrainConfig) -> None:
+    saved_values, requested_values = saved.to_dict(), requested.to_dict()
+    changed = [name for name in saved_values if name not in RESUMABLE_CHANGES and saved_values[name] != requested_values[name]]
+    if changed:
+        details = "; ".join(f"{name}: saved {saved_values[name]!r}, now {requested_values[name]!r}" for name in changed)
+        raise ValueError(f"cannot resume with a different configuration ({details}); only {', '.join(RESUMABLE_CHANGES)} may change")
+
+
+def train(config: TrainConfig, resume: bool = False) -> dict:
+    """Train as ``config`` says (resuming from ``output_dir/last`` if ``resume``); returns the final progress.
+
+    Returns ``{"run_dir", "step", "epoch", "best_val_loss", "best_step", "stopped"}`` where ``stopped`` is
+    ``"epochs"``, ``"max_steps"`` or ``"signal"``.
+    """
+    context, device = start_distributed(config.device)
+    if not context.distributed:
+        return train_process(config, resume, context, device)
+    try:
+        result = train_process(config, resume, context, device)
+        dist.barrier()  # leave together: a gloo group torn down while a peer still runs aborts that peer
+        return result
+    finally:
+        dist.destroy_process_group()
+
+
+def record_run_start(
+    config: TrainConfig,
+    split: Split,
+    parameters: int,
+    steps_per_epoch: int,
+    device: torch.device,
+    context: DistributedContext,
+    resumed_at_step: int | None,
+) -> None:
+    """Write ``config.json`` and ``run_info.json`` (updated on resume) and log the split's warnings and the
+    departures from the paper."""
+    run_dir = Path(config.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.save(run_dir / "config.json")
+    info_path = run_dir / "run_info.json"
+    if resumed_at_step is None:
+        info = {
+            "differences_from_paper": config.differences_from_paper(),
+            "split": split.summary(),
+            "parameters": parameters,
+            "steps_per_epoch": steps_per_epoch,
+            "resumed_at_steps": [],
+        }
+    else:
+        info = json.loads(info_path.read_text())
+        info["resumed_at_steps"].append(resumed_at_step)
+    info.update(device=str(device), processes=context.world_size, torch=torch.__version__)
+    info_path.write_text(json.dumps(info, indent=2) + "\n")
+    for warning in split.warnings:
+        logger.warning("warning: %s", warning)
+    for difference in config.differences_from_paper():
+        logger.info("differs from the paper: %s", difference)
+
+
+def train_process(config: TrainConfig, resume: bool, context: DistributedContext, device: torch.device) -> dict:
+    run_dir = Path(config.output_dir)
+    if device.type == "cpu":
+        set_cpu_threads(context)
+    if resume:
+        if not (run_dir / "last.state.json").is_file():
+            raise FileNotFoundError(f"{run_dir}: nothing to resume (no last.state.json); start without --resume")
+        check_resumable(TrainConfig.load(run_dir / "config.json"), config)
+    elif (run_dir / "last.safetensors").exists():
+        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --output")
+
+    split = make_split(config.split, config.data_dir)
+    preprocessing = config.preprocessing()
+    options = {"channels": config.channels, "preprocessing": preprocessing, "seed": config.seed}
+    train_set = ManifestSliceDataset(split.train, augment=config.augment, **options)
+    val_set = ManifestSliceDataset(split.val, **options)
+
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, **config.model_kwargs()).to(device, memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    progress = TrainingProgress()
+    if resume:
+        last = load_checkpoint(run_dir / "last.safetensors")
+        model.load_state_dict(last.state_dict)
+        progress = load_training_state(run_dir, optimizer)
+        if progress.batches_done and progress.processes != context.world_size:
+            raise ValueError(
+                f"{run_dir}: stopped inside an epoch with {progress.processes} process(es); "
+                f"resume it with the same number, not {context.world_size}"
+            )
+        if last.metrics.get("step") != progress.step:
+            raise ValueError(
+                f"{run_dir}: last.safetensors (step {last.metrics.get('step')}) and last.state.json (step {progress.step}) disagree"
+            )
+    progress.processes = context.world_size
+    network = (
+        nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if context.distributed else model
+    )
+    loss_function = SegmentationLoss(config.dice_weight)
+    steps_per_epoch = math.ceil(len(epoch_order(len(train_set), 0, config.seed, context)) / config.batch_size)
+    total_steps = min(config.epochs * steps_per_epoch, config.max_steps or math.inf)
+
+    if context.is_main:
+        record_run_start(config, split, count_parameters(model), steps_per_epoch, device, context, progress.step if resume else None)
+        logger.info(
+            "%s on %s ×%d: %d train / %d val slices, %d steps per epoch, %d steps to go",
+            config.model,
+            device,
+            context.world_size,
+            len(train_set),
+            len(val_set),
+            steps_per_epoch,
+            max(0, total_steps - progress.step),
+        )
+
+    def save_last(metrics: dict) -> None:
+        save_training_state(run_dir, optimizer, progress)
+        save_loadable_checkpoint(checkpoint_of(model, config, metrics), run_dir / "last.safetensors")
+
+    stopped = "epochs"
+    bar = tqdm(total=total_steps, initial=min(progress.step, total_steps), unit="step", disable=not context.is_main, dynamic_ncols=True)
+    with StopRequest() as stop:
+        while progress.epoch < config.epochs:
+            if progress.step >= total_steps:
+                stopped = "max_steps"
+                break
+            started = time.perf_counter()
+            train_set.set_epoch(progress.epoch)
+            order = epoch_order(len(train_set), progress.epoch, config.seed, context)[progress.batches_done * config.batch_size :]
+            loader = DataLoader(
+                train_set, batch_size=config.batch_size, sampler=order, num_workers=config.num_workers, pin_memory=device.type == "cuda"
+            )
+            network.train()
+            loss_sum, batches = 0.0, 0
+            for batch in loader:
+                images = batch["image"].to(device, non_blocking=True, memory_format=torch.channels_last)
+                targets = batch["target"].to(device, non_blocking=True)
+                loss = loss_function(network(images), targets)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                progress.step += 1
+                progress.batches_done += 1
+                loss_value = loss.item()
+                loss_sum, batches = loss_sum + loss_value, batches + 1
+                bar.update(1)
+                bar.set_postfix(epoch=progress.epoch + 1, loss=f"{loss_value:.4f}")
+                if sum_over_processes([float(stop.requested)], device, context)[0]:
+                    stopped = "signal"
+                    break
+                if progress.step >= total_steps:
+                    stopped = "max_steps"
+                    break
+            if stopped == "signal":
+                if context.is_main:
+                    save_last({"step": progress.step, "epoch": progress.epoch + progress.batches_done / steps_per_epoch})
+                break
+            if progress.batches_done >= steps_per_epoch:
+                progress.epoch, progress.batches_done = progress.epoch + 1, 0
+            loss_sum, batches = sum_over_processes([loss_sum, batches], device, context)
+            val_loss, val_dice = validate(model, val_set, loss_function, device, config.batch_size, context)
+            row = {
+                "epoch": round(progress.epoch + progress.batches_done / steps_per_epoch, 4),
+                "step": progress.step,
+                "train_loss": loss_sum / batches,
+                "val_loss": val_loss,
+                "val_dice": val_dice,
+                "seconds": round(time.perf_counter() - started, 2),
+            }
+            metrics = {name: row[name] for name in LOG_COLUMNS if name != "seconds"}
+            if val_loss < progress.best_val_loss:
+                progress.best_val_loss, progress.best_step = val_loss, progress.step
+                if context.is_main:
+                    save_loadable_checkpoint(checkpoint_of(model, config, metrics), run_dir / "best.safetensors")
+            if context.is_main:
+                append_log_row(run_dir / "log.csv", row)
+                plot_loss_curves(run_dir / "log.csv", run_dir / "loss_curves.png")
+                save_last(metrics)
+                bar.write(
+                    f"epoch {row['epoch']:g} step {row['step']}: train {row['train_loss']:.4f}, val {val_loss:.4f}, val Dice {val_dice:.3f}"
+                )
+            if stopped == "max_steps":
+                break
+    bar.close()
+    if context.is_main:
+        logger.info(
+            "stopped (%s) at step %d; best validation loss %.4f at step %d; run folder %s",
+            stopped,
+            progress.step,
+            progress.best_val_loss,
+            progress.best_step,
+            run_dir,
+        )
+    return {"run_dir": str(run_dir), "stopped": stopped, **asdict(progress)}
+
+
+def save_loadable_checkpoint(checkpoint: Checkpoint, path: Path) -> None:
+    """:func:`save_checkpoint`, re-saved with a padding metric when ``load_checkpoint`` would refuse the file.
+
+    Works around a core bug: ``load_checkpoint`` takes any file starting with byte 0x80 or ``PK`` for a pickle,
+    but a safetensors file starts with its little-endian header length, whose first byte is 0x80 for 1 in 32
+    (8-byte aligned) header sizes. Remove once the core's check reads the header properly.
+    """
+    save_checkpoint(checkpoint, path)
+    with open(path, "rb") as stream:
+        head = stream.read(2)
+    if head[:1] == b"\x80" or head == b"PK":
+        checkpoint.metrics = {**checkpoint.metrics, "header_padding": " " * 8}
+        save_checkpoint(checkpoint, path)
+
+
+def checkpoint_of(model: nn.Module, config: TrainConfig, metrics: dict) -> Checkpoint:
+    return Checkpoint(
+        model_name=config.model,
+        model_kwargs=config.model_kwargs(for_checkpoint=True),
+        state_dict=model.state_dict(),
+        channels=list(config.channels),
+        preprocessing=config.preprocessing(),
+        train_config=config.to_dict(),
+        metrics=metrics,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from COVIDLesionSegLib.models import MODELS
+
+    from .augment import AUGMENT_MODES
+    from .data import CHANNEL_NAMES
+    from .splits import SPLIT_KINDS
+
+    defaults = TrainConfig(data_dir="", output_dir="")
+    parser = argparse.ArgumentParser(
+        prog="covidlesionseg-train",
+        description="Train a lesion segmentation network on the COVID-19-CT-Seg PNG slices. Defaults follow the paper; "
+        "the same command runs on several GPUs under torchrun.",
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("--data", dest="data_dir", help="the covid19-ct-seg-20cases-png256 folder (manifest.csv); required unless --resume")
+    parser.add_argument("--output", dest="output_dir", required=True, help="run folder (config, log, curves, checkpoints)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        default=False,
+        help="continue the run in --output from last.safetensors; options not given are taken from its config.json",
+    )
+    group = parser.add_argument_group("model and loss")
+    group.add_argument("--model", choices=list(MODELS), help=f"network (default {defaults.model})")
+    group.add_argument(
+        "--widths", dest="model_widths", type=int, nargs="+", help="plain-encoder widths for unet/attunet (default 64 128 256 512 1024)"
+    )
+    group.add_argument(
+        "--encoder-weights", help=f"resnet encoders: none, imagenet or a resnet34 weights file (default {defaults.encoder_weights})"
+    )
+    group.add_argument("--channels", nargs="+", choices=CHANNEL_NAMES, help="output channels (default lesion)")
+    group.add_argument("--dice-weight", type=float, help="loss = BCE + this × soft Dice (default 0: BCE only)")
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--lr", dest="learning_rate", type=float, help=f"Adam learning rate (default {defaults.learning_rate})")
+    group.add_argument("--batch-size", type=int, help=f"slices per step and process (default {defaults.batch_size})")
+    group.add_argument("--epochs", type=int, help=f"(default {defaults.epochs})")
+    group.add_argument("--max-steps", type=int, help="stop after this many optimizer steps, even mid-epoch (default: no budget)")
+    group.add_argument("--image-size", type=int, help=f"network input side in pixels (default {defaults.image_size})")
+    group.add_argument("--augment", choices=AUGMENT_MODES, help=f"(default {defaults.augment})")
+    group.add_argument("--seed", type=int, help=f"initialisation, sample order, augmentation (default {defaults.seed})")
+    group = parser.add_argument_group("split")
+    group.add_argument("--split", choices=SPLIT_KINDS, help="(default paper)")
+    group.add_argument("--fold", type=int, help="fold of patient-kfold or benchmark (default 0)")
+    group.add_argument("--num-folds", type=int, help="folds of patient-kfold (default 5)")
+    group.add_argument("--holdout-groups", nargs="+", metavar="GROUP", help="split_group values to hold out as test (holdout)")
+    group.add_argument("--split-seed", type=int, help="seed of the paper split's draw and of the validation groups (default 0)")
+    group.add_argument("--val-fraction", type=float, help="validation share of the training slices (default 0.1)")
+    group = parser.add_argument_group("machine")
+    group.add_argument("--device", help="auto (CUDA if available), cpu, cuda, cuda:N (default auto)")
+    group.add_argument("--num-workers", type=int, help=f"data loader processes per training process (default {defaults.num_workers})")
+    return parser
+
+
+SPLIT_OPTIONS = {
+    "split": "kind",
+    "fold": "fold",
+    "num_folds": "num_folds",
+    "holdout_groups": "holdout_groups",
+    "split_seed": "seed",
+    "val_fraction": "val_fraction",
+}
+
+
+def config_from_arguments(arguments: dict, base: TrainConfig | None = None) -> TrainConfig:
+    """A :class:`TrainConfig` from parsed options (only those given), on top of ``base`` if any."""
+    values = base.to_dict() if base else {}
+    split = values.pop("split", {})
+    for option, field_name in SPLIT_OPTIONS.items():
+        if option in arguments:
+            split[field_name] = arguments.pop(option)
+    values.update(arguments)
+    if not values.get("data_dir"):
+        raise ValueError("--data is required (the covid19-ct-seg-20cases-png256 folder)")
+    return TrainConfig.from_dict({**values, "split": split})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = vars(build_parser().parse_args(argv))
+    resume = arguments.pop("resume")
+    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING, format="%(message)s")
+    base = None
+    if resume:
+        saved = Path(arguments["output_dir"]) / "config.json"
+        if not saved.is_file():
+            raise SystemExit(f"--resume: {saved} not found; is --output the folder of an earlier run?")
+        base = TrainConfig.load(saved)
+    result = train(config_from_arguments(arguments, base), resume=resume)
+    return 130 if result["stopped"] == "signal" else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
