@@ -194,7 +194,7 @@ def test_command_line_train_resume_and_evaluate(tiny_data, tmp_path):
         train_main(["--output", str(run_dir), "--resume", "--max-steps", "3", "--lr", "1e-3"])
 
     output = tmp_path / "evaluation"
-    assert evaluate_main(["--checkpoint", str(run_dir / "best.safetensors"), "--data", str(tiny_data), "--output", str(output)]) == 0
+    assert evaluate_main(["--checkpoint", str(run_dir / "best.safetensors"), "--output", str(output)]) == 0  # data from the checkpoint
     summary = json.loads((output / "summary.json").read_text())
     assert summary["split"]["holdout_groups"] == ["radiopaedia_7_85703_0"] and summary["channels"]["lesion"]["slices"] == 3
 

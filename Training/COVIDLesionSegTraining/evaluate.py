@@ -194,7 +194,7 @@ def predict_and_accumulate(
 
 def evaluate_checkpoint(
     checkpoint_path: str | Path,
-    data_dir: str | Path,
+    data_dir: str | Path | None,
     output_dir: str | Path,
     split=None,
     subset: str = "test",
@@ -205,7 +205,8 @@ def evaluate_checkpoint(
     """Evaluate a checkpoint on one subset of a split; writes ``summary.json`` and ``per_slice.csv``.
 
     ``split`` is a :class:`~.splits.SplitSpec`; None uses the split recorded in the checkpoint's
-    ``train_config`` (its own test set). Targets stay at the stored 256² resolution.
+    ``train_config`` (its own test set), and ``data_dir`` None the data it was trained on. Targets stay at
+    the stored 256² resolution.
     """
     from COVIDLesionSegLib.checkpoints import load_checkpoint
     from COVIDLesionSegLib.predictor import resolve_device
@@ -218,6 +219,9 @@ def evaluate_checkpoint(
         if "split" not in checkpoint.train_config:
             raise ValueError(f"{checkpoint_path}: no split recorded in the checkpoint; pass --split")
         split = SplitSpec(**checkpoint.train_config["split"])
+    data_dir = data_dir or checkpoint.train_config.get("data_dir")
+    if not data_dir:
+        raise ValueError(f"{checkpoint_path}: no data folder recorded in the checkpoint; pass --data")
     made = make_split(split, data_dir)
     for warning in made.warnings:
         logger.warning("warning: %s", warning)
@@ -268,15 +272,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a checkpoint on a split's test slices: pooled, per-slice and per-volume metrics → summary.json.",
     )
     parser.add_argument("--checkpoint", required=True, help="a .safetensors checkpoint written by covidlesionseg-train")
-    parser.add_argument("--data", required=True, help="the covid19-ct-seg-20cases-png256 folder (manifest.csv)")
+    parser.add_argument("--data", help="the covid19-ct-seg-20cases-png256 folder (manifest.csv); default: the checkpoint's training data")
     parser.add_argument("--output", required=True, help="folder for summary.json and per_slice.csv")
     parser.add_argument("--split", choices=SPLIT_KINDS, help="default: the split recorded in the checkpoint")
     parser.add_argument("--fold", type=int, default=0, help="fold for patient-kfold and benchmark (default 0)")
     parser.add_argument("--num-folds", type=int, default=5, help="folds for patient-kfold (default 5)")
     parser.add_argument("--holdout-groups", nargs="+", default=(), metavar="GROUP", help="split_group values held out (holdout)")
-    parser.add_argument("--split-seed", type=int, default=0, help="seed of the paper split's draw and the validation groups")
-    parser.add_argument("--subset", choices=("test", "val", "train"), default="test")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the paper split's draw and the validation groups (default 0)")
+    parser.add_argument("--subset", choices=("test", "val", "train"), default="test", help="which slices of the split (default test)")
+    parser.add_argument("--batch-size", type=int, default=8, help="slices per forward pass (default 8)")
     parser.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default 0.5)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     return parser

@@ -531,7 +531,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--channels", nargs="+", choices=CHANNEL_NAMES, help="output channels (default lesion)")
     group.add_argument("--dice-weight", type=float, help="loss = BCE + this × soft Dice (default 0: BCE only)")
     group = parser.add_argument_group("optimisation")
-    group.add_argument("--lr", dest="learning_rate", type=float, help=f"Adam learning rate (default {defaults.learning_rate})")
+    group.add_argument(
+        "--lr", dest="learning_rate", type=float, metavar="LR", help=f"Adam learning rate (default {defaults.learning_rate})"
+    )
     group.add_argument("--batch-size", type=int, help=f"slices per step and process (default {defaults.batch_size})")
     group.add_argument("--epochs", type=int, help=f"(default {defaults.epochs})")
     group.add_argument("--max-steps", type=int, help="stop after this many optimizer steps, even mid-epoch (default: no budget)")
