@@ -1,0 +1,491 @@
+# ruff: noqa: N815  (parameter node fields are camelCase, like every name Slicer's Python API shows)
+"""3D Slicer module: COVID-19 lung lesion segmentation of chest CT (Module, Widget, Logic, Test).
+
+A thin shell over the core package ``COVIDLesionSegLib``. The Logic writes the input volume to a temporary NRRD
+file, runs the core CLI (``python -m COVIDLesionSegLib.cli segment``) with Slicer's own Python in a child process
+(``COVIDLesionSegLib.child_process``) so that the GUI stays responsive and Cancel ends the whole process tree,
+and loads the result and its statistics into the scene (``COVIDLesionSegMRML``). torch is never imported in
+Slicer's process, except once by the PyTorch extension when it installs torch.
+"""
+
+import collections
+import importlib.metadata
+import importlib.util
+import logging
+import pathlib
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Annotated
+
+import COVIDLesionSegMRML as mrml
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+from COVIDLesionSegLib import child_process
+from COVIDLesionSegLib.segments import LESION, LUNG
+
+TORCH_REQUIREMENT = ">=2.1"
+TORCHVISION_REQUIREMENT = ">=0.16"
+
+HELP_TEXT = f"""
+Segments COVID-19 lung lesions (ground-glass opacity and consolidation) in a chest CT volume with a deep network
+(the paper's ResAttUnet and its U-Net relatives), slice by slice, and measures the lesion burden.
+<ol>
+<li>Select the <b>input volume</b> (a chest CT) and, if wanted, an existing <b>segmentation</b>.</li>
+<li>Keep the registered <b>model</b> or give a <b>weights file</b> (.safetensors), which also works offline.</li>
+<li>Click <b>Apply</b>. Progress and the log stream below; the button turns into <b>Cancel</b>.</li>
+<li>The result appears as segment "{LESION.name}" (and "{LUNG.name}" with <i>Compute lung %</i>) in the
+segmentation, ready for the Segment Editor, and the measures fill the <b>Statistics</b> table (Export to CSV).</li>
+</ol>
+<b>Batch</b>: segments every file (NIfTI, NRRD, MHA, PNG) and DICOM series of an input folder into
+<i>case</i>.seg.nrrd files of an output folder and writes summary.csv and summary.json there, exactly like the
+<code>covidlesionseg segment</code> command. Cases already done are skipped; a failed case is reported and the
+batch goes on.
+<p><b>Statistics</b> (an empty or NaN cell means "not available", e.g. % of lung without a lung mask):
+<ul>
+<li><i>Lesion volume (mL)</i>: lesion voxels × voxel volume.</li>
+<li><i>Slices with lesion</i>: axial slices holding at least one lesion voxel.</li>
+<li><i>Lung volume (mL)</i>: lung voxels × voxel volume; the lung mask includes its lesions.</li>
+<li><i>Opacity, both lungs (PO) (%)</i>: PO = 100 × lesion_ml / lung_ml, both lungs.</li>
+</ul>
+Every other column is defined in its description (Tables module) and in summary.json. Without <i>Compute lung %</i>
+only the lesion's own measures are shown. For research only; not a medical device.
+"""
+
+ACKNOWLEDGEMENT_TEXT = """
+The method follows Ye Duansheng, Hua Yunsong, "Research on Image Segmentation of Pneumonia Based on Deep
+Learning", Hans Publishers, 2022. Models are trained on the COVID-19-CT-Seg dataset: Ma J. et al., "COVID-19 CT
+Lung and Infection Segmentation Dataset", Zenodo, 2020, doi:10.5281/zenodo.3757476; and Ma J. et al., "Toward
+data-efficient learning: A benchmark for COVID-19 CT lung and infection segmentation", Medical Physics 48(3),
+2021, doi:10.1002/mp.14676. Please cite them when you use this module.
+"""
+
+
+class COVIDLesionSeg(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "COVID-19 Lesion Segmentation"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["COVIDLesionSeg developers"]
+        self.parent.helpText = HELP_TEXT
+        self.parent.acknowledgementText = ACKNOWLEDGEMENT_TEXT
+
+
+@parameterNodeWrapper
+class COVIDLesionSegParameterNode:
+    """inputVolume: the CT to segment. outputSegmentation: receives the segments (created when None).
+    model: registry name; weightsFile: a checkpoint used instead of it. device, batchSize: inference settings.
+    computeLung: add the lung segment and % of lung. statisticsTable: the last run's statistics.
+    batchInputFolder, batchOutputFolder: the batch run's folders."""
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    outputSegmentation: vtkMRMLSegmentationNode
+    model: str
+    weightsFile: pathlib.Path
+    device: Annotated[str, Choice(["auto", "cpu"])] = "auto"
+    batchSize: Annotated[int, WithinRange(1, 64)] = 8
+    computeLung: bool = True
+    statisticsTable: vtkMRMLTableNode
+    batchInputFolder: pathlib.Path
+    batchOutputFolder: pathlib.Path
+
+
+class COVIDLesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._runningKind = None  # "segment" or "batch" while a child process runs
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(str(mrml.resource_path(mrml.UI_FILE)))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = COVIDLesionSegLogic()
+
+        for entry in mrml.registered_models():
+            self.ui.modelComboBox.addItem(entry["name"])
+            self.ui.modelComboBox.setItemData(self.ui.modelComboBox.count - 1, entry.get("description", ""), qt.Qt.ToolTipRole)
+        self.ui.modelComboBox.enabled = self.ui.modelComboBox.count > 0
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.modelComboBox.currentTextChanged.connect(self.onModelChanged)
+        self.ui.applyButton.clicked.connect(self.onApplyButton)
+        self.ui.batchApplyButton.clicked.connect(self.onBatchApplyButton)
+        self.ui.exportCsvButton.clicked.connect(self.onExportCsvButton)
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self.logic.cancel()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        self.setParameterNode(None)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        parameterNode = self.logic.getParameterNode()
+        if not parameterNode.inputVolume:
+            parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        if not parameterNode.model:
+            parameterNode.model = self.logic.defaultModelName()
+        self.setParameterNode(parameterNode)
+
+    def setParameterNode(self, parameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
+        self._parameterNode = parameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUI)
+        self.updateGUI()
+
+    def updateGUI(self, caller=None, event=None) -> None:
+        """Model choice, button states and the statistics view follow the parameter node and the running state."""
+        parameters = self._parameterNode
+        if parameters:
+            wasBlocked = self.ui.modelComboBox.blockSignals(True)
+            self.ui.modelComboBox.setCurrentText(parameters.model)
+            self.ui.modelComboBox.blockSignals(wasBlocked)
+        canSegment = bool(parameters and parameters.inputVolume and (parameters.model or mrml.optional_path(parameters.weightsFile)))
+        canBatch = bool(parameters and mrml.optional_path(parameters.batchInputFolder) and mrml.optional_path(parameters.batchOutputFolder))
+        for kind, button, idleText, ready in (("segment", self.ui.applyButton, "Apply", canSegment),
+                                               ("batch", self.ui.batchApplyButton, "Run batch", canBatch)):
+            button.text = "Cancel" if self._runningKind == kind else idleText
+            button.enabled = self._runningKind == kind or (self._runningKind is None and ready)
+        table = parameters.statisticsTable if parameters else None
+        self.ui.statisticsTableView.setMRMLTableNode(table)
+        self.ui.exportCsvButton.enabled = bool(table and table.GetNumberOfRows())
+
+    def onModelChanged(self, name: str) -> None:
+        if self._parameterNode:
+            self._parameterNode.model = name
+
+    def onApplyButton(self) -> None:
+        self._startOrCancel("segment", self.logic.startSegmentation)
+
+    def onBatchApplyButton(self) -> None:
+        self._startOrCancel("batch", self.logic.startBatch)
+
+    def _startOrCancel(self, kind: str, start) -> None:
+        if self._runningKind:
+            self.logic.cancel()
+            return
+        with slicer.util.tryWithErrorDisplay("Could not start the segmentation.", waitCursor=True):
+            self.logic.ensureDependencies()
+            start(self._parameterNode, self.onProgress, self.onLog, self.onFinished)
+            self.ui.logTextEdit.clear()
+            self.ui.progressBar.value = 0
+            self._runningKind = kind
+            self.updateGUI()
+
+    def onProgress(self, progress) -> None:
+        self.ui.progressBar.value = round(progress.percent)
+        self.ui.progressBar.setFormat(f"%p%  {progress.message}")
+
+    def onLog(self, line: str) -> None:
+        self.ui.logTextEdit.appendPlainText(line)
+
+    def onFinished(self, outcome) -> None:
+        self._runningKind = None
+        self.onLog(outcome.message)
+        self.ui.progressBar.setFormat(f"%p%  {'done' if outcome.succeeded else 'stopped'}")
+        if outcome.succeeded:
+            self.ui.progressBar.value = 100
+        elif not outcome.cancelled:
+            slicer.util.errorDisplay(outcome.message)
+        self.updateGUI()
+
+    def onExportCsvButton(self) -> None:
+        table = self._parameterNode.statisticsTable
+        path = qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), "Export statistics to CSV",
+                                              f"{mrml.safe_file_stem(table.GetName())}.csv", "CSV files (*.csv)")
+        if path:
+            with slicer.util.tryWithErrorDisplay("Could not export the statistics.", waitCursor=True):
+                mrml.write_table_csv(table, path)
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    succeeded: bool
+    message: str
+    cancelled: bool = False
+
+
+class COVIDLesionSegLogic(ScriptedLoadableModuleLogic):
+    """Runs the core CLI in a child process and loads its results; usable from scripts without the widget:
+    ``startSegmentation(...)`` or ``startBatch(...)``, then ``waitForCompletion()``."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._process = None  # the running child_process.ChildProcess
+        self._logTail = collections.deque(maxlen=30)  # the last log lines, for the error message of a failed run
+        self._onProgress = self._onLog = self._onFinished = self._loadResults = None
+        self._timer = qt.QTimer()
+        self._timer.setInterval(100)
+        self._timer.timeout.connect(self._poll)
+
+    def getParameterNode(self):
+        return COVIDLesionSegParameterNode(super().getParameterNode())
+
+    @property
+    def isRunning(self) -> bool:
+        return self._process is not None
+
+    @staticmethod
+    def defaultModelName() -> str:
+        models = mrml.registered_models()
+        return next((entry["name"] for entry in models if entry.get("default")), models[0]["name"] if models else "")
+
+    def loadTerminology(self) -> None:
+        mrml.load_terminology(slicer.modules.terminologies.logic())
+
+    def ensureDependencies(self, askConfirmation: bool = True) -> None:
+        """Install the CLI's Python packages into Slicer's Python on first use, after asking; torch comes through
+        the PyTorch extension. Slicer's own numpy, SimpleITK and requests are never touched."""
+        requirements = mrml.resource_path(mrml.REQUIREMENTS_FILE)
+        try:
+            from slicer.packaging import load_requirements, pip_ensure  # Slicer 5.12 and later
+        except ImportError:
+            installMissingRequirements(requirements, askConfirmation)
+        else:
+            pip_ensure(load_requirements(requirements), prompt_install=askConfirmation, requester="COVIDLesionSeg")
+        if importlib.util.find_spec("torch") and importlib.util.find_spec("torchvision"):
+            return
+        try:
+            import PyTorchUtils
+        except ModuleNotFoundError:
+            raise RuntimeError("COVIDLesionSeg needs PyTorch: install the 'PyTorch' extension from the Extensions "
+                               "Manager, restart Slicer, and try again.") from None
+        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=askConfirmation, torchVersionRequirement=TORCH_REQUIREMENT,
+                                                               torchvisionVersionRequirement=TORCHVISION_REQUIREMENT)
+        if torch is None:
+            raise RuntimeError("PyTorch was not installed; the segmentation cannot run without it.")
+
+    def startSegmentation(self, parameters, onProgress, onLog, onFinished) -> None:
+        """Segment ``parameters.inputVolume`` in a child process; ``onFinished(RunOutcome)`` follows its end.
+
+        On success the segments are in ``parameters.outputSegmentation`` (created when None) and the statistics in
+        ``parameters.statisticsTable`` (likewise).
+        """
+        volume = parameters.inputVolume
+        if not volume:
+            raise ValueError("Select an input CT volume.")
+        workDir = pathlib.Path(slicer.util.tempDirectory("COVIDLesionSeg"))
+        command = mrml.volume_run_command(volume, workDir, self._cliOptions(parameters))
+
+        def loadResult() -> str:
+            self.loadTerminology()
+            segmentation, table, row = mrml.load_volume_result(workDir, volume, parameters.outputSegmentation,
+                                                               parameters.statisticsTable, parameters.computeLung)
+            parameters.outputSegmentation, parameters.statisticsTable = segmentation, table
+            shutil.rmtree(workDir, ignore_errors=True)
+            return f"Done: lesion volume {row['lesion_ml']} mL in {row['lesion_slices']} slices."
+
+        self._start(command, parameters.device, onProgress, onLog, onFinished, loadResult)
+
+    def startBatch(self, parameters, onProgress, onLog, onFinished) -> None:
+        """Segment every case of ``parameters.batchInputFolder`` into ``parameters.batchOutputFolder`` (cases already
+        there are skipped) in a child process; the summary goes to ``parameters.statisticsTable``."""
+        outputFolder = mrml.optional_path(parameters.batchOutputFolder)
+        command = mrml.folder_run_command(mrml.optional_path(parameters.batchInputFolder), outputFolder, self._cliOptions(parameters))
+        startTime = time.time()
+
+        def loadResults() -> str:
+            table, rows = mrml.load_folder_results(outputFolder, slicer.mrmlScene, parameters.statisticsTable, parameters.computeLung,
+                                                   written_after=startTime)
+            parameters.statisticsTable = table
+            failed = [row for row in rows if row["status"] == "failed"]
+            for row in failed:
+                self._onLog(f"FAILED {row['input']}: {row['error']}")
+            message = f"{mrml.batch_report(rows)} Summary: {outputFolder / mrml.SUMMARY_FILE}"
+            if failed:
+                raise RuntimeError(f"{message}\nThe log and the statistics table give the error of each failed case.")
+            return message
+
+        self._start(command, parameters.device, onProgress, onLog, onFinished, loadResults)
+
+    def cancel(self) -> None:
+        """End the running child process and all of its children; the run then finishes as cancelled."""
+        if self._process:
+            self._process.cancel()
+
+    def waitForCompletion(self, timeout_s: float = 600) -> None:
+        """Block (keeping Slicer's events flowing) until the running child process has finished and been handled."""
+        deadline = time.monotonic() + timeout_s
+        while self.isRunning:
+            if time.monotonic() > deadline:
+                self.cancel()
+                raise TimeoutError(f"the segmentation did not finish within {timeout_s} s and was cancelled")
+            slicer.app.processEvents()
+            time.sleep(0.05)
+
+    @staticmethod
+    def _cliOptions(parameters) -> "mrml.CLIOptions":
+        return mrml.CLIOptions(python=pythonSlicerExecutable(), model=parameters.model, weights=mrml.optional_path(parameters.weightsFile),
+                               device=parameters.device, batch_size=parameters.batchSize, include_lung=parameters.computeLung)
+
+    def _start(self, command, device: str, onProgress, onLog, onFinished, loadResults) -> None:
+        if self.isRunning:
+            raise RuntimeError("A segmentation is already running; wait for it or cancel it.")
+        self._logTail.clear()
+
+        def log(line: str) -> None:
+            self._logTail.append(line)
+            onLog(line)
+
+        self._onProgress, self._onLog = onProgress, log
+        self._onFinished, self._loadResults = onFinished, loadResults
+        logging.info("COVIDLesionSeg: %s", " ".join(command))
+        self._process = child_process.ChildProcess(command, env=child_process.child_environment(device))
+        self._timer.start()
+
+    def _poll(self) -> None:
+        returncode = self._process.poll(self._onProgress, self._onLog)
+        if returncode is None:
+            return
+        self._timer.stop()
+        process, self._process = self._process, None
+        if process.cancelled:
+            outcome = RunOutcome(False, "Cancelled: the segmentation process and its children were ended.", cancelled=True)
+        else:
+            try:
+                outcome = RunOutcome(True, self._loadResults())
+            except FileNotFoundError:  # no summary: the CLI stopped before any case (bad model, bad arguments, …)
+                outcome = RunOutcome(False, f"The segmentation process failed (exit code {returncode}):\n" + "\n".join(self._logTail))
+            except Exception as error:
+                logging.exception("COVIDLesionSeg run failed")
+                outcome = RunOutcome(False, str(error))
+        self._onFinished(outcome)
+
+
+def pythonSlicerExecutable() -> str:
+    """Slicer's own Python interpreter (``PythonSlicer``, on the PATH that Slicer sets up)."""
+    python = shutil.which("PythonSlicer")
+    if not python:
+        raise RuntimeError("PythonSlicer, Slicer's Python interpreter, was not found on the PATH.")
+    return python
+
+
+def installMissingRequirements(requirementsFile: pathlib.Path, askConfirmation: bool) -> None:
+    """Slicer before 5.12: pip-install the requirements whose package is absent, after asking (versions unchecked)."""
+    requirements = [line.strip() for line in requirementsFile.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+    def installed(requirement: str) -> bool:
+        try:
+            importlib.metadata.version(re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0])
+            return True
+        except importlib.metadata.PackageNotFoundError:
+            return False
+
+    missing = [requirement for requirement in requirements if not installed(requirement)]
+    if not missing:
+        return
+    if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+            f"COVID-19 Lesion Segmentation needs these Python packages: {', '.join(missing)}.\n"
+            "Download and install them now? This may take a few minutes."):
+        raise RuntimeError(f"Required Python packages are not installed: {', '.join(missing)}")
+    slicer.util.pip_install(missing)
+
+
+class COVIDLesionSegTest(ScriptedLoadableModuleTest):
+    """Segments a synthetic CT with a tiny CPU model through the same child process as the GUI."""
+
+    def setUp(self) -> None:
+        slicer.mrmlScene.Clear()
+
+    def runTest(self) -> None:
+        self.setUp()
+        self.test_SegmentSyntheticVolume()
+
+    def test_SegmentSyntheticVolume(self) -> None:
+        import numpy as np
+
+        logic = COVIDLesionSegLogic()
+        logic.ensureDependencies(askConfirmation=False)
+        self.delayDisplay("Creating a synthetic chest CT and a tiny model")
+        ct = np.full((12, 48, 40), -1000, dtype=np.int16)  # air, [z, y, x]
+        ct[:, 6:42, 4:36] = 40  # body
+        ct[:, 10:38, 7:18] = ct[:, 10:38, 22:33] = -850  # lungs
+        ct[4:8, 20:26, 10:15] = -300  # a ground-glass lesion
+        ijkToRas = np.diag([-0.8, -0.7, 2.5, 1.0])
+        volume = slicer.util.addVolumeFromArray(ct, ijkToRAS=ijkToRas, name="Synthetic chest CT")
+
+        parameters = logic.getParameterNode()
+        parameters.inputVolume = volume
+        parameters.weightsFile = self.saveSaturatedTinyCheckpoint(pathlib.Path(slicer.util.tempDirectory("COVIDLesionSegTest")))
+        parameters.device = "cpu"
+        parameters.batchSize = 4
+        parameters.computeLung = True
+        outcomes = []
+        logic.startSegmentation(parameters, lambda progress: None, logging.info, outcomes.append)
+        self.delayDisplay("Segmenting in a child process")
+        logic.waitForCompletion(timeout_s=300)
+        self.assertTrue(outcomes and outcomes[0].succeeded, outcomes[0].message if outcomes else "no outcome")
+
+        segmentationNode = parameters.outputSegmentation
+        segment = segmentationNode.GetSegmentation().GetSegment(LESION.channel)
+        self.assertEqual(segment.GetName(), LESION.name)
+        terminology = vtk.reference("")
+        self.assertTrue(segment.GetTag(segment.GetTerminologyEntryTagName(), terminology))
+        self.assertEqual(str(terminology), LESION.terminology)
+        self.assertIsNotNone(segmentationNode.GetSegmentation().GetSegment(LUNG.channel))
+        self.assertEqual(segmentationNode.GetNodeReferenceID(segmentationNode.GetReferenceImageGeometryReferenceRole()), volume.GetID())
+        lesion = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, LESION.channel, volume)
+        self.assertEqual(lesion.shape, ct.shape)
+        self.assertEqual(int(lesion.sum()), ct.size)  # the saturated model marks every voxel
+
+        table = parameters.statisticsTable
+        self.assertEqual(table.GetNumberOfRows(), 1)
+        self.assertEqual(table.GetCellText(0, 0), volume.GetName())
+
+        def measure(name: str) -> float:
+            return table.GetTable().GetValue(0, table.GetColumnIndex(mrml.measure_title(name))).ToDouble()
+
+        self.assertAlmostEqual(measure("lesion_ml"), ct.size * 0.8 * 0.7 * 2.5 / 1000, delta=0.01)
+        self.assertEqual(measure("lesion_slices"), ct.shape[0])
+        self.assertAlmostEqual(measure("percent_opacity"), 100.0, delta=0.01)
+        self.delayDisplay("Test passed")
+
+    @staticmethod
+    def saveSaturatedTinyCheckpoint(folder: pathlib.Path) -> pathlib.Path:
+        """A tiny two-channel U-Net whose head outputs +10 everywhere: every voxel becomes lesion and lung, which makes
+        the expected statistics exact."""
+        import torch
+
+        from COVIDLesionSegLib.checkpoints import Checkpoint, save_checkpoint
+        from COVIDLesionSegLib.models import build_model
+
+        kwargs = {"widths": [4, 8, 16, 32, 64], "out_channels": 2}
+        stateDict = build_model("unet", **kwargs).state_dict()
+        stateDict["head.weight"] = torch.zeros_like(stateDict["head.weight"])
+        stateDict["head.bias"] = torch.full_like(stateDict["head.bias"], 10.0)
+        return save_checkpoint(Checkpoint("unet", kwargs, stateDict, channels=[LESION.channel, LUNG.channel]), folder / "tiny.safetensors")

@@ -1,0 +1,316 @@
+"""MRML node handling of the COVIDLesionSeg Slicer module, free of Qt so it runs on the ``slicer-core`` wheel too.
+
+- :class:`CLIOptions`, :func:`volume_run_command`, :func:`folder_run_command`: the core CLI command line for a scene
+  volume (written with :func:`write_volume`: voxels and geometry exactly, LPS on disk) or for a folder of cases.
+- :func:`load_volume_result`, :func:`load_folder_results`: what the finished CLI wrote → scene nodes.
+- :func:`load_segmentation`: the CLI's ``.seg.nrrd`` → segments of a ``vtkMRMLSegmentationNode`` whose reference
+  image geometry is the input volume, under the input's transform and in the input's study.
+- :func:`read_summary`, :func:`update_statistics_table`, :func:`write_table_csv`: the CLI's ``summary.csv`` →
+  a ``vtkMRMLTableNode`` (lesion volume, slices with lesion, % of lung, … as ``statistics.MEASURES`` defines them)
+  → a CSV file.
+- :func:`load_terminology`: the shipped terminology context into Slicer's terminology logic.
+- :func:`resources_dir`, :func:`registered_models`: files shipped in ``Resources/``, found without importing torch.
+
+Imports only ``slicer`` (MRML classes) and ``vtk``; never qt, ctk or torch. It is a package, not a file beside
+``COVIDLesionSeg.py``, because Slicer tries to load every ``.py`` file in a module folder as a module.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import slicer
+import vtk
+
+from COVIDLesionSegLib import child_process
+from COVIDLesionSegLib.segments import LESION, SEGMENTS, TERMINOLOGY_CONTEXT
+
+MODULE_DIR = Path(__file__).resolve().parent.parent  # the folder of COVIDLesionSeg.py
+UI_FILE = "UI/COVIDLesionSeg.ui"
+ICON_FILE = "Icons/COVIDLesionSeg.png"
+TERMINOLOGY_FILE = "Terminology/COVIDLesionSeg.term.json"
+REQUIREMENTS_FILE = "requirements.txt"
+REGISTRY_FILE = "models.json"
+SUMMARY_FILE = "summary.csv"
+VOLUME_RUN_OUTPUT = "output"  # the sub-folder of a volume run's work folder that receives the CLI's outputs
+
+SUMMARY_RUN_COLUMNS = ("input", "output", "status", "error", "report", "seconds")  # summary.csv columns that are not measures
+
+
+def resources_dir() -> Path:
+    """``Resources`` beside this file in an installed extension, else the repository's top-level ``Resources``
+    (the rule of ``COVIDLesionSegLib.checkpoints.resources_dir``, which cannot be imported before torch is)."""
+    for candidate in (MODULE_DIR / "Resources", MODULE_DIR.parent / "Resources"):
+        if (candidate / UI_FILE).is_file():
+            return candidate
+    raise FileNotFoundError(f"no Resources/{UI_FILE} beside {MODULE_DIR} or its parent; the module is installed incompletely")
+
+
+def resource_path(relative: str) -> Path:
+    return resources_dir() / relative
+
+
+def registered_models(path: Path | None = None) -> list[dict]:
+    """The entries of the model registry ``path`` (default ``Resources/models.json``: ``name``, ``description``,
+    ``default``, …); empty when there is none."""
+    path = path or resource_path(REGISTRY_FILE)
+    return json.loads(path.read_text(encoding="utf-8"))["models"] if path.is_file() else []
+
+
+def optional_path(path: Path | str | None) -> Path | None:
+    """A path parameter, or None when it is unset (Slicer stores an unset path as ``.``)."""
+    return None if path is None or str(path) in ("", ".") else Path(path)
+
+
+def safe_file_stem(name: str) -> str:
+    """A node name usable as a file name: ``"CT chest: 2/3"`` → ``"CT_chest_2_3"``."""
+    return re.sub(r"[^\w.-]+", "_", name).strip("._") or "volume"
+
+
+@dataclass(frozen=True)
+class CLIOptions:
+    """How to run the core CLI: Python interpreter, registered model or weights file (which wins), device, batch size,
+    and whether to add the lung segment and lung statistics."""
+
+    python: str
+    model: str = ""
+    weights: Path | None = None
+    device: str = "auto"
+    batch_size: int = 8
+    include_lung: bool = True
+
+    def command(self, inputs: list[Path], output_dir: Path, overwrite: bool) -> list[str]:
+        if self.weights and not Path(self.weights).is_file():
+            raise ValueError(f"Weights file not found: {self.weights}")
+        if not self.weights and not self.model:
+            raise ValueError("Choose a registered model or a weights file (.safetensors).")
+        return child_process.segment_command(inputs, output_dir, python=self.python, model=self.model or None, weights=self.weights,
+                                             device=self.device, batch_size=self.batch_size, include_lung=self.include_lung,
+                                             overwrite=overwrite)
+
+
+def volume_run_command(volume_node, work_dir: str | Path, options: CLIOptions) -> list[str]:
+    """Write ``volume_node`` into ``work_dir`` and return the CLI command that segments it into ``work_dir/output``."""
+    work_dir = Path(work_dir)
+    input_file = write_volume(volume_node, work_dir / f"{safe_file_stem(volume_node.GetName())}.nrrd")
+    return options.command([input_file], work_dir / VOLUME_RUN_OUTPUT, overwrite=True)
+
+
+def load_volume_result(work_dir: str | Path, volume_node, segmentation_node=None, table_node=None, include_lung: bool = True):
+    """Load what the process of :func:`volume_run_command` wrote: segments into ``segmentation_node`` and statistics into
+    ``table_node`` (each created in the volume's scene when None). Returns ``(segmentation_node, table_node, row)``.
+
+    Raises ``FileNotFoundError`` when the process wrote no summary and ``RuntimeError`` when the case failed.
+    """
+    row = read_summary(Path(work_dir) / VOLUME_RUN_OUTPUT / SUMMARY_FILE)[0]
+    if row["status"] != "ok":
+        raise RuntimeError(f"Segmentation of '{volume_node.GetName()}' failed: {row['error']}")
+    scene = volume_node.GetScene()
+    segmentation_node = segmentation_node or scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume_node.GetName()} {LESION.name}")
+    load_segmentation(row["output"], volume_node, segmentation_node)
+    table_node = table_node or scene.AddNewNodeByClass("vtkMRMLTableNode", f"{segmentation_node.GetName()} statistics")
+    update_statistics_table(table_node, [row], include_lung, [volume_node.GetName()])
+    place_in_study(table_node, volume_node)
+    return segmentation_node, table_node, row
+
+
+def folder_run_command(input_folder: Path | None, output_folder: Path | None, options: CLIOptions) -> list[str]:
+    """The CLI command that segments every case of ``input_folder`` into ``output_folder``, skipping cases done before."""
+    if not input_folder or not Path(input_folder).is_dir():
+        raise ValueError("Select an existing input folder.")
+    if not output_folder:
+        raise ValueError("Select an output folder.")
+    if Path(output_folder).resolve().is_relative_to(Path(input_folder).resolve()):
+        raise ValueError("Choose an output folder outside the input folder: segmentations written inside it would be "
+                         "read as new cases by the next batch run.")
+    return options.command([Path(input_folder)], Path(output_folder), overwrite=False)
+
+
+def load_folder_results(output_folder: str | Path, scene, table_node=None, include_lung: bool = True,
+                        written_after: float | None = None):
+    """The summary of a :func:`folder_run_command` process in ``table_node`` (created in ``scene`` when None).
+    Returns ``(table_node, rows)``; raises ``FileNotFoundError`` when the process wrote no summary (one older than
+    ``written_after``, a ``time.time()`` value, is a previous run's)."""
+    rows = read_summary(Path(output_folder) / SUMMARY_FILE, written_after)
+    table_node = table_node or scene.AddNewNodeByClass("vtkMRMLTableNode", f"{LESION.name} batch statistics")
+    update_statistics_table(table_node, rows, include_lung)
+    return table_node, rows
+
+
+def batch_report(rows: list[dict[str, str]]) -> str:
+    """``"12 cases: 9 segmented, 2 skipped (already done), 1 failed."``"""
+    counts = collections.Counter(row["status"] for row in rows)
+    return (f"{len(rows)} cases: {counts['ok']} segmented, {counts['skipped']} skipped (already done), "
+            f"{counts['failed']} failed.")
+
+
+def write_volume(volume_node, path: str | Path) -> Path:
+    """Write a scalar volume node to ``path`` (``.nrrd``, uncompressed) with its voxels and geometry unchanged.
+
+    The volume's parent transform is not applied: results are placed under the same transform instead.
+    """
+    if volume_node is None or volume_node.GetImageData() is None:
+        raise ValueError("the input volume has no image data; load a CT volume first")
+    if volume_node.IsA("vtkMRMLLabelMapVolumeNode") or volume_node.GetImageData().GetNumberOfScalarComponents() != 1:
+        raise ValueError(f"'{volume_node.GetName()}' is not a greyscale scalar volume; select a CT volume")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    storage.SetUseCompression(False)  # a temporary file: writing speed matters more than size
+    if not storage.WriteData(volume_node):
+        raise OSError(f"{path}: could not write volume '{volume_node.GetName()}'")
+    return path
+
+
+def load_segmentation(path: str | Path, volume_node, segmentation_node) -> list[str]:
+    """Import the segments of ``path`` into ``segmentation_node``, referenced to ``volume_node``; returns their IDs.
+
+    Segments this tool wrote before (IDs in ``segments.SEGMENTS``) are replaced, other segments are kept. The node
+    gets display nodes, the volume as reference image geometry, the volume's parent transform and study.
+    """
+    reader_scene = slicer.vtkMRMLScene()  # a private scene, so nothing transient appears in the user's scene
+    source = reader_scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(path))
+    if not storage.ReadData(source):
+        raise OSError(f"{path}: could not read the segmentation file")
+    source_segmentation = source.GetSegmentation()
+    segment_ids = [source_segmentation.GetNthSegmentID(index) for index in range(source_segmentation.GetNumberOfSegments())]
+
+    if segmentation_node.GetDisplayNode() is None:
+        segmentation_node.CreateDefaultDisplayNodes()
+    segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    segmentation_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+    target = segmentation_node.GetSegmentation()
+    for segment_id in set(SEGMENTS) | set(segment_ids):
+        if target.GetSegment(segment_id) is not None:
+            target.RemoveSegment(segment_id)
+    for segment_id in segment_ids:
+        if not target.CopySegmentFromSegmentation(source_segmentation, segment_id, False):
+            raise RuntimeError(f"{path}: could not import segment '{segment_id}'")
+    place_in_study(segmentation_node, volume_node)
+    return segment_ids
+
+
+def place_in_study(node, reference_node) -> None:
+    """Put ``node`` beside ``reference_node`` in the subject hierarchy (same patient/study folder)."""
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(node.GetScene())
+    reference_item = hierarchy.GetItemByDataNode(reference_node)
+    if not reference_item:
+        return
+    parent = hierarchy.GetItemParent(reference_item)
+    item = hierarchy.GetItemByDataNode(node) or hierarchy.CreateItem(parent, node)
+    hierarchy.SetItemParent(item, parent)
+
+
+def read_summary(path: str | Path, written_after: float | None = None) -> list[dict[str, str]]:
+    """The rows of the CLI's ``summary.csv`` (columns ``input, output, status, error, lesion_ml, …``); a file last
+    modified before ``written_after`` (a ``time.time()`` value) counts as missing."""
+    path = Path(path)
+    if not path.is_file() or (written_after is not None and path.stat().st_mtime < written_after):
+        raise FileNotFoundError(f"{path}: the segmentation process wrote no summary")
+    with open(path, newline="", encoding="utf-8") as stream:
+        return list(csv.DictReader(stream))
+
+
+def case_name(row: dict[str, str]) -> str:
+    """The file or folder name of a summary row's input (``/data/p7.nii.gz`` → ``p7.nii.gz``)."""
+    return Path(row["input"]).name
+
+
+def measure_title(name: str) -> str:
+    """The table title of a summary measure: its label and unit from ``statistics.MEASURES`` (``Lesion volume (mL)``)."""
+    from COVIDLesionSegLib.statistics import MEASURES_BY_NAME  # imports SimpleITK: only when a table is made
+
+    measure = MEASURES_BY_NAME.get(name)
+    if measure is None:
+        return name
+    return f"{measure.label} ({measure.unit})" if measure.unit else measure.label
+
+
+def update_statistics_table(table_node, rows: list[dict[str, str]], include_lung: bool = True,
+                            case_names: list[str] | None = None) -> None:
+    """Fill ``table_node`` with one row per summary row: the case, every measure of the summary in its order
+    (titled, with unit and definition, from ``statistics.MEASURES``), then status and error. Without ``include_lung``
+    only the lesion's own measures (``lesion_*``) are shown. Numeric columns are typed; missing numbers are NaN.
+
+    ``case_names`` overrides the names taken from the inputs (the module names a scene volume by its node name).
+    """
+    from COVIDLesionSegLib.statistics import MEASURES_BY_NAME
+
+    names = case_names or [case_name(row) for row in rows]
+    measures = [key for key in (rows[0] if rows else {}) if key not in SUMMARY_RUN_COLUMNS and (include_lung or key.startswith("lesion_"))]
+    with slicer.util.NodeModify(table_node):
+        table_node.RemoveAllColumns()
+        table_node.AddColumn(_string_column("Case", names))
+        for key in measures:
+            title, values = measure_title(key), [row.get(key) or "" for row in rows]
+            numeric = all(_is_number(value) for value in values if value)
+            table_node.AddColumn(_number_column(title, values) if numeric else _string_column(title, values))
+            if key in MEASURES_BY_NAME:
+                table_node.SetColumnDescription(title, MEASURES_BY_NAME[key].definition)
+                table_node.SetColumnUnitLabel(title, MEASURES_BY_NAME[key].unit)
+        table_node.AddColumn(_string_column("Status", [row["status"] for row in rows]))
+        table_node.AddColumn(_string_column("Error", [row.get("error") or "" for row in rows]))
+        table_node.SetUseColumnTitleAsColumnHeader(True)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _string_column(title: str, values: list[str]) -> vtk.vtkStringArray:
+    column = vtk.vtkStringArray()
+    column.SetName(title)
+    for value in values:
+        column.InsertNextValue(value)
+    return column
+
+
+def _number_column(title: str, values: list[str]) -> vtk.vtkDoubleArray:
+    column = vtk.vtkDoubleArray()
+    column.SetName(title)
+    for value in values:
+        column.InsertNextValue(float(value) if value else math.nan)
+    return column
+
+
+def write_table_csv(table_node, path: str | Path) -> Path:
+    """Write ``table_node`` as CSV: a header of column titles, then one line per row; NaN becomes an empty cell."""
+    table = table_node.GetTable()
+    columns = [table.GetColumn(index) for index in range(table.GetNumberOfColumns())]
+    path = Path(path)
+    with open(path, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.writer(stream, lineterminator="\n")
+        writer.writerow([column.GetName() for column in columns])
+        for row in range(table.GetNumberOfRows()):
+            writer.writerow([_csv_cell(column.GetVariantValue(row)) for column in columns])
+    return path
+
+
+def _csv_cell(value: vtk.vtkVariant) -> str:
+    if value.IsString():
+        return value.ToString()
+    number = value.ToDouble()
+    return "" if math.isnan(number) else format(number, ".10g")
+
+
+def load_terminology(terminologies_logic) -> str:
+    """Load the shipped terminology context (segment names and recommended colours) once; returns its name."""
+    if not terminologies_logic.IsTerminologyContextLoaded(TERMINOLOGY_CONTEXT):
+        path = resource_path(TERMINOLOGY_FILE)
+        loaded = terminologies_logic.LoadTerminologyFromFile(str(path))
+        if loaded != TERMINOLOGY_CONTEXT:
+            raise RuntimeError(f"{path}: terminology context {loaded!r} loaded, expected {TERMINOLOGY_CONTEXT!r}")
+    return TERMINOLOGY_CONTEXT
