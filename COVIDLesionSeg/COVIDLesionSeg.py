@@ -217,10 +217,12 @@ class COVIDLesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onFinished(self, outcome) -> None:
         self._runningKind = None
         self.onLog(outcome.message)
-        self.ui.progressBar.setFormat(f"%p%  {'done' if outcome.succeeded else 'stopped'}")
-        if outcome.succeeded:
+        if outcome.cancelled:
+            self.ui.progressBar.setFormat("%p%  cancelled")
+        else:
             self.ui.progressBar.value = 100
-        elif not outcome.cancelled:
+            self.ui.progressBar.setFormat("done" if outcome.succeeded else "finished with errors")
+        if not outcome.succeeded and not outcome.cancelled:
             slicer.util.errorDisplay(outcome.message)
         self.updateGUI()
 
@@ -317,7 +319,7 @@ class COVIDLesionSegLogic(ScriptedLoadableModuleLogic):
         there are skipped) in a child process; the summary goes to ``parameters.statisticsTable``."""
         outputFolder = mrml.optional_path(parameters.batchOutputFolder)
         command = mrml.folder_run_command(mrml.optional_path(parameters.batchInputFolder), outputFolder, self._cliOptions(parameters))
-        startTime = time.time()
+        startTime = time.time() - 2  # a margin for file systems that store modification times in whole seconds
 
         def loadResults() -> str:
             table, rows = mrml.load_folder_results(outputFolder, slicer.mrmlScene, parameters.statisticsTable, parameters.computeLung,

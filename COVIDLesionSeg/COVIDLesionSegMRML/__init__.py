@@ -40,6 +40,7 @@ REGISTRY_FILE = "models.json"
 SUMMARY_FILE = "summary.csv"
 VOLUME_RUN_OUTPUT = "output"  # the sub-folder of a volume run's work folder that receives the CLI's outputs
 
+STATISTICS_TABLE_NAME = f"{LESION.name} statistics"  # the table of the last run; its Case column names the volumes
 SUMMARY_RUN_COLUMNS = ("input", "output", "status", "error", "report", "seconds")  # summary.csv columns that are not measures
 
 
@@ -114,7 +115,7 @@ def load_volume_result(work_dir: str | Path, volume_node, segmentation_node=None
     scene = volume_node.GetScene()
     segmentation_node = segmentation_node or scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume_node.GetName()} {LESION.name}")
     load_segmentation(row["output"], volume_node, segmentation_node)
-    table_node = table_node or scene.AddNewNodeByClass("vtkMRMLTableNode", f"{segmentation_node.GetName()} statistics")
+    table_node = table_node or scene.AddNewNodeByClass("vtkMRMLTableNode", STATISTICS_TABLE_NAME)
     update_statistics_table(table_node, [row], include_lung, [volume_node.GetName()])
     place_in_study(table_node, volume_node)
     return segmentation_node, table_node, row
@@ -138,7 +139,7 @@ def load_folder_results(output_folder: str | Path, scene, table_node=None, inclu
     Returns ``(table_node, rows)``; raises ``FileNotFoundError`` when the process wrote no summary (one older than
     ``written_after``, a ``time.time()`` value, is a previous run's)."""
     rows = read_summary(Path(output_folder) / SUMMARY_FILE, written_after)
-    table_node = table_node or scene.AddNewNodeByClass("vtkMRMLTableNode", f"{LESION.name} batch statistics")
+    table_node = table_node or scene.AddNewNodeByClass("vtkMRMLTableNode", STATISTICS_TABLE_NAME)
     update_statistics_table(table_node, rows, include_lung)
     return table_node, rows
 

@@ -69,7 +69,8 @@ def test_scene_volume_is_segmented_into_a_segmentation_node_and_a_statistics_tab
     assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(segmentation)) == study
     assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(table)) == study
 
-    assert table.GetNumberOfRows() == 1 and column(table, "Case") == "Chest CT" and column(table, "Status") == "ok"
+    assert table.GetName() == mrml.STATISTICS_TABLE_NAME and table.GetNumberOfRows() == 1
+    assert column(table, "Case") == "Chest CT" and column(table, "Status") == "ok"
     assert number(table, "lesion_ml") == pytest.approx(ct.size * VOXEL_ML, abs=1e-3)
     assert number(table, "lesion_slices") == ct.shape[0]
     assert number(table, "lung_ml") == pytest.approx(ct.size * VOXEL_ML, abs=1e-3)
