@@ -119,6 +119,7 @@ class COVIDLesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = COVIDLesionSegLogic()
+        self.logic.loadTerminology()  # so that segments of this tool show their names and colours in any module
 
         for entry in mrml.registered_models():
             self.ui.modelComboBox.addItem(entry["name"])
@@ -128,6 +129,7 @@ class COVIDLesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.modelComboBox.currentTextChanged.connect(self.onModelChanged)
+        self.ui.weightsPathLineEdit.currentPathChanged.connect(self.onWeightsFileChanged)
         self.ui.applyButton.clicked.connect(self.onApplyButton)
         self.ui.batchApplyButton.clicked.connect(self.onBatchApplyButton)
         self.ui.exportCsvButton.clicked.connect(self.onExportCsvButton)
@@ -172,9 +174,16 @@ class COVIDLesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Model choice, button states and the statistics view follow the parameter node and the running state."""
         parameters = self._parameterNode
         if parameters:
+            # Not bound by connectGui: the registry's names are known only at run time, and an unset weights file must
+            # show as empty rather than as the "." of an unset pathlib.Path.
             wasBlocked = self.ui.modelComboBox.blockSignals(True)
             self.ui.modelComboBox.setCurrentText(parameters.model)
             self.ui.modelComboBox.blockSignals(wasBlocked)
+            weights = mrml.optional_path(parameters.weightsFile)
+            if mrml.optional_path(self.ui.weightsPathLineEdit.currentPath) != weights:  # equal paths: keep what is typed
+                wasBlocked = self.ui.weightsPathLineEdit.blockSignals(True)
+                self.ui.weightsPathLineEdit.currentPath = str(weights or "")
+                self.ui.weightsPathLineEdit.blockSignals(wasBlocked)
         canSegment = bool(parameters and parameters.inputVolume and (parameters.model or mrml.optional_path(parameters.weightsFile)))
         canBatch = bool(parameters and mrml.optional_path(parameters.batchInputFolder) and mrml.optional_path(parameters.batchOutputFolder))
         for kind, button, idleText, ready in (("segment", self.ui.applyButton, "Apply", canSegment),
@@ -188,6 +197,10 @@ class COVIDLesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onModelChanged(self, name: str) -> None:
         if self._parameterNode:
             self._parameterNode.model = name
+
+    def onWeightsFileChanged(self, path: str) -> None:
+        if self._parameterNode:
+            self._parameterNode.weightsFile = pathlib.Path(path)
 
     def onApplyButton(self) -> None:
         self._startOrCancel("segment", self.logic.startSegmentation)
