@@ -84,6 +84,16 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | Path, half: bool = False
     return path
 
 
+def has_safetensors_header(path: Path) -> bool:
+    """True when ``path`` starts like a safetensors file: an 8-byte little-endian header length that fits
+    in the file, followed by a JSON object. (A leading 0x80 byte is not proof of a pickle: it is also the
+    low byte of some header lengths.)"""
+    size = path.stat().st_size
+    with open(path, "rb") as stream:
+        length_bytes, first = stream.read(8), stream.read(1)
+    return len(length_bytes) == 8 and 8 + int.from_bytes(length_bytes, "little") <= size and first == b"{"
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read a checkpoint written by :func:`save_checkpoint` without unpickling anything."""
     from safetensors import SafetensorError
@@ -92,12 +102,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint file not found")
-    with open(path, "rb") as stream:
-        head = stream.read(2)
-    if head[:1] == b"\x80" or head == b"PK":
-        raise ValueError(
-            f"{path}: this is a pickle/zip torch checkpoint; only .safetensors checkpoints are accepted (pickles can run code)"
-        )
+    if not has_safetensors_header(path):
+        with open(path, "rb") as stream:
+            head = stream.read(2)
+        kind = "a pickle/zip torch checkpoint" if head[:1] == b"\x80" or head == b"PK" else "not a safetensors file"
+        raise ValueError(f"{path}: {kind}; only .safetensors checkpoints are accepted (pickles can run code)")
     try:
         from safetensors import safe_open
 
@@ -130,13 +139,19 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     ``path`` only when the block finishes without an exception, otherwise it is deleted."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Not mkstemp: the writer creates the file itself, so it gets the usual permissions (umask), not 0600.
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.part{''.join(path.suffixes)}")
     try:
         yield temporary
+        os.chmod(temporary, 0o666 & ~current_umask())  # some writers (safetensors) create files as 0600
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def sha256_of(path: str | Path) -> str:

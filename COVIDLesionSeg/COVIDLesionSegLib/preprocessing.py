@@ -75,12 +75,18 @@ def slice_to_uint8(ct_slice: np.ndarray, config: PreprocessingConfig, hounsfield
         image = np.clip(image, *config.hu_window)
     if image.min() == image.max():  # a blank slice stays blank (CLAHE would invent tile patterns on it)
         return np.zeros((config.size, config.size), dtype=np.uint8)
-    if image.shape != (config.size, config.size):
-        image = cv2.resize(image, (config.size, config.size), interpolation=cv2.INTER_CUBIC)
+    image = resize_slice(image, config.size)
     low, high = float(image.min()), float(image.max())
     image_u8 = ((image - low) / max(high - low, 1e-12) * 255).astype(np.uint8)
     clahe = cv2.createCLAHE(clipLimit=config.clahe_clip_limit, tileGridSize=tuple(config.clahe_tile_grid))
     return clahe.apply(image_u8)
+
+
+def resize_slice(image: np.ndarray, size: int) -> np.ndarray:
+    """Step 3 alone: ``[H, W]`` → ``[size, size]`` with bicubic interpolation (uint8 input saturates)."""
+    if image.shape == (size, size):
+        return image
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_CUBIC)
 
 
 def volume_to_uint8(volume: np.ndarray, config: PreprocessingConfig) -> np.ndarray:

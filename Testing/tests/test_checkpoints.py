@@ -58,7 +58,7 @@ def test_pickle_checkpoint_is_refused_without_running_it(tmp_path):
 def test_garbage_and_incomplete_files_name_the_file(tmp_path):
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(ValueError, match="garbage.safetensors: not a valid safetensors"):
+    with pytest.raises(ValueError, match="garbage.safetensors: not a safetensors file"):
         load_checkpoint(garbage)
     from safetensors.torch import save_file
 
@@ -114,3 +114,27 @@ def test_registry_json_is_well_formed(tmp_path):
     path = tmp_path / "models.json"
     path.write_text(json.dumps({"models": [{"name": "a", "sha256": "0" * 64, "description": "d", "file": "a.safetensors"}]}))
     assert load_registry(path)["a"].file == "a.safetensors"
+
+
+def test_valid_file_whose_header_length_starts_with_0x80_loads(tmp_path):
+    """A safetensors header length can have 0x80 as its low byte; that is not a pickle."""
+    checkpoint = tiny_checkpoint_object()
+    path = tmp_path / "m.safetensors"
+    for padding in range(300):
+        checkpoint.metrics = {"pad": "x" * padding}
+        save_checkpoint(checkpoint, path)
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    assert path.read_bytes()[:1] == b"\x80"
+    assert load_checkpoint(path).metrics["pad"] == checkpoint.metrics["pad"]
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        path = save_checkpoint(tiny_checkpoint_object(), tmp_path / "m.safetensors")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -34,7 +34,7 @@ import torch
 from torch.utils.data import Dataset
 
 from COVIDLesionSegLib.io import read_image, to_radiological
-from COVIDLesionSegLib.preprocessing import PreprocessingConfig, resize_mask, to_network_input, volume_to_uint8
+from COVIDLesionSegLib.preprocessing import PreprocessingConfig, resize_mask, resize_slice, to_network_input, volume_to_uint8
 
 from .augment import augment_slice, check_augment_mode
 
@@ -88,17 +88,6 @@ def check_channels(channels: Sequence[str]) -> tuple[str, ...]:
     return channels
 
 
-def resize_slice_uint8(image: np.ndarray, size: int) -> np.ndarray:
-    """``[H, W]`` uint8 → ``[size, size]`` uint8 with bicubic interpolation (saturating).
-
-    The same interpolation as step 3 of ``preprocessing.slice_to_uint8``, which has no resize-only entry
-    point; running the whole recipe again would apply CLAHE twice.
-    """
-    if image.shape == (size, size):
-        return image
-    return cv2.resize(image, (size, size), interpolation=cv2.INTER_CUBIC)
-
-
 def read_png(path: Path) -> np.ndarray:
     image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if image is None:
@@ -150,7 +139,7 @@ class SliceDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         image, lesion, lung = self.load_slice(index)
         size = self.preprocessing.size
-        image = resize_slice_uint8(image, size)
+        image = resize_slice(image, size)
         masks = np.stack([lesion if name == "lesion" else lung | lesion for name in self.channels])
         if not self.native_targets and masks.shape[-2:] != (size, size):
             masks = np.stack([resize_mask(mask, self.preprocessing) for mask in masks])

@@ -392,7 +392,7 @@ def train_process(config: TrainConfig, resume: bool, context: DistributedContext
 
     def save_last(metrics: dict) -> None:
         save_training_state(run_dir, optimizer, progress)
-        save_loadable_checkpoint(checkpoint_of(model, config, metrics), run_dir / "last.safetensors")
+        save_checkpoint(checkpoint_of(model, config, metrics), run_dir / "last.safetensors")
 
     stopped = "epochs"
     bar = tqdm(total=total_steps, initial=min(progress.step, total_steps), unit="step", disable=not context.is_main, dynamic_ncols=True)
@@ -448,7 +448,7 @@ def train_process(config: TrainConfig, resume: bool, context: DistributedContext
             if val_loss < progress.best_val_loss:
                 progress.best_val_loss, progress.best_step = val_loss, progress.step
                 if context.is_main:
-                    save_loadable_checkpoint(checkpoint_of(model, config, metrics), run_dir / "best.safetensors")
+                    save_checkpoint(checkpoint_of(model, config, metrics), run_dir / "best.safetensors")
             if context.is_main:
                 append_log_row(run_dir / "log.csv", row)
                 plot_loss_curves(run_dir / "log.csv", run_dir / "loss_curves.png")
@@ -469,21 +469,6 @@ def train_process(config: TrainConfig, resume: bool, context: DistributedContext
             run_dir,
         )
     return {"run_dir": str(run_dir), "stopped": stopped, **asdict(progress)}
-
-
-def save_loadable_checkpoint(checkpoint: Checkpoint, path: Path) -> None:
-    """:func:`save_checkpoint`, re-saved with a padding metric when ``load_checkpoint`` would refuse the file.
-
-    Works around a core bug: ``load_checkpoint`` takes any file starting with byte 0x80 or ``PK`` for a pickle,
-    but a safetensors file starts with its little-endian header length, whose first byte is 0x80 for 1 in 32
-    (8-byte aligned) header sizes. Remove once the core's check reads the header properly.
-    """
-    save_checkpoint(checkpoint, path)
-    with open(path, "rb") as stream:
-        head = stream.read(2)
-    if head[:1] == b"\x80" or head == b"PK":
-        checkpoint.metrics = {**checkpoint.metrics, "header_padding": " " * 8}
-        save_checkpoint(checkpoint, path)
 
 
 def checkpoint_of(model: nn.Module, config: TrainConfig, metrics: dict) -> Checkpoint:
