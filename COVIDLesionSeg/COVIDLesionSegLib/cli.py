@@ -1,12 +1,18 @@
 """Command line: ``covidlesionseg segment INPUT... --output-dir DIR``.
 
 Every input file (NIfTI, NRRD, MHA, PNG/JPG) and every DICOM series found in an input folder is a case.
-Each case is written to ``DIR/<case>.<format>``; ``DIR/summary.csv`` gets one row per case (input, output,
-status ok|skipped|failed, error, lesion_ml, lesion_slices, lung_ml, lesion_percent_of_lung, seconds).
+Each case is written to ``DIR/<case>.<format>``; ``DIR/summary.csv`` gets one row per case: input, output,
+status ok|skipped|failed, error, the measures of ``statistics.MEASURES`` (severity, percent_opacity, …;
+an empty cell = not available), report (the PNG written with ``--report``, else empty) and seconds.
+``DIR/summary.json`` says how the numbers were made: each column's unit and definition, the severity
+categories, the high-opacity threshold, the HU test, and the model's name and SHA-256.
+
 A failing case is reported and the batch goes on; the exit status is 1 when any case failed. Existing
-outputs are kept (status ``skipped``) unless ``--overwrite``, so rerunning a batch resumes it.
-``--num-parts N --part-id K`` processes every N-th case starting at K (to split a batch over machines;
-each part writes ``summary.partK.csv``).
+outputs are kept (status ``skipped``, with their earlier row) unless ``--overwrite``, so rerunning a batch
+resumes it; a folder holding results of another model or threshold is refused unless ``--overwrite``, so
+one summary never mixes them. ``--num-parts N --part-id K`` processes every N-th case starting at K (to
+split a batch over machines; each part writes ``summary.partK.csv`` and ``summary.partK.json``).
+``--report`` also writes ``DIR/<case>.report.png`` (see ``report``).
 """
 
 from __future__ import annotations
@@ -15,15 +21,28 @@ import argparse
 import csv
 import functools
 import io as text_io
+import json
 import logging
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import io
+import SimpleITK as sitk
 
-SUMMARY_COLUMNS = ["input", "output", "status", "error", "lesion_ml", "lesion_slices", "lung_ml", "lesion_percent_of_lung", "seconds"]
+from . import io
+from .statistics import DEFAULT_HIGH_OPACITY_THRESHOLD_HU, LEFT_RIGHT_RULE, MEASURES, NOT_AVAILABLE_RULE, SEVERITY_DEFINITIONS, VoxelGrid
+
+RUN_COLUMNS = {
+    "input": "the input file or DICOM folder (#series id when the folder holds several series)",
+    "output": "the segmentation written",
+    "status": "ok, skipped (output existed; the row is kept from the run that made it) or failed",
+    "error": "why the case failed or was skipped",
+}
+TRAILING_COLUMNS = {"report": "the visual report PNG (with --report)", "seconds": "time spent on the case"}
+SUMMARY_COLUMNS = [*RUN_COLUMNS, *(measure.name for measure in MEASURES), *TRAILING_COLUMNS]
+KEPT_WHEN_SKIPPED = SUMMARY_COLUMNS[len(RUN_COLUMNS):]
 
 
 @dataclass(frozen=True)
@@ -97,32 +116,80 @@ class ProgressReporter:
             self.bar.close()
 
 
-def format_number(value) -> str:
-    if value is None:
-        return ""
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-
 def write_summary(path: Path, rows: list[dict]) -> None:
     buffer = text_io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     with io.atomic_output(path) as temporary:
-        temporary.write_text(buffer.getvalue())
+        temporary.write_text(buffer.getvalue(), encoding="utf-8")
 
 
 def read_summary(path: Path) -> dict[str, dict]:
     if not path.is_file():
         return {}
-    with open(path, newline="") as stream:
+    with open(path, newline="", encoding="utf-8") as stream:
         return {row["input"]: row for row in csv.DictReader(stream)}
 
 
+def run_description(predictor, high_opacity_threshold_hu: float) -> dict:
+    """The ``summary.json`` sidecar: how every number of ``summary.csv`` was made, to trace a result."""
+    return {
+        "model": {"name": predictor.name, "sha256": predictor.sha256, "channels": list(predictor.channels)},
+        "parameters": {
+            "high_opacity_threshold_hu": high_opacity_threshold_hu,
+            "hu_detect_below": predictor.preprocessing.hu_detect_below,
+        },
+        "columns": {
+            **{name: {"definition": meaning} for name, meaning in RUN_COLUMNS.items()},
+            **{m.name: {"label": m.label, "unit": m.unit, "definition": m.definition} for m in MEASURES},
+            **{name: {"definition": meaning} for name, meaning in TRAILING_COLUMNS.items()},
+        },
+        "severity_categories": SEVERITY_DEFINITIONS,
+        "not_available": NOT_AVAILABLE_RULE,
+        "left_right": LEFT_RIGHT_RULE,
+    }
+
+
+def check_same_run(sidecar_path: Path, description: dict) -> None:
+    """Refuse to add to a summary made with another model or other parameters (ValueError saying what to do)."""
+    if not sidecar_path.is_file():
+        return
+    previous = json.loads(sidecar_path.read_text(encoding="utf-8"))
+    before = {"model SHA-256": previous.get("model", {}).get("sha256"), "parameters": previous.get("parameters")}
+    now = {"model SHA-256": description["model"]["sha256"], "parameters": description["parameters"]}
+    changed = [f"{key} {before[key]} (now {now[key]})" for key in now if before[key] != now[key]]
+    if changed:
+        raise ValueError(f"{sidecar_path.parent} holds results made with another {'; '.join(changed)}; "
+                         "use --overwrite to redo every case, or another --output-dir")
+
+
+def write_case_report(path: Path, image: sitk.Image, result, title: str, notes: list[str]) -> Path:
+    """The visual report of one segmented case (image and masks put back in radiological orientation)."""
+    from .report import write_report
+
+    oriented = io.to_radiological(image)
+    masks = {channel: sitk.GetArrayFromImage(io.to_radiological(mask)) for channel, mask in result.masks.items()}
+    return write_report(path, sitk.GetArrayFromImage(oriented), masks, VoxelGrid.of_image(oriented), result.statistics, title, notes)
+
+
 def segment_cases(cases: list[Case], predictor, output_dir: Path, output_format: str = "seg.nrrd", overwrite: bool = False,
-                  include_lung: bool = True, summary_path: Path | None = None, progress: str = "bar") -> list[dict]:
-    """Segment ``cases`` with ``predictor`` into ``output_dir``; returns the summary rows (also written to CSV)."""
+                  include_lung: bool = True, summary_path: Path | None = None, progress: str = "bar", report: bool = False,
+                  high_opacity_threshold_hu: float = DEFAULT_HIGH_OPACITY_THRESHOLD_HU) -> list[dict]:
+    """Segment ``cases`` with ``predictor`` into ``output_dir``; returns the summary rows.
+
+    Writes ``summary_path`` (CSV, default ``output_dir/summary.csv``) after every case and its ``.json``
+    sidecar first; ``report`` adds a ``<case>.report.png`` per case. Raises ValueError when the folder holds
+    results of another model or threshold and ``overwrite`` is off."""
     summary_path = summary_path or output_dir / "summary.csv"
+    description = run_description(predictor, high_opacity_threshold_hu)
+    sidecar_path = summary_path.with_suffix(".json")
+    if not overwrite:
+        check_same_run(sidecar_path, description)
+    with io.atomic_output(sidecar_path) as temporary:
+        temporary.write_text(json.dumps(description, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    notes = [f"model: {predictor.name} (SHA-256 {predictor.sha256[:16] or 'unknown'}…)",
+             f"high-opacity threshold: {high_opacity_threshold_hu:g} HU; definitions: {sidecar_path.name}"]
     previous = read_summary(summary_path)
     rows: list[dict] = []
     reporter = ProgressReporter(progress, len(cases))
@@ -131,14 +198,18 @@ def segment_cases(cases: list[Case], predictor, output_dir: Path, output_format:
         target = io.output_path(output_dir, case.name, output_format)
         row = {"input": case.label, "output": str(target), "status": "ok", "error": ""}
         if target.exists() and not overwrite:
-            row.update({key: previous.get(case.label, {}).get(key, "") for key in SUMMARY_COLUMNS[4:]})
+            row.update({key: previous.get(case.label, {}).get(key, "") for key in KEPT_WHEN_SKIPPED})
             row.update(status="skipped", error="output exists; use --overwrite to replace it")
         else:
             try:
                 image = io.read_image(case.path, case.series_id)
-                result = predictor.segment_image(image, include_lung, functools.partial(reporter.slices, index, case.name))
-                io.write_segmentation(target, result.masks)
-                row.update({key: format_number(value) for key, value in result.statistics.to_dict().items()})
+                on_progress = functools.partial(reporter.slices, index, case.name)
+                result = predictor.segment_image(image, on_progress=on_progress, high_opacity_threshold_hu=high_opacity_threshold_hu)
+                written = {channel: mask for channel, mask in result.masks.items() if include_lung or channel != "lung"}
+                io.write_segmentation(target, written)
+                row.update(result.statistics.formatted())
+                if report:
+                    row["report"] = str(write_case_report(output_dir / f"{case.name}.report.png", image, result, case.name, notes))
             except (io.InputError, OSError, ValueError, RuntimeError) as error:
                 row.update(status="failed", error=str(error), output="")
                 print(f"ERROR {error}", file=sys.stderr, flush=True)
@@ -153,7 +224,8 @@ def segment_cases(cases: list[Case], predictor, output_dir: Path, output_format:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="covidlesionseg", description="COVID-19 lung lesion segmentation in chest CT.")
     commands = parser.add_subparsers(dest="command", required=True)
-    segment = commands.add_parser("segment", help="segment CT volumes (files, DICOM folders, or folders of them)")
+    segment = commands.add_parser("segment", help="segment CT volumes (files, DICOM folders, or folders of them)",
+                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=measures_help())
     segment.add_argument("inputs", nargs="+", metavar="INPUT", help="image file (NIfTI/NRRD/MHA/PNG…) or folder")
     segment.add_argument("--output-dir", "-o", required=True, type=Path, help="folder for segmentations and summary.csv")
     source = segment.add_mutually_exclusive_group()
@@ -167,7 +239,22 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--num-parts", type=int, default=1, help="split the cases into N parts (for several machines)")
     segment.add_argument("--part-id", type=int, default=0, help="which part (0…N-1) this run processes")
     segment.add_argument("--progress", default="bar", choices=["bar", "lines", "none"], help="'lines' prints PROGRESS <percent> lines")
+    segment.add_argument("--report", action="store_true", help="also write <case>.report.png: slices with contours and the measures")
+    segment.add_argument("--high-opacity-threshold", type=float, default=DEFAULT_HIGH_OPACITY_THRESHOLD_HU, metavar="HU",
+                         help=f"lesion voxels at or above this are high opacity (default {DEFAULT_HIGH_OPACITY_THRESHOLD_HU:g} HU)")
     return parser
+
+
+def measures_help() -> str:
+    """The columns of summary.csv with units and definitions, and the rules, for ``segment --help``."""
+    def wrapped(text: str) -> str:
+        return textwrap.fill(text, width=110, initial_indent="  ", subsequent_indent="      ")
+
+    lines = ["summary.csv columns after input, output, status, error (units and definitions also in summary.json):"]
+    lines += [wrapped(f"{m.name}{f' ({m.unit})' if m.unit else ''}: {m.definition}") for m in MEASURES]
+    lines += [wrapped(f"{name}: {meaning}") for name, meaning in TRAILING_COLUMNS.items()]
+    lines += ["", "Left and right:", wrapped(LEFT_RIGHT_RULE), "", "Not available:", wrapped(NOT_AVAILABLE_RULE)]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,8 +282,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ERROR model: {error}", file=sys.stderr)
         return 1
     summary_name = "summary.csv" if args.num_parts == 1 else f"summary.part{args.part_id}.csv"
-    rows = segment_cases(cases, predictor, args.output_dir, args.output_format, args.overwrite, not args.no_lung,
-                         args.output_dir / summary_name, args.progress)
+    try:
+        rows = segment_cases(cases, predictor, args.output_dir, args.output_format, args.overwrite, not args.no_lung,
+                             args.output_dir / summary_name, args.progress, args.report, args.high_opacity_threshold)
+    except ValueError as error:
+        print(f"ERROR {error}", file=sys.stderr)
+        return 1
     failed = [row for row in rows if row["status"] == "failed"]
     print(f"{len(rows) - len(failed)} of {len(rows)} cases done ({len(failed)} failed); summary: {args.output_dir / summary_name}",
           file=sys.stderr)

@@ -26,8 +26,8 @@ import torch
 
 from . import io
 from .checkpoints import Checkpoint, default_model_name, load_checkpoint, load_registry, resolve_model_file, sha256_of
-from .preprocessing import resize_probabilities, to_network_input, volume_to_uint8
-from .statistics import LesionStatistics, lesion_statistics
+from .preprocessing import is_hounsfield, resize_probabilities, resize_slice, to_network_input, volume_to_uint8
+from .statistics import DEFAULT_HIGH_OPACITY_THRESHOLD_HU, LesionStatistics, VoxelGrid, lesion_statistics
 
 logger = logging.getLogger(__name__)
 ProgressCallback = Callable[[int, int], None]  # (slices done, slices total)
@@ -117,26 +117,43 @@ class Predictor:
         """The shipped default model of the registry."""
         return cls.from_checkpoint(default_model_name(), device, batch_size)
 
-    def predict_probabilities(self, volume: np.ndarray, on_progress: ProgressCallback | None = None) -> dict[str, np.ndarray]:
-        """``volume[z, y, x]`` (or one 2D slice) → ``{channel: float32 probabilities of the volume's shape}``."""
+    def predict_probabilities(
+        self, volume: np.ndarray, on_progress: ProgressCallback | None = None, preprocessed: bool = False
+    ) -> dict[str, np.ndarray]:
+        """``volume[z, y, x]`` (or one 2D slice) → ``{channel: float32 probabilities of the volume's shape}``.
+
+        ``preprocessed``: ``volume`` is uint8 slices that already went through the recipe's windowing,
+        min–max and CLAHE (like the shared PNG training slices); they are only resized (bicubic) to the
+        network size, since a second min–max + CLAHE would change them."""
         volume = np.asarray(volume)
         squeeze = volume.ndim == 2
         volume = volume[None] if squeeze else volume
         if volume.ndim != 3:
             raise ValueError(f"expected a [z, y, x] volume or a 2D slice, got shape {volume.shape}")
+        if preprocessed and volume.dtype != np.uint8:
+            raise ValueError(f"preprocessed slices must be uint8 (the recipe's output), got {volume.dtype}")
         probabilities = np.zeros((len(self.channels), *volume.shape), dtype=np.float32)
 
         def store(start: int, batch: np.ndarray) -> None:
             for offset, slice_probabilities in enumerate(batch):
                 probabilities[:, start + offset] = resize_probabilities(slice_probabilities, *volume.shape[1:])
 
-        inputs = to_network_input(volume_to_uint8(volume, self.preprocessing), self.preprocessing)
+        if preprocessed:
+            slices = np.stack([resize_slice(ct_slice, self.preprocessing.size) for ct_slice in volume])
+        else:
+            slices = volume_to_uint8(volume, self.preprocessing)
+        inputs = to_network_input(slices, self.preprocessing)
         self.batch_size = predict_in_batches(self.network, inputs, self.batch_size, store, self.device, on_progress)
         return {channel: probabilities[index][0] if squeeze else probabilities[index] for index, channel in enumerate(self.channels)}
 
-    def predict_masks(self, volume: np.ndarray, on_progress: ProgressCallback | None = None) -> dict[str, np.ndarray]:
-        """``{channel: uint8 0/1 mask}``; with a lung channel the lesion is kept inside the lung, and the lung includes it."""
-        masks = {channel: (p >= 0.5).astype(np.uint8) for channel, p in self.predict_probabilities(volume, on_progress).items()}
+    def predict_masks(
+        self, volume: np.ndarray, on_progress: ProgressCallback | None = None, preprocessed: bool = False
+    ) -> dict[str, np.ndarray]:
+        """``{channel: uint8 0/1 mask}``; with a lung channel the lesion is kept inside the lung, and the lung includes it.
+
+        ``preprocessed`` as in :meth:`predict_probabilities`."""
+        probabilities = self.predict_probabilities(volume, on_progress, preprocessed)
+        masks = {channel: (p >= 0.5).astype(np.uint8) for channel, p in probabilities.items()}
         if "lung" in masks:
             masks["lesion"] &= masks["lung"]
         return masks
@@ -152,14 +169,21 @@ class Predictor:
         return lesion, probabilities["lesion"]
 
     def segment_image(
-        self, image: sitk.Image, include_lung: bool = True, on_progress: ProgressCallback | None = None
+        self,
+        image: sitk.Image,
+        include_lung: bool = True,
+        on_progress: ProgressCallback | None = None,
+        high_opacity_threshold_hu: float = DEFAULT_HIGH_OPACITY_THRESHOLD_HU,
     ) -> SegmentationResult:
         """Segment a validated 3D ``sitk.Image`` in radiological orientation; masks come back on its exact grid.
 
-        Statistics always use the lung channel when the model has one; ``include_lung`` only decides whether
-        the lung mask is returned (and so written)."""
+        Statistics (``statistics`` module) always use the lung channel when the model has one; ``include_lung``
+        only decides whether the lung mask is returned (and so written). The HU measures are computed when the
+        input is in HU by the checkpoint's own test (``preprocessing.is_hounsfield``)."""
         oriented = io.to_radiological(image)
-        masks = self.predict_masks(sitk.GetArrayViewFromImage(oriented), on_progress)
-        statistics = lesion_statistics(masks["lesion"], image.GetSpacing(), masks.get("lung"))
+        ct = sitk.GetArrayViewFromImage(oriented)
+        masks = self.predict_masks(ct, on_progress)
+        ct_hu = ct if is_hounsfield(ct, self.preprocessing) else None
+        statistics = lesion_statistics(masks["lesion"], VoxelGrid.of_image(oriented), masks.get("lung"), ct_hu, high_opacity_threshold_hu)
         written = [channel for channel in masks if include_lung or channel != "lung"]
         return SegmentationResult({channel: io.from_radiological(masks[channel], image) for channel in written}, statistics)

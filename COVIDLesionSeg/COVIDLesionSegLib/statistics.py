@@ -1,42 +1,265 @@
-"""Lesion measurements from binary masks on the image grid.
+"""Quantification a radiologist can put in a report, from the lesion and lung masks of one CT volume.
 
-Definitions (also in the README and the Slicer help):
-- lesion volume (mL) = lesion voxel count × voxel volume (mm³) / 1000;
-- lesion slices = number of axial slices (along the array's first axis) holding at least one lesion voxel;
-- lung volume (mL) = lung voxel count × voxel volume / 1000, where the lung mask includes its lesions;
-- lesion % of lung = 100 × lesion volume / lung volume; not available without a lung mask or when the
-  lung mask is empty.
+The measures follow the commercial CT pneumonia analysis radiologists know (Siemens "CT Pneumonia
+Analysis", Chaganti et al., Radiology: AI 2020: lung and opacity volumes, percentage of opacity for both
+lungs and each side, percentage of high opacity, mean/SD HU) and the MosMedData severity scale CT-0…CT-4.
+
+Everything is defined once, here, as data that the CLI's ``summary.csv`` columns, its ``summary.json``
+sidecar and help text, the visual report, the README and the Slicer table quote:
+
+- :data:`MEASURES` — each measure's name (= :class:`LesionStatistics` field = CSV column), label, unit
+  and definition, in report order;
+- :data:`SEVERITY_DEFINITIONS` / :data:`SEVERITY_LIMITS` — the MosMed categories from percent_opacity;
+- :data:`NOT_AVAILABLE_RULE` — when a measure is ``None`` (an empty CSV cell, "n/a" in the report);
+- :data:`LEFT_RIGHT_RULE` — how lung voxels are assigned to the patient's right and left, in physical
+  LPS coordinates rather than image columns, so flipped, permuted and oblique volumes come out right.
+
+Masks are arrays ``[z, y, x]`` with ``z`` the axial-slice axis (the radiological orientation the
+:class:`~COVIDLesionSegLib.predictor.Predictor` works in); their geometry is a :class:`VoxelGrid`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import SimpleITK as sitk
+
+DEFAULT_HIGH_OPACITY_THRESHOLD_HU = -200.0
+SEVERITY_LIMITS = (("CT-1", 25.0), ("CT-2", 50.0), ("CT-3", 75.0), ("CT-4", math.inf))  # category: PO below the limit
+SEVERITY_DEFINITIONS = {
+    "CT-0": "no lesion (percent_opacity = 0)",
+    "CT-1": "0 < percent_opacity < 25 %",
+    "CT-2": "25 % ≤ percent_opacity < 50 %",
+    "CT-3": "50 % ≤ percent_opacity < 75 %",
+    "CT-4": "percent_opacity ≥ 75 %",
+}
+NOT_AVAILABLE_RULE = (
+    "A measure is not available (None; an empty cell in summary.csv, n/a in the report) when: it is a percentage and its "
+    "lung is empty or absent (a model without a lung channel); it is the severity and percent_opacity is not available; "
+    "it is an HU measure and the input is not in Hounsfield units (e.g. 8-bit windowed slices: such numbers are never "
+    "computed on wrong units); it is the lesion's mean/SD HU and there is no lesion. The input is in HU when its minimum "
+    "is below the checkpoint's hu_detect_below (-500), the test that also selects the intensity window "
+    "(COVIDLesionSegLib.preprocessing.is_hounsfield)."
+)
+LEFT_RIGHT_RULE = (
+    "Sides are the patient's, in physical LPS coordinates (patient right is -x), not image columns. When the lung mask "
+    "has two lung-sized connected pieces (face connectivity; the smaller holds at least a tenth of the larger's voxels), "
+    "each piece is one lung and goes whole to the side of its centroid (the lower x is the right lung); smaller pieces go "
+    "by their x against the midline halfway between the two centroids. When the lungs touch (one piece), a voxel is on "
+    "the right when its x is below the lung mask's centroid. Lesion voxels take the side of where they lie. Both lungs "
+    "are assumed present: with one lung missing, the remaining lung is split at its centroid."
+)
+MIN_SECOND_LUNG_FRACTION = 0.1  # a second connected piece is a lung when it holds ≥ 1/10 of the largest piece's voxels
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One reported measure: ``name`` is the :class:`LesionStatistics` field and the CSV column."""
+
+    name: str
+    label: str  # short human label for tables and the report
+    unit: str  # "" for categories and counts without a unit
+    definition: str
+
+
+MEASURES = (
+    Measure("severity", "Severity (MosMed)", "", "MosMed category from percent_opacity: "
+            + "; ".join(f"{category} {meaning}" for category, meaning in SEVERITY_DEFINITIONS.items())),
+    Measure("percent_opacity", "Opacity, both lungs (PO)", "%", "PO = 100 × lesion_ml / lung_ml, both lungs"),
+    Measure("lesion_ml", "Lesion volume", "mL", "lesion voxels × voxel volume"),
+    Measure("lung_ml", "Lung volume", "mL", "lung voxels × voxel volume; the lung mask includes its lesions"),
+    Measure("right_percent_opacity", "Opacity, right lung", "%", "100 × right_lesion_ml / right_lung_ml"),
+    Measure("right_lesion_ml", "Lesion volume, right", "mL", "lesion in the patient's right lung"),
+    Measure("right_lung_ml", "Lung volume, right", "mL", "the patient's right lung, by the left/right rule"),
+    Measure("left_percent_opacity", "Opacity, left lung", "%", "100 × left_lesion_ml / left_lung_ml"),
+    Measure("left_lesion_ml", "Lesion volume, left", "mL", "lesion in the patient's left lung"),
+    Measure("left_lung_ml", "Lung volume, left", "mL", "the patient's left lung, by the left/right rule"),
+    Measure("lesion_slices", "Slices with lesion", "", "axial slices holding at least one lesion voxel"),
+    Measure("input_is_hu", "Input in HU", "", "whether the CT was in Hounsfield units (its minimum is below the "
+            "checkpoint's hu_detect_below, −500); the HU measures exist only then"),
+    Measure("high_opacity_ml", "High-opacity volume", "mL", "lesion voxels at or above the high-opacity threshold "
+            f"(default {DEFAULT_HIGH_OPACITY_THRESHOLD_HU:g} HU)"),
+    Measure("percent_high_opacity", "High opacity (PHO)", "%", "PHO = 100 × high_opacity_ml / lung_ml"),
+    Measure("lung_mean_hu", "Lung mean", "HU", "mean CT value of the lung voxels"),
+    Measure("lung_sd_hu", "Lung SD", "HU", "standard deviation (population) of the lung voxels' CT values"),
+    Measure("lesion_mean_hu", "Lesion mean", "HU", "mean CT value of the lesion voxels"),
+    Measure("lesion_sd_hu", "Lesion SD", "HU", "standard deviation (population) of the lesion voxels' CT values"),
+)
+MEASURES_BY_NAME = {measure.name: measure for measure in MEASURES}
+DECIMALS_BY_UNIT = {"mL": 3, "%": 2, "HU": 1}  # digits after the point when written as text (CSV, report, Slicer table)
+
+
+@dataclass(frozen=True)
+class VoxelGrid:
+    """Where the voxels of a ``[z, y, x]`` array lie: spacing (x, y, z) mm, origin (LPS mm), direction (row-major 3×3)."""
+
+    spacing_mm: tuple[float, float, float]
+    origin_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+    @classmethod
+    def of_image(cls, image: sitk.Image) -> VoxelGrid:
+        return cls(tuple(image.GetSpacing()), tuple(image.GetOrigin()), tuple(image.GetDirection()))
+
+    @property
+    def voxel_ml(self) -> float:
+        return float(np.prod(self.spacing_mm)) / 1000.0
+
+    def image_of(self, array: np.ndarray) -> sitk.Image:
+        """``array`` as a ``sitk.Image`` on this grid."""
+        image = sitk.GetImageFromArray(array)
+        image.SetSpacing(self.spacing_mm)
+        image.SetOrigin(self.origin_mm)
+        image.SetDirection(self.direction)
+        return image
+
+    def x_mm_of_slice(self, shape_yx: tuple[int, int], z: int) -> np.ndarray:
+        """LPS x (mm) of every voxel centre of axial slice ``z``, shape ``shape_yx``."""
+        steps = np.asarray(self.direction, dtype=np.float64).reshape(3, 3)[0] * np.asarray(self.spacing_mm)
+        rows, columns = np.arange(shape_yx[0]), np.arange(shape_yx[1])
+        return self.origin_mm[0] + steps[2] * z + steps[1] * rows[:, None] + steps[0] * columns[None, :]
 
 
 @dataclass(frozen=True)
 class LesionStatistics:
+    """The measures of one volume, in the order and with the meaning of :data:`MEASURES`; None = not available."""
+
+    severity: str | None
+    percent_opacity: float | None
     lesion_ml: float
+    lung_ml: float | None
+    right_percent_opacity: float | None
+    right_lesion_ml: float | None
+    right_lung_ml: float | None
+    left_percent_opacity: float | None
+    left_lesion_ml: float | None
+    left_lung_ml: float | None
     lesion_slices: int
-    lung_ml: float | None = None
-    lesion_percent_of_lung: float | None = None
+    input_is_hu: bool
+    high_opacity_ml: float | None
+    percent_high_opacity: float | None
+    lung_mean_hu: float | None
+    lung_sd_hu: float | None
+    lesion_mean_hu: float | None
+    lesion_sd_hu: float | None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def formatted(self) -> dict[str, str]:
+        """``{measure: text}`` as written in ``summary.csv`` and the report: '' where not available."""
+        return {name: format_measure(name, value) for name, value in self.to_dict().items()}
 
-def lesion_statistics(lesion: np.ndarray, spacing_mm: tuple[float, float, float], lung: np.ndarray | None = None) -> LesionStatistics:
-    """Measure ``lesion[z, y, x]`` (nonzero = lesion) with voxel ``spacing_mm`` (x, y, z); ``lung`` optional, same shape."""
-    voxel_ml = float(np.prod(spacing_mm)) / 1000.0
+
+def format_measure(name: str, value) -> str:
+    """One measure as text: '' for None, yes/no for booleans, floats with :data:`DECIMALS_BY_UNIT` of their unit."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.{DECIMALS_BY_UNIT[MEASURES_BY_NAME[name].unit]}f}"
+    return str(value)
+
+
+def severity_category(percent_opacity: float | None) -> str | None:
+    """MosMed category CT-0…CT-4 of a percent_opacity (see :data:`SEVERITY_DEFINITIONS`); None for None."""
+    if percent_opacity is None:
+        return None
+    if percent_opacity <= 0:
+        return "CT-0"
+    return next(category for category, limit in SEVERITY_LIMITS if percent_opacity < limit)
+
+
+def percent(part_ml: float | None, whole_ml: float | None) -> float | None:
+    return 100.0 * part_ml / whole_ml if part_ml is not None and whole_ml else None
+
+
+def lesion_statistics(
+    lesion: np.ndarray,
+    grid: VoxelGrid,
+    lung: np.ndarray | None = None,
+    ct_hu: np.ndarray | None = None,
+    high_opacity_threshold_hu: float = DEFAULT_HIGH_OPACITY_THRESHOLD_HU,
+) -> LesionStatistics:
+    """Measure ``lesion[z, y, x]`` (nonzero = lesion) on ``grid``.
+
+    ``lung`` (same shape, including the lesions) enables the volumes and percentages of the lung and its
+    sides; ``ct_hu`` (same shape) is the CT in Hounsfield units — pass None when the input is not in HU,
+    and the HU measures are then not available. Definitions: :data:`MEASURES` and the rules beside it.
+    """
     lesion = np.asarray(lesion) > 0
+    for name, other in (("lung mask", lung), ("CT", ct_hu)):
+        if other is not None and np.shape(other) != lesion.shape:
+            raise ValueError(f"{name} shape {np.shape(other)} differs from lesion mask shape {lesion.shape}")
+    voxel_ml = grid.voxel_ml
     lesion_ml = float(lesion.sum()) * voxel_ml
     lesion_slices = int(np.count_nonzero(lesion.reshape(lesion.shape[0], -1).any(axis=1)))
-    if lung is None:
-        return LesionStatistics(lesion_ml, lesion_slices)
-    lung = np.asarray(lung) > 0
-    if lung.shape != lesion.shape:
-        raise ValueError(f"lung mask shape {lung.shape} differs from lesion mask shape {lesion.shape}")
-    lung_ml = float(lung.sum()) * voxel_ml
-    percent = 100.0 * lesion_ml / lung_ml if lung_ml > 0 else None
-    return LesionStatistics(lesion_ml, lesion_slices, lung_ml, percent)
+
+    lung_ml = right = None
+    if lung is not None:
+        lung = np.asarray(lung) > 0
+        lung_ml = float(lung.sum()) * voxel_ml
+        right = right_side(lung, grid) if lung_ml else np.zeros_like(lung)
+    sides: dict[str, float | None] = {}
+    for side, on_side in (("right", right), ("left", None if right is None else ~right)):
+        side_lung_ml = float(np.count_nonzero(lung & on_side)) * voxel_ml if on_side is not None else None
+        side_lesion_ml = float(np.count_nonzero(lesion & on_side)) * voxel_ml if on_side is not None else None
+        sides.update({f"{side}_percent_opacity": percent(side_lesion_ml, side_lung_ml),
+                      f"{side}_lesion_ml": side_lesion_ml, f"{side}_lung_ml": side_lung_ml})
+
+    hu: dict[str, float | None] = dict.fromkeys(("high_opacity_ml", "percent_high_opacity", "lung_mean_hu", "lung_sd_hu",
+                                                 "lesion_mean_hu", "lesion_sd_hu"))
+    if ct_hu is not None:
+        ct_hu = np.asarray(ct_hu)
+        lesion_values = ct_hu[lesion]
+        hu["high_opacity_ml"] = float(np.count_nonzero(lesion_values >= high_opacity_threshold_hu)) * voxel_ml
+        hu["percent_high_opacity"] = percent(hu["high_opacity_ml"], lung_ml)
+        hu["lesion_mean_hu"], hu["lesion_sd_hu"] = mean_and_sd(lesion_values)
+        if lung is not None:
+            hu["lung_mean_hu"], hu["lung_sd_hu"] = mean_and_sd(ct_hu[lung])
+
+    percent_opacity = percent(lesion_ml, lung_ml)
+    return LesionStatistics(
+        severity=severity_category(percent_opacity),
+        percent_opacity=percent_opacity,
+        lesion_ml=lesion_ml,
+        lung_ml=lung_ml,
+        **sides,
+        lesion_slices=lesion_slices,
+        input_is_hu=ct_hu is not None,
+        **hu,
+    )
+
+
+def mean_and_sd(values: np.ndarray) -> tuple[float | None, float | None]:
+    """Mean and population standard deviation (float64); (None, None) for no values."""
+    if values.size == 0:
+        return None, None
+    return float(np.mean(values, dtype=np.float64)), float(np.std(values, dtype=np.float64))
+
+
+def right_side(lung: np.ndarray, grid: VoxelGrid) -> np.ndarray:
+    """Boolean ``[z, y, x]``: True on the patient's right of a non-empty lung mask, by :data:`LEFT_RIGHT_RULE`."""
+    pieces = sitk.RelabelComponent(sitk.ConnectedComponent(grid.image_of(lung.astype(np.uint8)), False))  # 1 = largest
+    shapes = sitk.LabelShapeStatisticsImageFilter()
+    shapes.Execute(pieces)
+    two_lungs = len(shapes.GetLabels()) >= 2 and shapes.GetNumberOfPixels(2) >= MIN_SECOND_LUNG_FRACTION * shapes.GetNumberOfPixels(1)
+    if two_lungs:
+        centroid_x = {label: shapes.GetCentroid(label)[0] for label in (1, 2)}
+        midline = (centroid_x[1] + centroid_x[2]) / 2
+    else:
+        whole = sitk.LabelShapeStatisticsImageFilter()
+        whole.Execute(pieces > 0)
+        midline = whole.GetCentroid(1)[0]
+    right = np.zeros_like(lung)
+    for z in range(lung.shape[0]):
+        right[z] = grid.x_mm_of_slice(lung.shape[1:], z) < midline
+    if two_lungs:  # each lung whole to its side, even where it reaches across the midline plane
+        labels = sitk.GetArrayViewFromImage(pieces)
+        right_label = min(centroid_x, key=centroid_x.get)
+        right[labels == right_label] = True
+        right[labels == 3 - right_label] = False
+    return right
