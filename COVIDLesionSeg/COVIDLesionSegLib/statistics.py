@@ -198,17 +198,18 @@ def lesion_statistics(
     lesion_ml = float(lesion.sum()) * voxel_ml
     lesion_slices = int(np.count_nonzero(lesion.reshape(lesion.shape[0], -1).any(axis=1)))
 
-    lung_ml = right = None
+    lung_ml = None
+    sides: dict[str, float | None] = dict.fromkeys(f"{side}_{measure}" for side in ("right", "left")
+                                                   for measure in ("percent_opacity", "lesion_ml", "lung_ml"))
     if lung is not None:
         lung = np.asarray(lung) > 0
         lung_ml = float(lung.sum()) * voxel_ml
         right = right_side(lung, grid) if lung_ml else np.zeros_like(lung)
-    sides: dict[str, float | None] = {}
-    for side, on_side in (("right", right), ("left", None if right is None else ~right)):
-        side_lung_ml = float(np.count_nonzero(lung & on_side)) * voxel_ml if on_side is not None else None
-        side_lesion_ml = float(np.count_nonzero(lesion & on_side)) * voxel_ml if on_side is not None else None
-        sides.update({f"{side}_percent_opacity": percent(side_lesion_ml, side_lung_ml),
-                      f"{side}_lesion_ml": side_lesion_ml, f"{side}_lung_ml": side_lung_ml})
+        for side, on_side in (("right", right), ("left", ~right)):
+            side_lung_ml = float(np.count_nonzero(lung & on_side)) * voxel_ml
+            side_lesion_ml = float(np.count_nonzero(lesion & on_side)) * voxel_ml
+            sides.update({f"{side}_percent_opacity": percent(side_lesion_ml, side_lung_ml),
+                          f"{side}_lesion_ml": side_lesion_ml, f"{side}_lung_ml": side_lung_ml})
 
     hu: dict[str, float | None] = dict.fromkeys(("high_opacity_ml", "percent_high_opacity", "lung_mean_hu", "lung_sd_hu",
                                                  "lesion_mean_hu", "lesion_sd_hu"))
