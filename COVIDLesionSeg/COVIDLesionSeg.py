@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass
 from typing import Annotated
 
-import COVIDLesionSegMRML as mrml
 import qt
 import slicer
 import vtk
@@ -33,6 +32,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+import COVIDLesionSegMRML as mrml
 from COVIDLesionSegLib import child_process
 from COVIDLesionSegLib.segments import LESION, LUNG
 
@@ -122,8 +122,8 @@ class COVIDLesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.loadTerminology()  # so that segments of this tool show their names and colours in any module
 
         for entry in mrml.registered_models():
-            self.ui.modelComboBox.addItem(entry["name"])
-            self.ui.modelComboBox.setItemData(self.ui.modelComboBox.count - 1, entry.get("description", ""), qt.Qt.ToolTipRole)
+            self.ui.modelComboBox.addItem(entry.name)
+            self.ui.modelComboBox.setItemData(self.ui.modelComboBox.count - 1, entry.description, qt.Qt.ToolTipRole)
         self.ui.modelComboBox.enabled = self.ui.modelComboBox.count > 0
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
@@ -278,7 +278,7 @@ class COVIDLesionSegLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def defaultModelName() -> str:
         models = mrml.registered_models()
-        return next((entry["name"] for entry in models if entry.get("default")), models[0]["name"] if models else "")
+        return next((entry.name for entry in models if entry.default), models[0].name if models else "")
 
     def loadTerminology(self) -> None:
         mrml.load_terminology(slicer.modules.terminologies.logic())

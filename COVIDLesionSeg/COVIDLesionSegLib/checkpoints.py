@@ -29,18 +29,9 @@ import torch
 
 from .models import build_model
 from .preprocessing import PreprocessingConfig
+from .resources import RegistryEntry, resources_dir
 
 FORMAT_VERSION = 1
-REGISTRY_FILE_NAME = "models.json"
-
-
-def resources_dir() -> Path:
-    """The ``Resources`` folder: beside the package inside an installed Slicer module, else the repo's."""
-    package_dir = Path(__file__).resolve().parent
-    for candidate in (package_dir.parent / "Resources", package_dir.parent.parent / "Resources"):
-        if (candidate / REGISTRY_FILE_NAME).is_file():
-            return candidate
-    raise FileNotFoundError(f"no Resources/{REGISTRY_FILE_NAME} found beside {package_dir}")
 
 
 @dataclass
@@ -160,31 +151,6 @@ def sha256_of(path: str | Path) -> str:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class RegistryEntry:
-    name: str
-    sha256: str
-    description: str
-    file: str | None = None
-    url: str | None = None
-    default: bool = False
-
-
-def load_registry(path: str | Path | None = None) -> dict[str, RegistryEntry]:
-    """Named models from ``Resources/models.json`` (or ``path``)."""
-    path = Path(path) if path else resources_dir() / REGISTRY_FILE_NAME
-    entries = json.loads(Path(path).read_text())["models"]
-    return {entry["name"]: RegistryEntry(**entry) for entry in entries}
-
-
-def default_model_name(registry: dict[str, RegistryEntry] | None = None) -> str:
-    registry = registry if registry is not None else load_registry()
-    defaults = [entry.name for entry in registry.values() if entry.default]
-    if len(defaults) != 1:
-        raise ValueError(f"the model registry must mark exactly one default model, found {defaults}")
-    return defaults[0]
 
 
 def cache_dir() -> Path:

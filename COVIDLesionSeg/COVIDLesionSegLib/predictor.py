@@ -25,8 +25,9 @@ import SimpleITK as sitk
 import torch
 
 from . import io
-from .checkpoints import Checkpoint, default_model_name, load_checkpoint, load_registry, resolve_model_file, sha256_of
+from .checkpoints import Checkpoint, load_checkpoint, resolve_model_file, sha256_of
 from .preprocessing import is_hounsfield, resize_probabilities, resize_slice, to_network_input, volume_to_uint8
+from .resources import default_model_name, load_registry
 from .statistics import DEFAULT_HIGH_OPACITY_THRESHOLD_HU, LesionStatistics, VoxelGrid, lesion_statistics
 
 logger = logging.getLogger(__name__)

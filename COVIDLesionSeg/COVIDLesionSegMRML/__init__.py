@@ -9,7 +9,8 @@
   a ``vtkMRMLTableNode`` (lesion volume, slices with lesion, % of lung, … as ``statistics.MEASURES`` defines them)
   → a CSV file.
 - :func:`load_terminology`: the shipped terminology context into Slicer's terminology logic.
-- :func:`resources_dir`, :func:`registered_models`: files shipped in ``Resources/``, found without importing torch.
+- :func:`resource_path`, :func:`registered_models`: files shipped in ``Resources/`` (found by the core's torch-free
+  ``COVIDLesionSegLib.resources``).
 
 Imports only ``slicer`` (MRML classes) and ``vtk``; never qt, ctk or torch. It is a package, not a file beside
 ``COVIDLesionSeg.py``, because Slicer tries to load every ``.py`` file in a module folder as a module.
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import csv
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -29,6 +29,7 @@ import slicer
 import vtk
 
 from COVIDLesionSegLib import child_process
+from COVIDLesionSegLib.resources import RegistryEntry, load_registry, resources_dir
 from COVIDLesionSegLib.segments import LESION, SEGMENTS, TERMINOLOGY_CONTEXT
 
 MODULE_DIR = Path(__file__).resolve().parent.parent  # the folder of COVIDLesionSeg.py
@@ -36,7 +37,6 @@ UI_FILE = "UI/COVIDLesionSeg.ui"
 ICON_FILE = "Icons/COVIDLesionSeg.png"
 TERMINOLOGY_FILE = "Terminology/COVIDLesionSeg.term.json"
 REQUIREMENTS_FILE = "requirements.txt"
-REGISTRY_FILE = "models.json"
 SUMMARY_FILE = "summary.csv"
 VOLUME_RUN_OUTPUT = "output"  # the sub-folder of a volume run's work folder that receives the CLI's outputs
 
@@ -44,24 +44,16 @@ STATISTICS_TABLE_NAME = f"{LESION.name} statistics"  # the table of the last run
 SUMMARY_RUN_COLUMNS = ("input", "output", "status", "error", "report", "seconds")  # summary.csv columns that are not measures
 
 
-def resources_dir() -> Path:
-    """``Resources`` beside this file in an installed extension, else the repository's top-level ``Resources``
-    (the rule of ``COVIDLesionSegLib.checkpoints.resources_dir``, which cannot be imported before torch is)."""
-    for candidate in (MODULE_DIR / "Resources", MODULE_DIR.parent / "Resources"):
-        if (candidate / UI_FILE).is_file():
-            return candidate
-    raise FileNotFoundError(f"no Resources/{UI_FILE} beside {MODULE_DIR} or its parent; the module is installed incompletely")
-
-
 def resource_path(relative: str) -> Path:
     return resources_dir() / relative
 
 
-def registered_models(path: Path | None = None) -> list[dict]:
-    """The entries of the model registry ``path`` (default ``Resources/models.json``: ``name``, ``description``,
-    ``default``, …); empty when there is none."""
-    path = path or resource_path(REGISTRY_FILE)
-    return json.loads(path.read_text(encoding="utf-8"))["models"] if path.is_file() else []
+def registered_models(path: Path | None = None) -> list[RegistryEntry]:
+    """The entries of the model registry (default ``Resources/models.json``); empty when there is none."""
+    try:
+        return list(load_registry(path).values())
+    except FileNotFoundError:
+        return []
 
 
 def optional_path(path: Path | str | None) -> Path | None:

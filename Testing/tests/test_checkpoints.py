@@ -6,15 +6,14 @@ import torch
 
 from COVIDLesionSegLib.checkpoints import (
     Checkpoint,
-    RegistryEntry,
     load_checkpoint,
-    load_registry,
     resolve_model_file,
     save_checkpoint,
     sha256_of,
 )
 from COVIDLesionSegLib.models import build_model
 from COVIDLesionSegLib.preprocessing import PreprocessingConfig
+from COVIDLesionSegLib.resources import RegistryEntry, load_registry
 
 
 def tiny_checkpoint_object():

@@ -7,13 +7,13 @@ from __future__ import annotations
 import sys
 import time
 
-import COVIDLesionSegMRML as mrml
 import numpy as np
 import psutil
 import pytest
 import SimpleITK as sitk
 from slicer_support import add_volume, new_scene, save_saturated_checkpoint, segment_array, slicer, synthetic_ct
 
+import COVIDLesionSegMRML as mrml
 from COVIDLesionSegLib.child_process import ChildProcess, child_environment
 from COVIDLesionSegLib.segments import LESION, LUNG
 

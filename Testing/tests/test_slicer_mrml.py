@@ -8,12 +8,12 @@ import math
 import os
 import time
 
-import COVIDLesionSegMRML as mrml
 import numpy as np
 import pytest
 import SimpleITK as sitk
 from slicer_support import add_volume, new_scene, segment_array, slicer, synthetic_ct, vtk
 
+import COVIDLesionSegMRML as mrml
 from COVIDLesionSegLib import io
 from COVIDLesionSegLib.segments import LESION, LUNG, SEGMENTS, TERMINOLOGY_CONTEXT
 from COVIDLesionSegLib.statistics import MEASURES_BY_NAME
@@ -235,7 +235,8 @@ def test_registered_models_come_from_the_registry_file(tmp_path):
     registry = tmp_path / "models.json"
     entries = [{"name": "resattunet", "file": "Models/a.safetensors", "sha256": "0" * 64, "description": "paper model", "default": True}]
     registry.write_text(json.dumps({"models": entries}), encoding="utf-8")
-    assert mrml.registered_models(registry) == entries
+    assert [(entry.name, entry.file, entry.default) for entry in mrml.registered_models(registry)] == [
+        ("resattunet", "Models/a.safetensors", True)]
     assert mrml.registered_models(tmp_path / "missing.json") == []
 
 

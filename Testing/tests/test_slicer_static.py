@@ -15,10 +15,11 @@ import sys
 import textwrap
 import xml.etree.ElementTree as ElementTree
 
-import COVIDLesionSegMRML as mrml
 import pytest
 from slicer_support import MODULE_DIR, MODULE_FILE, REPOSITORY
 
+import COVIDLesionSegMRML as mrml
+from COVIDLesionSegLib.resources import REGISTRY_FILE_NAME
 from COVIDLesionSegLib.segments import ANATOMY_CONTEXT, SEGMENTS, TERMINOLOGY_CONTEXT
 
 RESOURCES = REPOSITORY / "Resources"
@@ -155,7 +156,7 @@ def test_terminology_file_has_the_codes_names_and_colours_of_segments_py():
 
 
 def test_model_registry_parses_when_present():
-    registry = RESOURCES / mrml.REGISTRY_FILE
+    registry = RESOURCES / REGISTRY_FILE_NAME
     if not registry.is_file():
         pytest.skip(f"{registry} does not exist yet (the core ships it with its first trained model)")
     entries = json.loads(registry.read_text(encoding="utf-8"))["models"]
@@ -319,9 +320,9 @@ def test_cmake_lists_every_python_file_of_the_module(cmake_install):
 
 def test_cmake_installs_every_resource_the_module_loads_beside_the_module(cmake_install):
     loaded = [mrml.UI_FILE, mrml.ICON_FILE, mrml.TERMINOLOGY_FILE, mrml.REQUIREMENTS_FILE]
-    if (RESOURCES / mrml.REGISTRY_FILE).is_file():
-        loaded.append(mrml.REGISTRY_FILE)
-        loaded += [entry["file"] for entry in mrml.registered_models(RESOURCES / mrml.REGISTRY_FILE) if entry.get("file")]
+    if (RESOURCES / REGISTRY_FILE_NAME).is_file():
+        loaded.append(REGISTRY_FILE_NAME)
+        loaded += [entry.file for entry in mrml.registered_models(RESOURCES / REGISTRY_FILE_NAME) if entry.file]
     for module_dir in (cmake_install["build_module_dir"], cmake_install["installed_module_dir"]):
         for name in loaded:
             assert (module_dir / "Resources" / name).read_bytes() == (RESOURCES / name).read_bytes(), name
