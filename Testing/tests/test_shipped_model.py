@@ -1,0 +1,42 @@
+"""The shipped default model: its file matches the registry's SHA-256, and it still reaches the Dice stated in
+its model card on held-out real slices (the golden test)."""
+
+import json
+
+import pytest
+
+from COVIDLesionSegLib.checkpoints import resolve_model_file, sha256_of
+from COVIDLesionSegLib.predictor import Predictor
+from COVIDLesionSegLib.resources import default_model_name, load_registry, resources_dir
+
+TOLERANCE = 0.01  # CPU kernels may differ slightly between machines
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    name = default_model_name()
+    entry = load_registry()[name]
+    card = json.loads((resources_dir() / "Models" / f"{name}.card.json").read_text(encoding="utf-8"))
+    return name, entry, card
+
+
+def test_shipped_file_matches_the_registry_checksum(shipped):
+    name, entry, card = shipped
+    path = resolve_model_file(entry)  # raises on a mismatch
+    assert sha256_of(path) == entry.sha256 == card["sha256"]
+    assert path.stat().st_size < 60e6  # fp16
+
+
+def test_golden_dice_on_held_out_patients(shipped, shared_data):
+    from COVIDLesionSegTraining.model_card import held_out_scores
+
+    name, entry, card = shipped
+    golden = card["golden"]
+    scores = held_out_scores(Predictor.from_checkpoint(name, device="cpu"), shared_data, card["holdout"], golden["slice_step"])
+    assert scores["slices"] == golden["slices"]
+    assert scores["lesion_dice"] == pytest.approx(golden["lesion_dice"], abs=TOLERANCE)
+    assert scores["lung_dice"] == pytest.approx(golden["lung_dice"], abs=TOLERANCE)
+
+
+def test_default_predictor_has_lesion_and_lung_channels(shipped):
+    assert Predictor.default(device="cpu").channels == ["lesion", "lung"]

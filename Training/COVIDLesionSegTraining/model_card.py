@@ -1,0 +1,240 @@
+"""Measure a shipped model and write its model card (``Resources/Models/MODEL_CARD.md`` + ``<name>.card.json``).
+
+    covidlesionseg-model-card --model resattunet-lesion-lung-v1 --data ../shared/data/covid19-ct-seg-20cases-png256 \
+        --holdout coronacases_004 radiopaedia_27_86410_0 --po-validation runs/po-validation/po_validation.md
+
+Every number in the card comes from this command:
+
+1. **Held-out slices** (the patients the model never saw): lesion and lung Dice pooled over all pixels and
+   per volume, on the PNG slices as the model was trained on them (``preprocessed=True``). Every
+   ``GOLDEN_SLICE_STEP``-th slice of these volumes is also scored alone: that is the golden figure the
+   test suite re-checks.
+2. **Shifted inputs** — the same held-out volumes through the full inference path (``predict_masks`` as the
+   CLI runs it), as they are (8-bit), rendered to Hounsfield units (the lung-window mapping undone, −3024 HU
+   outside a circular field of view), and with a wider field of view (zoomed out to 70 %).
+3. **A chest CT without COVID-19** (``CTChest4.nrrd`` shipped with slicerio, raw HU): predicted lesion volume
+   and the slices it falls on — every voxel is a false positive.
+4. **Speed**: CPU seconds per slice of the full inference path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from datetime import date
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from COVIDLesionSegLib import io
+from COVIDLesionSegLib.checkpoints import atomic_output
+from COVIDLesionSegLib.predictor import Predictor
+from COVIDLesionSegLib.resources import load_registry, resources_dir
+
+from .sample import stack_volume
+
+GOLDEN_SLICE_STEP = 2
+RADIOPAEDIA_LUNG_WINDOW_HU = (-1250.0, 250.0)  # how the Radiopaedia volumes were exported to 0–255
+
+
+def dice(prediction: np.ndarray, reference: np.ndarray) -> float | None:
+    """2|P∩R| / (|P|+|R|); None when both are empty."""
+    total = int(prediction.sum()) + int(reference.sum())
+    return None if total == 0 else 2 * int(np.logical_and(prediction, reference).sum()) / total
+
+
+def held_out_scores(predictor: Predictor, data_dir: Path, volume_ids: Sequence[str], step: int = 1) -> dict:
+    """Lesion and lung Dice on every ``step``-th held-out PNG slice: pooled and per volume."""
+    pooled = {"lesion": [[], []], "lung": [[], []]}
+    per_volume = {}
+    for volume_id in volume_ids:
+        ct, labels = stack_volume(data_dir, volume_id)
+        ct, labels = ct[::step], labels[::step]
+        masks = predictor.predict_masks(ct, preprocessed=True)
+        references = {"lesion": labels == 1, "lung": labels > 0}
+        per_volume[volume_id] = {"slices": len(ct)}
+        for channel, reference in references.items():
+            per_volume[volume_id][f"{channel}_dice"] = dice(masks[channel] > 0, reference)
+            pooled[channel][0].append(masks[channel].ravel() > 0)
+            pooled[channel][1].append(reference.ravel())
+    result = {f"{channel}_dice": dice(np.concatenate(pred), np.concatenate(ref)) for channel, (pred, ref) in pooled.items()}
+    return {**result, "slices": sum(v["slices"] for v in per_volume.values()), "per_volume": per_volume}
+
+
+def as_hounsfield(ct_u8: np.ndarray) -> np.ndarray:
+    """8-bit lung-window slices → HU-like values, −3024 HU outside a circular field of view (as many scanners pad)."""
+    low, high = RADIOPAEDIA_LUNG_WINDOW_HU
+    hu = ct_u8.astype(np.float32) / 255 * (high - low) + low
+    size = ct_u8.shape[-1]
+    y, x = np.mgrid[: ct_u8.shape[-2], :size]
+    hu[:, (y - ct_u8.shape[-2] / 2) ** 2 + (x - size / 2) ** 2 > (0.49 * size) ** 2] = -3024
+    return hu
+
+
+def zoomed_out(array: np.ndarray, fill: float, scale: float = 0.7) -> np.ndarray:
+    """Each slice shrunk to ``scale`` and centred on a ``fill`` background: a wider field of view."""
+    height, width = array.shape[-2:]
+    small_h, small_w = round(height * scale), round(width * scale)
+    top, left = (height - small_h) // 2, (width - small_w) // 2
+    out = np.full(array.shape, fill, dtype=array.dtype)
+    interpolation = cv2.INTER_NEAREST if array.dtype == bool else cv2.INTER_AREA
+    for index, plane in enumerate(array):
+        resized = cv2.resize(plane.astype(np.float32), (small_w, small_h), interpolation=interpolation)
+        out[index, top : top + small_h, left : left + small_w] = resized.astype(array.dtype) if array.dtype != bool else resized > 0.5
+    return out
+
+
+def shifted_input_scores(predictor: Predictor, data_dir: Path, volume_ids: Sequence[str]) -> dict:
+    """Pooled lesion Dice of the full inference path on three renderings of the held-out volumes."""
+    variants = {"8-bit as shipped (recipe re-applied)": [], "HU, −3024 outside the FOV": [], "field of view ×1/0.7 (zoomed out)": []}
+    for volume_id in volume_ids:
+        ct, labels = stack_volume(data_dir, volume_id)
+        lesion = labels == 1
+        renderings = {
+            "8-bit as shipped (recipe re-applied)": (ct, lesion),
+            "HU, −3024 outside the FOV": (as_hounsfield(ct), lesion),
+            "field of view ×1/0.7 (zoomed out)": (zoomed_out(ct, 0), zoomed_out(lesion, False)),
+        }
+        for name, (volume, reference) in renderings.items():
+            variants[name].append((predictor.predict_masks(volume)["lesion"].ravel() > 0, reference.ravel()))
+    return {name: dice(np.concatenate([p for p, _ in pairs]), np.concatenate([r for _, r in pairs])) for name, pairs in variants.items()}
+
+
+def healthy_ct_check(predictor: Predictor) -> dict:
+    """The model on ``CTChest4.nrrd`` (slicerio's test chest CT, no COVID-19): every lesion voxel is false."""
+    from slicerio.data_helper import get_testdata_file
+
+    path = Path(get_testdata_file("CTChest4.nrrd"))
+    image = io.read_image(path)
+    started = time.perf_counter()
+    result = predictor.segment_image(image)
+    seconds = time.perf_counter() - started
+    stats = result.statistics
+    return {"file": path.name, "size": list(image.GetSize()), "spacing_mm": list(image.GetSpacing()),
+            "false_lesion_ml": stats.lesion_ml, "slices_with_false_lesion": stats.lesion_slices, "lung_ml": stats.lung_ml,
+            "false_percent_opacity": stats.percent_opacity, "seconds": seconds, "seconds_per_slice": seconds / image.GetSize()[2]}
+
+
+def measure(model: str, data_dir: Path, holdout: Sequence[str]) -> dict:
+    predictor = Predictor.from_checkpoint(model, device="cpu")
+    registry = load_registry()
+    file = f"Resources/{registry[model].file}" if model in registry and registry[model].file else model
+    started = time.perf_counter()
+    held_out = held_out_scores(predictor, data_dir, holdout)
+    slices_per_second = held_out["slices"] / (time.perf_counter() - started)
+    return {
+        "model": predictor.name, "file": file, "sha256": predictor.sha256, "channels": predictor.channels,
+        "train_config": predictor.checkpoint.train_config, "training_metrics": predictor.checkpoint.metrics,
+        "holdout": list(holdout), "held_out": held_out,
+        "golden": {"slice_step": GOLDEN_SLICE_STEP, **held_out_scores(predictor, data_dir, holdout, GOLDEN_SLICE_STEP)},
+        "shifted_inputs_lesion_dice": shifted_input_scores(predictor, data_dir, holdout),
+        "healthy_ct": healthy_ct_check(predictor),
+        "cpu": {"threads": torch.get_num_threads(), "held_out_seconds_per_slice_network_path": 1 / slices_per_second},
+        "date": date.today().isoformat(), "torch": torch.__version__,
+    }
+
+
+def number(value, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def card_markdown(card: dict, command: str, po_validation: str) -> str:
+    config = card["train_config"]
+    held = card["held_out"]
+    rows = "\n".join(
+        f"| {volume} | {v['slices']} | {number(v['lesion_dice'])} | {number(v['lung_dice'])} |" for volume, v in held["per_volume"].items()
+    )
+    shifted = "\n".join(f"| {name} | {number(value)} |" for name, value in card["shifted_inputs_lesion_dice"].items())
+    healthy = card["healthy_ct"]
+    differences = config.get("split", {})
+    return f"""# Model card — `{card['model']}`
+
+*Generated by `{command}` on {card['date']} (torch {card['torch']}); every number below comes from that command.*
+
+Research use only. **Not a medical device**; not validated for diagnosis or treatment decisions.
+
+## What it is
+ResAttUnet (ResNet34 encoder + attention-gated U-Net decoder, 24.6 M parameters) with two output channels:
+**COVID-19 lesion** (ground-glass opacity and consolidation together) and **lung** (both lungs, including their
+lesions). Input: one axial slice, preprocessed by `COVIDLesionSegLib.preprocessing` (HU inputs windowed to
+[−1250, 250] HU, 256² bicubic, per-slice min–max, CLAHE clip 7). The lesion is kept only inside the predicted lung.
+File: `{card['file']}` (fp16 safetensors), SHA-256 `{card['sha256']}`.
+
+## Training data and recipe
+- Data: COVID-19-CT-Seg (Ma et al., Zenodo 10.5281/zenodo.3757476; CC BY-NC-SA per the benchmark README) as the
+  2D slice set `covid19-ct-seg-20cases-png256`: 8-bit, per-slice min–max + CLAHE (not HU), only slices with lesion,
+  central 60 % of each volume.
+- Held out (never trained or validated on): split groups {', '.join(f'`{g}`' for g in card['holdout'])}.
+  The shipped sample `Resources/Samples/radiopaedia_27_86410_0.nii.gz` is one of them.
+- Recipe (from the checkpoint's `train_config`): `{config.get('model')}`, encoder weights `{config.get('encoder_weights')}`
+  (**trained from scratch: no ImageNet weights can be obtained on the training machine**), channels
+  {config.get('channels')}, {config.get('image_size')}², augmentation `{config.get('augment')}`, loss BCE +
+  {config.get('dice_weight')} × soft Dice, Adam lr {config.get('learning_rate')}, batch {config.get('batch_size')},
+  step budget {config.get('max_steps')}, validation by patient group ({differences.get('val_fraction')} of the training
+  groups), best validation loss kept. Trained on 2 CPU cores.
+- The command that trained it is in `Training/README.md` ("the shipped model").
+
+## Results on the held-out patients ({held['slices']} slices, all with lesion)
+Pooled over all pixels: lesion Dice **{number(held['lesion_dice'])}**, lung Dice **{number(held['lung_dice'])}**.
+
+| volume | slices | lesion Dice | lung Dice |
+|---|---|---|---|
+{rows}
+
+Golden figure re-checked by `Testing/tests/test_shipped_model.py`: lesion Dice {number(card['golden']['lesion_dice'])} on
+every {card['golden']['slice_step']}nd held-out slice ({card['golden']['slices']} slices).
+
+## Inputs that look different (full inference path, held-out volumes, pooled lesion Dice)
+| rendering | lesion Dice |
+|---|---|
+{shifted}
+
+## A chest CT without COVID-19
+`{healthy['file']}` (slicerio's test data; raw HU, {healthy['size'][0]}×{healthy['size'][1]}×{healthy['size'][2]}):
+predicted lesion **{number(healthy['false_lesion_ml'], 1)} mL** on {healthy['slices_with_false_lesion']} slices (all false
+positives); predicted lung {number(healthy['lung_ml'], 0)} mL; false percentage of opacity {number(healthy['false_percent_opacity'], 2)} %.
+
+## Percentage of opacity (PO) against the reference
+{po_validation.strip() if po_validation else 'Not measured in this run (pass --po-validation).'}
+
+## Speed
+CPU ({card['cpu']['threads']} threads): {number(card['cpu']['held_out_seconds_per_slice_network_path'], 3)} s per 256² slice
+(held-out slices); CTChest4 end to end {number(healthy['seconds_per_slice'], 3)} s per slice. GPU: not measured (no GPU lent).
+
+## Known limits
+- From-scratch encoder and a short CPU schedule; far fewer patients (18 groups) than a clinical model needs.
+- No lesion-free slices in training: false positives on healthy lung are measured above, not prevented.
+- Trained on 8-bit CLAHE slices, not HU; HU volumes are windowed to the Radiopaedia lung window first.
+- Patient-level 5-fold cross-validation of this recipe was not run (CPU time); the only patient-level figures are
+  the held-out patients above and the cut-down reproduction in `Training/results/`.
+- Volumes in mL depend on the input spacing; the shipped sample has a nominal spacing (the source PNGs lost it).
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="registry name or checkpoint file")
+    parser.add_argument("--data", type=Path, required=True, help="the covid19-ct-seg-20cases-png256 folder")
+    parser.add_argument("--holdout", nargs="+", required=True, help="held-out volume ids")
+    parser.add_argument("--po-validation", type=Path, help="po_validation.md written by covidlesionseg-validate-po")
+    parser.add_argument("--output-dir", type=Path, default=None, help="default: Resources/Models")
+    args = parser.parse_args(argv)
+    output_dir = args.output_dir or resources_dir() / "Models"
+    card = measure(args.model, args.data, args.holdout)
+    command = "covidlesionseg-model-card " + " ".join(argv if argv is not None else sys.argv[1:])
+    po_text = args.po_validation.read_text(encoding="utf-8") if args.po_validation else ""
+    with atomic_output(output_dir / f"{card['model']}.card.json") as temporary:
+        temporary.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    with atomic_output(output_dir / "MODEL_CARD.md") as temporary:
+        temporary.write_text(card_markdown(card, command, po_text), encoding="utf-8")
+    print(json.dumps({key: card[key] for key in ("held_out", "golden", "shifted_inputs_lesion_dice", "healthy_ct", "cpu")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
