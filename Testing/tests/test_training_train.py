@@ -22,32 +22,7 @@ from COVIDLesionSegTraining.train import main as train_main
 from COVIDLesionSegTraining.train import train
 
 TINY_WIDTHS = (4, 8, 16, 32, 64)
-GROUPS = ("coronacases_001", "coronacases_002", "radiopaedia_4_85506_1", "radiopaedia_7_85703_0")
 HOLDOUT = SplitSpec("holdout", holdout_groups=("radiopaedia_7_85703_0",))
-
-
-@pytest.fixture(scope="module")
-def tiny_data(shared_data, tmp_path_factory):
-    """A manifest of 3 real slices from each of 4 groups (absolute paths into the shared data).
-
-    With ``HOLDOUT``: 3 test slices, and 6 train + 3 validation slices (one group) — 3 steps per epoch at batch 2.
-    """
-    with open(shared_data / "manifest.csv", newline="") as stream:
-        reader = csv.DictReader(stream)
-        fieldnames, rows = reader.fieldnames, list(reader)
-    chosen = []
-    for group in GROUPS:
-        group_rows = [row for row in rows if row["split_group"] == group]
-        chosen += group_rows[len(group_rows) // 2 : len(group_rows) // 2 + 3]
-    for row in chosen:
-        for column in ("image", "mask", "lung_mask"):
-            row[column] = str(shared_data / row[column])
-    folder = tmp_path_factory.mktemp("tiny_data")
-    with open(folder / "manifest.csv", "w", newline="") as stream:
-        writer = csv.DictWriter(stream, fieldnames=fieldnames)
-        writer.writeheader()
-        writer.writerows(chosen)
-    return folder
 
 
 def tiny_config(data_dir, output_dir, **changes) -> TrainConfig:
@@ -178,6 +153,18 @@ def test_resume_after_a_budget_or_a_signal_continues_exactly(tiny_data, tmp_path
     for run_dir in (budget, interrupted):
         weights = final_weights(run_dir)
         assert all(torch.equal(weights[name], expected[name]) for name in expected), run_dir.name
+
+
+def test_validation_every_n_steps_crosses_epochs_and_leaves_training_unchanged(tiny_data, tmp_path):
+    train(tiny_config(tiny_data, tmp_path / "per_epoch", max_steps=5))
+    every_two = tmp_path / "every_two"
+    result = train(tiny_config(tiny_data, every_two, max_steps=5, validate_every_steps=2))
+    assert result["step"] == 5 and result["best_step"] in (2, 4, 5)
+    log = read_log(every_two)
+    assert [row["step"] for row in log] == ["2", "4", "5"]  # 3 steps per epoch: no row at the epoch's end (step 3)
+    assert [row["epoch"] for row in log] == ["0.6667", "1.3333", "1.6667"]
+    expected, weights = final_weights(tmp_path / "per_epoch"), final_weights(every_two)
+    assert all(torch.equal(weights[name], expected[name]) for name in expected)
 
 
 def test_command_line_train_resume_and_evaluate(tiny_data, tmp_path):

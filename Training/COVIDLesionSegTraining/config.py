@@ -38,6 +38,7 @@ class TrainConfig:
     batch_size: int = 2  # per process
     epochs: int = 200
     max_steps: int | None = None  # stop after this many optimizer steps (even mid-epoch); None = no budget
+    validate_every_steps: int | None = None  # validate, log, keep best every N steps instead of each epoch end; None = per epoch
     split: SplitSpec = field(default_factory=SplitSpec)
     seed: int = 0  # model initialisation, sample order and augmentation
     device: str = "auto"  # "auto" (CUDA if available), "cpu", "cuda", "cuda:1", …
@@ -55,8 +56,9 @@ class TrainConfig:
         for name in ("image_size", "batch_size", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be at least 1 (or None), got {self.max_steps}")
+        for name in ("max_steps", "validate_every_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1 (or None), got {getattr(self, name)}")
         if self.learning_rate <= 0 or self.dice_weight < 0 or self.num_workers < 0:
             raise ValueError("learning_rate must be > 0, dice_weight ≥ 0 and num_workers ≥ 0")
 
@@ -115,6 +117,10 @@ class TrainConfig:
             differences.append(f"loss: BCEWithLogits + {self.dice_weight} × soft Dice (paper: BCEWithLogitsLoss only)")
         if self.max_steps is not None:
             differences.append(f"max_steps: {self.max_steps} optimizer steps budget (paper: {paper.epochs} full epochs)")
+        if self.validate_every_steps is not None:
+            differences.append(
+                f"validate_every_steps: validation every {self.validate_every_steps} optimizer steps (paper: after each epoch)"
+            )
         if self.split.kind != "paper":
             differences.append(f"split: {self.split.describe()} (paper: 224 + 10 slices drawn by slice)")
         return differences

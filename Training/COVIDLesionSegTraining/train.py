@@ -5,17 +5,19 @@ A run folder (``TrainConfig.output_dir``) holds:
 
 - ``config.json`` — the :class:`~.config.TrainConfig`; ``run_info.json`` — differences from the paper,
   the split (slice counts, volumes, warnings), device, processes, steps per epoch;
-- ``log.csv`` — one row per epoch (and per partial epoch where a step budget or a stop ends it):
-  ``epoch`` (epochs completed, fractional), ``step``, ``train_loss``, ``val_loss``, ``val_dice`` (pooled
-  Dice of the first channel at probability 0.5), ``seconds``; ``loss_curves.png`` drawn from it;
+- ``log.csv`` — one row per validation: after each epoch (and the partial epoch a step budget ends), or
+  every ``validate_every_steps`` optimizer steps and at the end when that is set: ``epoch`` (epochs
+  completed, fractional), ``step``, ``train_loss`` (mean over the steps since the previous row),
+  ``val_loss``, ``val_dice`` (pooled Dice of the first channel at probability 0.5), ``seconds`` (since the
+  previous row: training and validation); ``loss_curves.png`` drawn from it;
 - ``best.safetensors`` (lowest validation loss) and ``last.safetensors``, written with the core's
   :func:`~COVIDLesionSegLib.checkpoints.save_checkpoint`; ``last.state.safetensors`` +
   ``last.state.json`` hold what resuming needs besides the weights (optimizer tensors, RNG state, epoch,
   step, position inside the epoch, best validation loss) — no pickles.
 
 Sample order is a seeded permutation per epoch (``DistributedSampler``), and augmentation is seeded per
-sample, so ``--resume`` continues exactly where ``last`` stopped, even mid-epoch. ``last`` is written at
-the end of every epoch, when ``max_steps`` is reached and on SIGINT/SIGTERM (after the current step).
+sample, so ``--resume`` continues exactly where ``last`` stopped, even mid-epoch. ``last`` is written with
+every log row and on SIGINT/SIGTERM (after the current step).
 
 Several processes (GPUs) use the same command under ``torchrun``: one process per device,
 DistributedDataParallel, a per-process batch of ``batch_size``; rank 0 writes the files.
@@ -108,7 +110,11 @@ def start_distributed(device_name: str) -> tuple[DistributedContext, torch.devic
 
 
 def set_cpu_threads(context: DistributedContext) -> None:
-    """Share this machine's cores among the local training processes (intra-op threads)."""
+    """Share this machine's cores among the local training processes (intra-op threads), unless ``OMP_NUM_THREADS``
+    sets the count: on cores that another job is using, fewer threads can be many times faster (OpenMP threads wait
+    for each other)."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return  # torch took its thread count from it at start-up
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", context.world_size))
     torch.set_num_threads(max(1, cores // local_processes))
@@ -395,20 +401,19 @@ def train_process(config: TrainConfig, resume: bool, context: DistributedContext
         save_checkpoint(checkpoint_of(model, config, metrics), run_dir / "last.safetensors")
 
     stopped = "epochs"
+    loss_sum, batches, started = 0.0, 0, time.perf_counter()  # since the previous log row
     bar = tqdm(total=total_steps, initial=min(progress.step, total_steps), unit="step", disable=not context.is_main, dynamic_ncols=True)
     with StopRequest() as stop:
         while progress.epoch < config.epochs:
             if progress.step >= total_steps:
                 stopped = "max_steps"
                 break
-            started = time.perf_counter()
             train_set.set_epoch(progress.epoch)
             order = epoch_order(len(train_set), progress.epoch, config.seed, context)[progress.batches_done * config.batch_size :]
             loader = DataLoader(
                 train_set, batch_size=config.batch_size, sampler=order, num_workers=config.num_workers, pin_memory=device.type == "cuda"
             )
             network.train()
-            loss_sum, batches = 0.0, 0
             for batch in loader:
                 images = batch["image"].to(device, non_blocking=True, memory_format=torch.channels_last)
                 targets = batch["target"].to(device, non_blocking=True)
@@ -428,12 +433,17 @@ def train_process(config: TrainConfig, resume: bool, context: DistributedContext
                 if progress.step >= total_steps:
                     stopped = "max_steps"
                     break
+                if config.validate_every_steps and progress.step % config.validate_every_steps == 0:
+                    break  # validate now; the next pass of the while loop continues this epoch
             if stopped == "signal":
                 if context.is_main:
                     save_last({"step": progress.step, "epoch": progress.epoch + progress.batches_done / steps_per_epoch})
                 break
             if progress.batches_done >= steps_per_epoch:
                 progress.epoch, progress.batches_done = progress.epoch + 1, 0
+            between_validations = config.validate_every_steps and progress.step % config.validate_every_steps
+            if between_validations and stopped == "epochs" and progress.epoch < config.epochs:
+                continue  # an epoch ended between two validations
             loss_sum, batches = sum_over_processes([loss_sum, batches], device, context)
             val_loss, val_dice = validate(model, val_set, loss_function, device, config.batch_size, context)
             row = {
@@ -456,6 +466,7 @@ def train_process(config: TrainConfig, resume: bool, context: DistributedContext
                 bar.write(
                     f"epoch {row['epoch']:g} step {row['step']}: train {row['train_loss']:.4f}, val {val_loss:.4f}, val Dice {val_dice:.3f}"
                 )
+            loss_sum, batches, started = 0.0, 0, time.perf_counter()
             if stopped == "max_steps":
                 break
     bar.close()
@@ -522,6 +533,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--batch-size", type=int, help=f"slices per step and process (default {defaults.batch_size})")
     group.add_argument("--epochs", type=int, help=f"(default {defaults.epochs})")
     group.add_argument("--max-steps", type=int, help="stop after this many optimizer steps, even mid-epoch (default: no budget)")
+    group.add_argument(
+        "--validate-every-steps",
+        type=int,
+        metavar="N",
+        help="validate, log and keep the best checkpoint every N optimizer steps instead of after each epoch (default: each epoch)",
+    )
     group.add_argument("--image-size", type=int, help=f"network input side in pixels (default {defaults.image_size})")
     group.add_argument("--augment", choices=AUGMENT_MODES, help=f"(default {defaults.augment})")
     group.add_argument("--seed", type=int, help=f"initialisation, sample order, augmentation (default {defaults.seed})")
