@@ -38,6 +38,7 @@ from COVIDLesionSegLib.segments import LESION, LUNG
 
 TORCH_REQUIREMENT = ">=2.1"
 TORCHVISION_REQUIREMENT = ">=0.16"
+REPORT_REQUIREMENT = "matplotlib>=3.7"  # installed on first use of the visual report only (the CLI draws it with matplotlib)
 
 HELP_TEXT = f"""
 Segments COVID-19 lung lesions (ground-glass opacity and consolidation) in a chest CT volume with a deep network
@@ -47,21 +48,28 @@ Segments COVID-19 lung lesions (ground-glass opacity and consolidation) in a che
 <li>Keep the registered <b>model</b> or give a <b>weights file</b> (.safetensors), which also works offline.</li>
 <li>Click <b>Apply</b>. Progress and the log stream below; the button turns into <b>Cancel</b>.</li>
 <li>The result appears as segment "{LESION.name}" (and "{LUNG.name}" with <i>Compute lung %</i>) in the
-segmentation, ready for the Segment Editor, and the measures fill the <b>Statistics</b> table (Export to CSV).</li>
+segmentation, ready for the Segment Editor, and the measures fill the <b>Statistics</b> table (Export to CSV), with
+the same text as summary.csv and the visual report.</li>
 </ol>
-<b>Batch</b>: segments every file (NIfTI, NRRD, MHA, PNG) and DICOM series of an input folder into
-<i>case</i>.seg.nrrd files of an output folder and writes summary.csv and summary.json there, exactly like the
-<code>covidlesionseg segment</code> command. Cases already done are skipped; a failed case is reported and the
-batch goes on.
-<p><b>Statistics</b> (an empty or NaN cell means "not available", e.g. % of lung without a lung mask):
-<ul>
-<li><i>Lesion volume (mL)</i>: lesion voxels × voxel volume.</li>
-<li><i>Slices with lesion</i>: axial slices holding at least one lesion voxel.</li>
-<li><i>Lung volume (mL)</i>: lung voxels × voxel volume; the lung mask includes its lesions.</li>
-<li><i>Opacity, both lungs (PO) (%)</i>: PO = 100 × lesion_ml / lung_ml, both lungs.</li>
-</ul>
-Every other column is defined in its description (Tables module) and in summary.json. Without <i>Compute lung %</i>
-only the lesion's own measures are shown. For research only; not a medical device.
+<b>Visual report</b>: with <i>Visual report</i> on, Apply and Run batch also write a PNG per case (axial slices with
+the lesion and lung contours, and the measures table; the first use installs matplotlib, after asking). Its path is in
+the table's Report column, and <b>Show report</b> opens the last run's. <i>High-opacity threshold</i> (Advanced):
+lesion voxels at or above it count as high opacity.
+<p><b>Batch</b>: segments every file (NIfTI, NRRD, MHA, PNG) and DICOM series of an input folder into
+<i>case</i>.seg.nrrd files (and <i>case</i>.report.png) of an output folder and writes summary.csv and summary.json
+there, exactly like the <code>covidlesionseg segment</code> command. Cases already done are skipped and keep their
+earlier row; a failed case is reported and the batch goes on. An output folder made with another model or
+high-opacity threshold is refused: choose a new one.</p>
+"""
+# Where the measures' definitions go. They are quoted from COVIDLesionSegLib.statistics by fullHelpText() when the module
+# is opened (the module panel reads the help after the widget's setup): importing statistics loads SimpleITK, which
+# Slicer's start-up must not wait for.
+DEFINITIONS_PENDING = """
+<p><b>Statistics</b>: every column is defined in its description (Tables module) and in summary.json; the
+definitions are listed here once the module has been opened.</p>
+"""
+HELP_END = """
+<p>Without <i>Compute lung %</i> only the lesion's own measures are shown. For research only; not a medical device.</p>
 """
 
 ACKNOWLEDGEMENT_TEXT = """
@@ -80,16 +88,23 @@ class COVIDLesionSeg(ScriptedLoadableModule):
         self.parent.categories = ["Segmentation"]
         self.parent.dependencies = []
         self.parent.contributors = ["COVIDLesionSeg developers"]
-        self.parent.helpText = HELP_TEXT
+        self.parent.helpText = HELP_TEXT + DEFINITIONS_PENDING + HELP_END
         self.parent.acknowledgementText = ACKNOWLEDGEMENT_TEXT
+
+
+def fullHelpText() -> str:
+    """The module's help with the definitions of every measure, the severity categories and the left/right and
+    not-available rules, quoted from ``COVIDLesionSegLib.statistics`` (see ``mrml.measures_help_html``)."""
+    return HELP_TEXT + mrml.measures_help_html() + HELP_END
 
 
 @parameterNodeWrapper
 class COVIDLesionSegParameterNode:
     """inputVolume: the CT to segment. outputSegmentation: receives the segments (created when None).
     model: registry name; weightsFile: a checkpoint used instead of it. device, batchSize: inference settings.
-    computeLung: add the lung segment and % of lung. statisticsTable: the last run's statistics.
-    batchInputFolder, batchOutputFolder: the batch run's folders."""
+    computeLung: add the lung segment and % of lung. visualReport: also write each case's report PNG.
+    highOpacityThreshold: HU at or above which lesion voxels are high opacity. statisticsTable: the last run's
+    statistics (and report paths). batchInputFolder, batchOutputFolder: the batch run's folders."""
 
     inputVolume: vtkMRMLScalarVolumeNode
     outputSegmentation: vtkMRMLSegmentationNode
@@ -98,6 +113,8 @@ class COVIDLesionSegParameterNode:
     device: Annotated[str, Choice(["auto", "cpu"])] = "auto"
     batchSize: Annotated[int, WithinRange(1, 64)] = 8
     computeLung: bool = True
+    visualReport: bool = False
+    highOpacityThreshold: Annotated[float, WithinRange(-1024.0, 3071.0)] = mrml.DEFAULT_HIGH_OPACITY_THRESHOLD_HU
     statisticsTable: vtkMRMLTableNode
     batchInputFolder: pathlib.Path
     batchOutputFolder: pathlib.Path
@@ -118,6 +135,7 @@ class COVIDLesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
+        slicer.util.getModule(self.moduleName).helpText = fullHelpText()  # read by the module panel after this setup
         self.logic = COVIDLesionSegLogic()
         self.logic.loadTerminology()  # so that segments of this tool show their names and colours in any module
 
@@ -133,6 +151,7 @@ class COVIDLesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.clicked.connect(self.onApplyButton)
         self.ui.batchApplyButton.clicked.connect(self.onBatchApplyButton)
         self.ui.exportCsvButton.clicked.connect(self.onExportCsvButton)
+        self.ui.showReportButton.clicked.connect(self.onShowReportButton)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
@@ -193,6 +212,7 @@ class COVIDLesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         table = parameters.statisticsTable if parameters else None
         self.ui.statisticsTableView.setMRMLTableNode(table)
         self.ui.exportCsvButton.enabled = bool(table and table.GetNumberOfRows())
+        self.ui.showReportButton.enabled = mrml.run_report(table) is not None
 
     def onModelChanged(self, name: str) -> None:
         if self._parameterNode:
@@ -213,7 +233,7 @@ class COVIDLesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.cancel()
             return
         with slicer.util.tryWithErrorDisplay("Could not start the segmentation.", waitCursor=True):
-            self.logic.ensureDependencies()
+            self.logic.ensureDependencies(visualReport=self._parameterNode.visualReport)
             start(self._parameterNode, self.onProgress, self.onLog, self.onFinished)
             self.ui.logTextEdit.clear()
             self.ui.progressBar.value = 0
@@ -246,6 +266,13 @@ class COVIDLesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if path:
             with slicer.util.tryWithErrorDisplay("Could not export the statistics.", waitCursor=True):
                 mrml.write_table_csv(table, path)
+
+    def onShowReportButton(self) -> None:
+        """Open the last run's visual report PNG in the system's image viewer."""
+        report = mrml.run_report(self._parameterNode.statisticsTable if self._parameterNode else None)
+        if report:
+            qt.QDesktopServices.openUrl(qt.QUrl.fromLocalFile(str(report)))
+        self.updateGUI()  # a report deleted meanwhile disables the button
 
 
 @dataclass(frozen=True)
@@ -283,16 +310,21 @@ class COVIDLesionSegLogic(ScriptedLoadableModuleLogic):
     def loadTerminology(self) -> None:
         mrml.load_terminology(slicer.modules.terminologies.logic())
 
-    def ensureDependencies(self, askConfirmation: bool = True) -> None:
-        """Install the CLI's Python packages into Slicer's Python on first use, after asking; torch comes through
-        the PyTorch extension. Slicer's own numpy, SimpleITK and requests are never touched."""
+    def ensureDependencies(self, askConfirmation: bool = True, visualReport: bool = False) -> None:
+        """Install the CLI's Python packages into Slicer's Python on first use, after asking, and matplotlib on first
+        use of the visual report; torch comes through the PyTorch extension. Slicer's own numpy, SimpleITK and
+        requests are never touched."""
         requirements = mrml.resource_path(mrml.REQUIREMENTS_FILE)
+        extra = [REPORT_REQUIREMENT] if visualReport else []
         try:
             from slicer.packaging import load_requirements, pip_ensure  # Slicer 5.12 and later
         except ImportError:
-            installMissingRequirements(requirements, askConfirmation)
+            installMissingRequirements(requirementLines(requirements) + extra, askConfirmation)
         else:
-            pip_ensure(load_requirements(requirements), prompt_install=askConfirmation, requester="COVIDLesionSeg")
+            from packaging.requirements import Requirement
+
+            pip_ensure(load_requirements(requirements) + [Requirement(line) for line in extra], prompt_install=askConfirmation,
+                       requester="COVIDLesionSeg")
         if importlib.util.find_spec("torch") and importlib.util.find_spec("torchvision"):
             return
         try:
@@ -309,7 +341,8 @@ class COVIDLesionSegLogic(ScriptedLoadableModuleLogic):
         """Segment ``parameters.inputVolume`` in a child process; ``onFinished(RunOutcome)`` follows its end.
 
         On success the segments are in ``parameters.outputSegmentation`` (created when None) and the statistics in
-        ``parameters.statisticsTable`` (likewise).
+        ``parameters.statisticsTable`` (likewise); with ``parameters.visualReport`` the report PNG is kept in
+        :meth:`reportFolder` and its path is in the table's Report column.
         """
         volume = parameters.inputVolume
         if not volume:
@@ -320,10 +353,12 @@ class COVIDLesionSegLogic(ScriptedLoadableModuleLogic):
         def loadResult() -> str:
             self.loadTerminology()
             segmentation, table, row = mrml.load_volume_result(workDir, volume, parameters.outputSegmentation,
-                                                               parameters.statisticsTable, parameters.computeLung)
+                                                               parameters.statisticsTable, parameters.computeLung,
+                                                               report_dir=self.reportFolder())
             parameters.outputSegmentation, parameters.statisticsTable = segmentation, table
             shutil.rmtree(workDir, ignore_errors=True)
-            return f"Done: lesion volume {row['lesion_ml']} mL in {row['lesion_slices']} slices."
+            report = f" Report: {row['report']}" if row.get("report") else ""
+            return f"Done: lesion volume {row['lesion_ml']} mL in {row['lesion_slices']} slices.{report}"
 
         self._start(command, parameters.device, onProgress, onLog, onFinished, loadResult)
 
@@ -348,6 +383,12 @@ class COVIDLesionSegLogic(ScriptedLoadableModuleLogic):
 
         self._start(command, parameters.device, onProgress, onLog, onFinished, loadResults)
 
+    @staticmethod
+    def reportFolder() -> pathlib.Path:
+        """Where the visual reports of scene volumes are kept (Slicer's temporary folder; batch reports stay in the batch's
+        output folder)."""
+        return pathlib.Path(slicer.app.temporaryPath) / "COVIDLesionSeg reports"
+
     def cancel(self) -> None:
         """End the running child process and all of its children; the run then finishes as cancelled."""
         if self._process:
@@ -366,7 +407,8 @@ class COVIDLesionSegLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def _cliOptions(parameters) -> "mrml.CLIOptions":
         return mrml.CLIOptions(python=pythonSlicerExecutable(), model=parameters.model, weights=mrml.optional_path(parameters.weightsFile),
-                               device=parameters.device, batch_size=parameters.batchSize, include_lung=parameters.computeLung)
+                               device=parameters.device, batch_size=parameters.batchSize, include_lung=parameters.computeLung,
+                               report=parameters.visualReport, high_opacity_threshold_hu=parameters.highOpacityThreshold)
 
     def _start(self, command, device: str, onProgress, onLog, onFinished, loadResults) -> None:
         if self.isRunning:
@@ -410,9 +452,12 @@ def pythonSlicerExecutable() -> str:
     return python
 
 
-def installMissingRequirements(requirementsFile: pathlib.Path, askConfirmation: bool) -> None:
+def requirementLines(requirementsFile: pathlib.Path) -> list[str]:
+    return [line.strip() for line in requirementsFile.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def installMissingRequirements(requirements: list[str], askConfirmation: bool) -> None:
     """Slicer before 5.12: pip-install the requirements whose package is absent, after asking (versions unchecked)."""
-    requirements = [line.strip() for line in requirementsFile.read_text().splitlines() if line.strip() and not line.startswith("#")]
 
     def installed(requirement: str) -> bool:
         try:

@@ -55,11 +55,14 @@ def segment_command(
     batch_size: int = 8,
     include_lung: bool = True,
     overwrite: bool = False,
+    report: bool = False,
+    high_opacity_threshold_hu: float | None = None,
 ) -> list[str]:
     """The ``covidlesionseg segment`` command line run by ``python``, writing ``.seg.nrrd`` files and progress lines.
 
     ``weights`` (a checkpoint file) takes precedence over ``model`` (a registry name); with neither, the CLI
-    uses the registry's default model.
+    uses the registry's default model. ``report`` adds ``--report`` (a ``<case>.report.png`` per case);
+    ``high_opacity_threshold_hu`` is passed as ``--high-opacity-threshold`` (None: the CLI's default).
     """
     command = [str(python), "-m", "COVIDLesionSegLib.cli", "segment", *map(str, inputs), "--output-dir", str(output_dir),
                "--device", device, "--batch-size", str(batch_size), "--format", "seg.nrrd", "--progress", "lines"]
@@ -71,6 +74,10 @@ def segment_command(
         command.append("--no-lung")
     if overwrite:
         command.append("--overwrite")
+    if report:
+        command.append("--report")
+    if high_opacity_threshold_hu is not None:
+        command.append(f"--high-opacity-threshold={float(high_opacity_threshold_hu)!r}")  # "=": a value such as -1e-05 is no option
     return command
 
 

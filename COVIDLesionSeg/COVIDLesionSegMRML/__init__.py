@@ -2,12 +2,16 @@
 
 - :class:`CLIOptions`, :func:`volume_run_command`, :func:`folder_run_command`: the core CLI command line for a scene
   volume (written with :func:`write_volume`: voxels and geometry exactly, LPS on disk) or for a folder of cases.
-- :func:`load_volume_result`, :func:`load_folder_results`: what the finished CLI wrote → scene nodes.
+- :func:`load_volume_result`, :func:`load_folder_results`: what the finished CLI wrote → scene nodes (a volume
+  run's visual report is moved out of the temporary work folder first, into ``report_dir``).
 - :func:`load_segmentation`: the CLI's ``.seg.nrrd`` → segments of a ``vtkMRMLSegmentationNode`` whose reference
   image geometry is the input volume, under the input's transform and in the input's study.
 - :func:`read_summary`, :func:`update_statistics_table`, :func:`write_table_csv`: the CLI's ``summary.csv`` →
-  a ``vtkMRMLTableNode`` (lesion volume, slices with lesion, % of lung, … as ``statistics.MEASURES`` defines them)
-  → a CSV file.
+  a ``vtkMRMLTableNode`` (lesion volume, slices with lesion, % of lung, … as ``statistics.MEASURES`` defines them,
+  each cell the text of ``summary.csv``, plus the visual report's path) → a CSV file.
+- :func:`run_report`: the visual report PNG that belongs to the last run shown in a statistics table.
+- :func:`measures_help_html`: the definitions of ``statistics`` (every measure, the severity categories, the
+  left/right and not-available rules) quoted as HTML for the module's help.
 - :func:`load_terminology`: the shipped terminology context into Slicer's terminology logic.
 - :func:`resource_path`, :func:`registered_models`: files shipped in ``Resources/`` (found by the core's torch-free
   ``COVIDLesionSegLib.resources``).
@@ -20,8 +24,10 @@ from __future__ import annotations
 
 import collections
 import csv
+import html
 import math
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +48,11 @@ VOLUME_RUN_OUTPUT = "output"  # the sub-folder of a volume run's work folder tha
 
 STATISTICS_TABLE_NAME = f"{LESION.name} statistics"  # the table of the last run; its Case column names the volumes
 SUMMARY_RUN_COLUMNS = ("input", "output", "status", "error", "report", "seconds")  # summary.csv columns that are not measures
+REPORT_COLUMN = "Report"  # the statistics table's column of visual report paths (present when a row has a report)
+REPORT_SUFFIX = ".report.png"
+# statistics.DEFAULT_HIGH_OPACITY_THRESHOLD_HU, repeated here because importing statistics loads SimpleITK, which
+# the module must not do at Slicer's start-up; a test keeps the two equal.
+DEFAULT_HIGH_OPACITY_THRESHOLD_HU = -200.0
 
 
 def resource_path(relative: str) -> Path:
@@ -69,7 +80,8 @@ def safe_file_stem(name: str) -> str:
 @dataclass(frozen=True)
 class CLIOptions:
     """How to run the core CLI: Python interpreter, registered model or weights file (which wins), device, batch size,
-    and whether to add the lung segment and lung statistics."""
+    whether to add the lung segment and lung statistics, whether to write the visual report of each case, and the
+    high-opacity threshold (None: the CLI's default, ``statistics.DEFAULT_HIGH_OPACITY_THRESHOLD_HU``)."""
 
     python: str
     model: str = ""
@@ -77,6 +89,8 @@ class CLIOptions:
     device: str = "auto"
     batch_size: int = 8
     include_lung: bool = True
+    report: bool = False
+    high_opacity_threshold_hu: float | None = None
 
     def command(self, inputs: list[Path], output_dir: Path, overwrite: bool) -> list[str]:
         if self.weights and not Path(self.weights).is_file():
@@ -85,7 +99,8 @@ class CLIOptions:
             raise ValueError("Choose a registered model or a weights file (.safetensors).")
         return child_process.segment_command(inputs, output_dir, python=self.python, model=self.model or None, weights=self.weights,
                                              device=self.device, batch_size=self.batch_size, include_lung=self.include_lung,
-                                             overwrite=overwrite)
+                                             overwrite=overwrite, report=self.report,
+                                             high_opacity_threshold_hu=self.high_opacity_threshold_hu)
 
 
 def volume_run_command(volume_node, work_dir: str | Path, options: CLIOptions) -> list[str]:
@@ -95,15 +110,22 @@ def volume_run_command(volume_node, work_dir: str | Path, options: CLIOptions) -
     return options.command([input_file], work_dir / VOLUME_RUN_OUTPUT, overwrite=True)
 
 
-def load_volume_result(work_dir: str | Path, volume_node, segmentation_node=None, table_node=None, include_lung: bool = True):
+def load_volume_result(work_dir: str | Path, volume_node, segmentation_node=None, table_node=None, include_lung: bool = True,
+                       report_dir: str | Path | None = None):
     """Load what the process of :func:`volume_run_command` wrote: segments into ``segmentation_node`` and statistics into
     ``table_node`` (each created in the volume's scene when None). Returns ``(segmentation_node, table_node, row)``.
+
+    A visual report (a run with ``CLIOptions.report``) is moved into ``report_dir``, so that it outlives the work folder,
+    as ``<volume name>.report.png`` (``_2``, ``_3``, … added rather than replacing an earlier report); ``row["report"]``
+    and the table's Report column give its new path. Without ``report_dir`` it stays in the work folder.
 
     Raises ``FileNotFoundError`` when the process wrote no summary and ``RuntimeError`` when the case failed.
     """
     row = read_summary(Path(work_dir) / VOLUME_RUN_OUTPUT / SUMMARY_FILE)[0]
     if row["status"] != "ok":
         raise RuntimeError(f"Segmentation of '{volume_node.GetName()}' failed: {row['error']}")
+    if row.get("report") and report_dir is not None:
+        row["report"] = str(_move_to_new_file(Path(row["report"]), Path(report_dir), safe_file_stem(volume_node.GetName())))
     scene = volume_node.GetScene()
     segmentation_node = segmentation_node or scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume_node.GetName()} {LESION.name}")
     load_segmentation(row["output"], volume_node, segmentation_node)
@@ -111,6 +133,16 @@ def load_volume_result(work_dir: str | Path, volume_node, segmentation_node=None
     update_statistics_table(table_node, [row], include_lung, [volume_node.GetName()])
     place_in_study(table_node, volume_node)
     return segmentation_node, table_node, row
+
+
+def _move_to_new_file(path: Path, folder: Path, stem: str) -> Path:
+    """Move the report ``path`` into ``folder`` as ``<stem>.report.png``, or ``<stem>_2.report.png``, … if taken."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target, count = folder / f"{stem}{REPORT_SUFFIX}", 1
+    while target.exists():
+        count += 1
+        target = folder / f"{stem}_{count}{REPORT_SUFFIX}"
+    return Path(shutil.move(str(path), str(target)))
 
 
 def folder_run_command(input_folder: Path | None, output_folder: Path | None, options: CLIOptions) -> list[str]:
@@ -231,8 +263,13 @@ def measure_title(name: str) -> str:
 def update_statistics_table(table_node, rows: list[dict[str, str]], include_lung: bool = True,
                             case_names: list[str] | None = None) -> None:
     """Fill ``table_node`` with one row per summary row: the case, every measure of the summary in its order
-    (titled, with unit and definition, from ``statistics.MEASURES``), then status and error. Without ``include_lung``
-    only the lesion's own measures (``lesion_*``) are shown. Numeric columns are typed; missing numbers are NaN.
+    (titled, with unit and definition, from ``statistics.MEASURES``), then status and error, then the visual report's
+    path (column ``Report``, only when a row has one). Without ``include_lung`` only the lesion's own measures
+    (``lesion_*``) are shown.
+
+    Every cell is the text of ``summary.csv`` (and of the visual report), e.g. ``3400.000`` mL and ``100.00`` %: numeric
+    vtk columns would be shown by Slicer's table view with 6 significant digits (``3400``, ``4321.12``), which is not
+    what the CSV and the report say. An empty cell means "not available".
 
     ``case_names`` overrides the names taken from the inputs (the module names a scene volume by its node name).
     """
@@ -240,27 +277,37 @@ def update_statistics_table(table_node, rows: list[dict[str, str]], include_lung
 
     names = case_names or [case_name(row) for row in rows]
     measures = [key for key in (rows[0] if rows else {}) if key not in SUMMARY_RUN_COLUMNS and (include_lung or key.startswith("lesion_"))]
+    reports = [row.get("report") or "" for row in rows]
     with slicer.util.NodeModify(table_node):
         table_node.RemoveAllColumns()
         table_node.AddColumn(_string_column("Case", names))
         for key in measures:
-            title, values = measure_title(key), [row.get(key) or "" for row in rows]
-            numeric = all(_is_number(value) for value in values if value)
-            table_node.AddColumn(_number_column(title, values) if numeric else _string_column(title, values))
+            title = measure_title(key)
+            table_node.AddColumn(_string_column(title, [row.get(key) or "" for row in rows]))
             if key in MEASURES_BY_NAME:
                 table_node.SetColumnDescription(title, MEASURES_BY_NAME[key].definition)
                 table_node.SetColumnUnitLabel(title, MEASURES_BY_NAME[key].unit)
         table_node.AddColumn(_string_column("Status", [row["status"] for row in rows]))
         table_node.AddColumn(_string_column("Error", [row.get("error") or "" for row in rows]))
+        if any(reports):
+            table_node.AddColumn(_string_column(REPORT_COLUMN, reports))
+            table_node.SetColumnDescription(REPORT_COLUMN, "the visual report PNG of the case (Show report opens it)")
         table_node.SetUseColumnTitleAsColumnHeader(True)
 
 
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
+def run_report(table_node, row: int | None = None) -> Path | None:
+    """The visual report PNG of row ``row`` of a statistics table, by default the last run's: the last row that has
+    one (the only row of a volume run, the last case of a batch). None when there is none or its file is gone."""
+    column = table_node.GetColumnIndex(REPORT_COLUMN) if table_node is not None else -1
+    if column < 0:
+        return None
+    count = table_node.GetNumberOfRows()
+    candidates = range(count - 1, -1, -1) if row is None else [row] if 0 <= row < count else []
+    for index in candidates:
+        text = table_node.GetCellText(index, column)
+        if text and Path(text).is_file():
+            return Path(text)
+    return None
 
 
 def _string_column(title: str, values: list[str]) -> vtk.vtkStringArray:
@@ -268,14 +315,6 @@ def _string_column(title: str, values: list[str]) -> vtk.vtkStringArray:
     column.SetName(title)
     for value in values:
         column.InsertNextValue(value)
-    return column
-
-
-def _number_column(title: str, values: list[str]) -> vtk.vtkDoubleArray:
-    column = vtk.vtkDoubleArray()
-    column.SetName(title)
-    for value in values:
-        column.InsertNextValue(float(value) if value else math.nan)
     return column
 
 
@@ -297,6 +336,24 @@ def _csv_cell(value: vtk.vtkVariant) -> str:
         return value.ToString()
     number = value.ToDouble()
     return "" if math.isnan(number) else format(number, ".10g")
+
+
+def measures_help_html() -> str:
+    """The definitions of ``COVIDLesionSegLib.statistics`` as HTML for the module's help, quoted, never re-typed:
+    every measure (table title and definition, in ``MEASURES`` order), the severity categories, the left/right rule
+    and the not-available rule. Imports statistics (and SimpleITK): call it when the module is opened, not at start-up."""
+    from COVIDLesionSegLib.statistics import LEFT_RIGHT_RULE, MEASURES, NOT_AVAILABLE_RULE, SEVERITY_DEFINITIONS
+
+    def text(value: str) -> str:
+        return html.escape(value, quote=False)
+
+    measures = "".join(f"<li><i>{text(measure_title(measure.name))}</i>: {text(measure.definition)}</li>" for measure in MEASURES)
+    categories = "".join(f"<li>{text(category)}: {text(meaning)}</li>" for category, meaning in SEVERITY_DEFINITIONS.items())
+    return (f"<p><b>Statistics</b>: the measures of the table, of summary.csv and of the visual report, with the same text "
+            f"in all three (an empty cell means not available):</p><ul>{measures}</ul>"
+            f"<p><b>Severity categories</b> (MosMed):</p><ul>{categories}</ul>"
+            f"<p><b>Left and right</b>: {text(LEFT_RIGHT_RULE)}</p>"
+            f"<p><b>Not available</b>: {text(NOT_AVAILABLE_RULE)}</p>")
 
 
 def load_terminology(terminologies_logic) -> str:

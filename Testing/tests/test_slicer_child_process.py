@@ -14,6 +14,7 @@ import pytest
 from COVIDLesionSegLib import child_process
 from COVIDLesionSegLib.child_process import ChildProcess, Progress, child_environment, parse_progress, segment_command
 from COVIDLesionSegLib.cli import build_parser
+from COVIDLesionSegLib.statistics import DEFAULT_HIGH_OPACITY_THRESHOLD_HU
 
 
 def python_command(code: str) -> list[str]:
@@ -62,9 +63,19 @@ def test_segment_command_is_accepted_by_the_cli_parser(tmp_path):
 
 
 def test_segment_command_defaults(tmp_path):
-    arguments = build_parser().parse_args(segment_command([tmp_path], tmp_path / "out", model="resattunet")[3:])
+    command = segment_command([tmp_path], tmp_path / "out", model="resattunet")
+    arguments = build_parser().parse_args(command[3:])
     assert arguments.model == "resattunet" and arguments.weights is None
     assert (arguments.device, arguments.batch_size, arguments.no_lung, arguments.overwrite) == ("auto", 8, False, False)
+    assert not arguments.report and arguments.high_opacity_threshold == DEFAULT_HIGH_OPACITY_THRESHOLD_HU
+    assert not any(part.startswith(("--report", "--high-opacity-threshold")) for part in command)  # the CLI's defaults
+
+
+@pytest.mark.parametrize("threshold", [-250.0, -1e-05, 0, 100.25])
+def test_segment_command_passes_the_report_and_the_high_opacity_threshold(tmp_path, threshold):
+    command = segment_command([tmp_path], tmp_path / "out", model="resattunet", report=True, high_opacity_threshold_hu=threshold)
+    arguments = build_parser().parse_args(command[3:])
+    assert arguments.report and arguments.high_opacity_threshold == threshold
 
 
 def test_child_environment_makes_the_core_importable_and_hides_cuda_for_cpu():

@@ -4,8 +4,12 @@ Real MRML scene (slicer-core), real CLI, real files; the model is tiny and satur
 
 from __future__ import annotations
 
+import csv
+import json
+import shutil
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import psutil
@@ -15,7 +19,9 @@ from slicer_support import add_volume, new_scene, save_saturated_checkpoint, seg
 
 import COVIDLesionSegMRML as mrml
 from COVIDLesionSegLib.child_process import ChildProcess, child_environment
+from COVIDLesionSegLib.report import PNG_TEXT_KEY
 from COVIDLesionSegLib.segments import LESION, LUNG
+from COVIDLesionSegLib.statistics import MEASURES
 
 GEOMETRY = np.array([[-0.7, 0.0, 0.0, 20.0], [0.0, -0.8, 0.0, -15.0], [0.0, 0.0, 2.5, 100.0], [0.0, 0.0, 0.0, 1.0]])
 VOXEL_ML = 0.7 * 0.8 * 2.5 / 1000
@@ -28,8 +34,31 @@ def weights(tmp_path_factory):
     return save_saturated_checkpoint(tmp_path_factory.mktemp("weights") / "saturated.safetensors")
 
 
-def cli_options(weights, include_lung: bool = True) -> mrml.CLIOptions:
-    return mrml.CLIOptions(python=sys.executable, weights=weights, device="cpu", batch_size=4, include_lung=include_lung)
+def cli_options(weights, include_lung: bool = True, **options) -> mrml.CLIOptions:
+    return mrml.CLIOptions(python=sys.executable, weights=weights, device="cpu", batch_size=4, include_lung=include_lung, **options)
+
+
+def summary_csv(folder) -> list[dict[str, str]]:
+    """summary.csv as the CLI wrote it, read without the module's code."""
+    with open(folder / mrml.SUMMARY_FILE, newline="", encoding="utf-8") as stream:
+        return list(csv.DictReader(stream))
+
+
+def report_measures(path) -> dict[str, str]:
+    """The measures the visual report shows, from the text the CLI stores in the PNG."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return json.loads(image.text[PNG_TEXT_KEY])["measures"]
+
+
+def assert_table_shows_the_summary_text(table, written: list[dict[str, str]]):
+    """Each row of the statistics table has, for every measure, the very text of summary.csv for the same case."""
+    assert table.GetNumberOfRows() == len(written)
+    for index, row in enumerate(written):
+        shown = {measure.name: table.GetCellText(index, table.GetColumnIndex(mrml.measure_title(measure.name))) for measure in MEASURES}
+        assert shown == {measure.name: row[measure.name] for measure in MEASURES}, index
 
 
 def run(command: list[str]):
@@ -167,3 +196,52 @@ def test_cancel_ends_the_launcher_and_the_cli_it_started(tmp_path, weights):
     assert not (tmp_path / mrml.VOLUME_RUN_OUTPUT / mrml.SUMMARY_FILE).exists()
     with pytest.raises(FileNotFoundError):
         mrml.load_volume_result(tmp_path, volume)
+
+
+def test_a_volume_run_with_the_visual_report_keeps_its_png_and_shows_the_summary_text(tmp_path, weights):
+    scene = new_scene()
+    ct = synthetic_ct()
+    volume = add_volume(scene, ct, GEOMETRY, name="Chest CT")
+    work, reports = tmp_path / "work", tmp_path / "reports"
+    options = cli_options(weights, report=True, high_opacity_threshold_hu=-400.0)
+
+    returncode, _, log = run(mrml.volume_run_command(volume, work, options))
+
+    assert returncode == 0, log
+    written = summary_csv(work / mrml.VOLUME_RUN_OUTPUT)
+    description = json.loads((work / mrml.VOLUME_RUN_OUTPUT / "summary.json").read_text(encoding="utf-8"))
+    assert description["parameters"]["high_opacity_threshold_hu"] == -400.0
+    _, table, row = mrml.load_volume_result(work, volume, report_dir=reports)
+    shutil.rmtree(work)  # as the module does: the report outlives the work folder
+
+    report = mrml.run_report(table)
+    assert report == reports / "Chest_CT.report.png" and report.is_file()
+    assert row["report"] == str(report) == column(table, mrml.REPORT_COLUMN)
+    assert_table_shows_the_summary_text(table, written)
+    assert report_measures(report) == {measure.name: written[0][measure.name] for measure in MEASURES}
+    # Every voxel is lesion; at or above -400 HU are the body (40) and the lesion (-300), not the lungs (-850) or air.
+    assert float(written[0]["high_opacity_ml"]) == pytest.approx(np.count_nonzero(ct >= -400) * VOXEL_ML, abs=1e-3)
+
+
+def test_a_batch_with_the_visual_report_lists_every_cases_png_and_shows_the_summary_text(tmp_path, weights):
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    for name, shape in (("p1", (4, 20, 16)), ("p2", (3, 24, 20))):
+        image = sitk.GetImageFromArray(synthetic_ct(shape))
+        image.SetSpacing((0.7, 0.8, 2.5))
+        sitk.WriteImage(image, str(cases / f"{name}.nrrd"))
+    output = tmp_path / "segmentations"
+
+    started = time.time()
+    returncode, _, log = run(mrml.folder_run_command(cases, output, cli_options(weights, report=True)))
+
+    assert returncode == 0, log
+    table, rows = mrml.load_folder_results(output, new_scene(), written_after=started)
+    written = summary_csv(output)
+    assert [Path(row["report"]) for row in written] == [output / "p1.report.png", output / "p2.report.png"]
+    assert [table.GetCellText(index, table.GetColumnIndex(mrml.REPORT_COLUMN)) for index in range(2)] == [row["report"] for row in written]
+    assert_table_shows_the_summary_text(table, written)
+    for row in written:
+        assert report_measures(row["report"]) == {measure.name: row[measure.name] for measure in MEASURES}
+    assert mrml.run_report(table) == output / "p2.report.png"  # the batch's last case
+    assert mrml.run_report(table, 0) == output / "p1.report.png"

@@ -6,7 +6,9 @@ import csv
 import json
 import math
 import os
+import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ from slicer_support import add_volume, new_scene, segment_array, slicer, synthet
 import COVIDLesionSegMRML as mrml
 from COVIDLesionSegLib import io
 from COVIDLesionSegLib.segments import LESION, LUNG, SEGMENTS, TERMINOLOGY_CONTEXT
-from COVIDLesionSegLib.statistics import MEASURES_BY_NAME
+from COVIDLesionSegLib.statistics import DEFAULT_HIGH_OPACITY_THRESHOLD_HU, MEASURES_BY_NAME
 
 # An oblique, anisotropic geometry: axes rotated 30° about S, voxels 0.7 × 0.8 × 2.5 mm, off-centre origin.
 ANGLE = math.radians(30)
@@ -150,21 +152,17 @@ def titles(table) -> list[str]:
     return [table.GetColumnName(index) for index in range(table.GetNumberOfColumns())]
 
 
-def test_statistics_table_has_one_row_per_case_and_the_measures_of_the_summary(scene):
+def test_statistics_table_has_one_row_per_case_and_the_measures_of_the_summary_as_its_text(scene):
     table = scene.AddNewNodeByClass("vtkMRMLTableNode")
     mrml.update_statistics_table(table, SUMMARY)
     measures = ["severity", "percent_opacity", "lesion_ml", "lung_ml", "lesion_slices", "input_is_hu"]
-    assert titles(table) == ["Case", *(mrml.measure_title(name) for name in measures), "Status", "Error"]
+    assert titles(table) == ["Case", *(mrml.measure_title(name) for name in measures), "Status", "Error"]  # no report: no column
     assert mrml.measure_title("lesion_ml") == f"{MEASURES_BY_NAME['lesion_ml'].label} (mL)"
     assert [table.GetCellText(row, 0) for row in range(3)] == ["p1.nii.gz", "p2", "p3.nrrd"]
-    values = table.GetTable()
-    lesion_ml, percent, slices = (table.GetColumnIndex(mrml.measure_title(name))
-                                  for name in ("lesion_ml", "percent_opacity", "lesion_slices"))
-    assert values.GetValue(0, lesion_ml).ToDouble() == pytest.approx(12.35)
-    assert values.GetValue(0, slices).ToDouble() == 7
-    assert values.GetValue(0, percent).ToDouble() == pytest.approx(0.36)
-    assert math.isnan(values.GetValue(1, percent).ToDouble()) and math.isnan(values.GetValue(2, lesion_ml).ToDouble())
-    assert table.GetCellText(0, table.GetColumnIndex(mrml.measure_title("severity"))) == "CT-1"  # a text measure stays text
+    for row, summary_row in enumerate(SUMMARY):  # "3400.00" stays "3400.00" (a double column would show "3400")
+        assert [table.GetCellText(row, table.GetColumnIndex(mrml.measure_title(name))) for name in measures] == \
+            [summary_row[name] for name in measures]
+    assert table.GetTable().GetValue(0, table.GetColumnIndex(mrml.measure_title("lesion_ml"))).ToDouble() == pytest.approx(12.35)
     assert [table.GetCellText(row, table.GetColumnIndex("Status")) for row in range(3)] == ["ok", "skipped", "failed"]
     assert table.GetCellText(2, table.GetColumnIndex("Error")) == "/data/p3.nrrd: constant image"
     assert table.GetColumnDescription(mrml.measure_title("lesion_ml")) == MEASURES_BY_NAME["lesion_ml"].definition
@@ -180,17 +178,84 @@ def test_statistics_table_without_lung_keeps_the_lesion_measures_and_is_refilled
     assert table.GetNumberOfRows() == 1 and table.GetCellText(0, 0) == "Chest CT (scene)"
 
 
-def test_table_exports_to_csv_with_empty_cells_for_missing_numbers(scene, tmp_path):
+def test_table_exports_to_csv_with_the_summary_text_and_empty_cells_for_missing_numbers(scene, tmp_path):
     table = scene.AddNewNodeByClass("vtkMRMLTableNode")
     mrml.update_statistics_table(table, SUMMARY)
     with open(mrml.write_table_csv(table, tmp_path / "statistics.csv"), newline="", encoding="utf-8") as stream:
         lines = list(csv.reader(stream))
     assert lines[0] == titles(table)
     assert lines[1:] == [
-        ["p1.nii.gz", "CT-1", "0.36", "12.35", "3400", "7", "yes", "ok", ""],
-        ["p2", "", "", "0", "", "0", "no", "skipped", "output exists; use --overwrite to replace it"],
+        ["p1.nii.gz", "CT-1", "0.36", "12.35", "3400.00", "7", "yes", "ok", ""],
+        ["p2", "", "", "0.00", "", "0", "no", "skipped", "output exists; use --overwrite to replace it"],
         ["p3.nrrd", "", "", "", "", "", "", "failed", "/data/p3.nrrd: constant image"],
     ]
+
+
+def test_report_column_and_the_report_of_the_last_run(scene, tmp_path):
+    reports = [tmp_path / "p1.report.png", tmp_path / "p2.report.png"]
+    for path in reports:
+        path.write_bytes(b"\x89PNG")
+    rows = [{**SUMMARY[0], "report": str(reports[0])}, {**SUMMARY[1], "report": str(reports[1])}, SUMMARY[2]]
+    table = scene.AddNewNodeByClass("vtkMRMLTableNode")
+    mrml.update_statistics_table(table, rows)
+    assert titles(table)[-1] == mrml.REPORT_COLUMN
+    assert [table.GetCellText(row, table.GetColumnIndex(mrml.REPORT_COLUMN)) for row in range(3)] == [str(reports[0]), str(reports[1]), ""]
+
+    assert mrml.run_report(table) == reports[1]  # the last row that has one
+    assert mrml.run_report(table, 0) == reports[0]
+    assert mrml.run_report(table, 2) is None and mrml.run_report(table, 7) is None
+    reports[1].unlink()
+    assert mrml.run_report(table) == reports[0]  # a deleted report is not offered
+    assert mrml.run_report(table, 1) is None
+
+    mrml.update_statistics_table(table, SUMMARY)  # a later run without report
+    assert mrml.REPORT_COLUMN not in titles(table) and mrml.run_report(table) is None
+    assert mrml.run_report(None) is None
+
+
+def write_volume_run_output(volume, work_dir, report: bool) -> dict:
+    """What the CLI writes for a volume run (``work_dir/output``): the segmentation, summary.csv, and the report."""
+    output = work_dir / mrml.VOLUME_RUN_OUTPUT
+    output.mkdir(parents=True)
+    segmentation = write_result(volume, output, np.ones(synthetic_ct().shape, np.uint8))
+    row = {**SUMMARY[0], "input": str(work_dir / "CT.nrrd"), "output": str(segmentation), "report": ""}
+    if report:
+        row["report"] = str(output / "CT.report.png")
+        Path(row["report"]).write_bytes(b"\x89PNG report")
+    with open(output / mrml.SUMMARY_FILE, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(row))
+        writer.writeheader()
+        writer.writerow(row)
+    return row
+
+
+def test_a_volume_runs_report_is_moved_out_of_the_work_folder_without_replacing_an_earlier_one(scene, volume, tmp_path):
+    volume.SetName("CT: day 3")
+    reports = tmp_path / "reports"
+    kept = []
+    for run in ("first", "second"):
+        write_volume_run_output(volume, tmp_path / run, report=True)
+        _, table, row = mrml.load_volume_result(tmp_path / run, volume, report_dir=reports)
+        shutil.rmtree(tmp_path / run)  # what the module does with the work folder
+        kept.append(Path(row["report"]))
+        assert table.GetCellText(0, table.GetColumnIndex(mrml.REPORT_COLUMN)) == row["report"]
+        assert mrml.run_report(table) == kept[-1]
+    assert kept == [reports / "CT_day_3.report.png", reports / "CT_day_3_2.report.png"]
+    assert all(path.read_bytes() == b"\x89PNG report" for path in kept)
+
+    write_volume_run_output(volume, tmp_path / "third", report=False)
+    _, table, row = mrml.load_volume_result(tmp_path / "third", volume, report_dir=reports)
+    assert row["report"] == "" and mrml.run_report(table) is None
+    assert sorted(reports.iterdir()) == kept
+
+
+def test_cli_options_pass_the_report_and_the_high_opacity_threshold(tmp_path):
+    default = mrml.CLIOptions(python="python", model="resattunet").command([tmp_path / "a.nrrd"], tmp_path, False)
+    assert "--report" not in default and not any(part.startswith("--high-opacity-threshold") for part in default)
+    command = mrml.CLIOptions(python="python", model="resattunet", report=True, high_opacity_threshold_hu=-150.5).command(
+        [tmp_path / "a.nrrd"], tmp_path, False)
+    assert "--report" in command and "--high-opacity-threshold=-150.5" in command
+    assert mrml.DEFAULT_HIGH_OPACITY_THRESHOLD_HU == DEFAULT_HIGH_OPACITY_THRESHOLD_HU
 
 
 def test_read_summary_rejects_a_missing_or_previous_runs_file(tmp_path):

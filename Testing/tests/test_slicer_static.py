@@ -5,6 +5,7 @@ Slicer's CMake package, which only records what the extension asks for)."""
 from __future__ import annotations
 
 import ast
+import html
 import json
 import os
 import re
@@ -44,10 +45,15 @@ def widget_property(widget: ElementTree.Element, name: str):
     return None
 
 
-def parameter_fields() -> dict[str, str]:
-    """``{field: annotation source}`` of the module's parameter node class."""
+def parameter_fields(defaults: bool = False) -> dict[str, str]:
+    """``{field: annotation source}`` of the module's parameter node class (``defaults``: ``{field: default source}``)."""
     node = CLASSES["COVIDLesionSegParameterNode"]
-    return {item.target.id: ast.unparse(item.annotation) for item in node.body if isinstance(item, ast.AnnAssign)}
+    return {item.target.id: ast.unparse(item.value if defaults else item.annotation) for item in node.body
+            if isinstance(item, ast.AnnAssign) and (item.value is not None or not defaults)}
+
+
+def method(class_name: str, name: str) -> ast.FunctionDef:
+    return next(item for item in CLASSES[class_name].body if isinstance(item, ast.FunctionDef) and item.name == name)
 
 
 def test_module_file_defines_module_widget_logic_and_test_classes():
@@ -85,6 +91,7 @@ def test_ui_file_parses_and_has_every_widget_the_code_uses():
 WIDGET_CLASSES_FOR_TYPES = {  # what Slicer's parameterNodeWrapper can bind, for the annotations used here
     "bool": {"QCheckBox"},
     "int": {"QSpinBox", "QSlider"},
+    "float": {"QDoubleSpinBox", "ctkSliderWidget"},
     "str": {"QComboBox", "QLineEdit"},
     "pathlib.Path": {"ctkPathLineEdit", "ctkDirectoryButton"},
 }
@@ -107,8 +114,18 @@ def test_every_bound_widget_matches_a_parameter_of_a_bindable_type():
         assert widget.get("class") in WIDGET_CLASSES_FOR_TYPES[base_type], name
         if widget.get("class") == "QComboBox":
             assert "Choice(" in annotation, f"{name}: a QComboBox binds only to a Choice-annotated value"
-        if widget.get("class") in ("QSpinBox", "QSlider"):
+        if widget.get("class") in ("QSpinBox", "QSlider", "QDoubleSpinBox", "ctkSliderWidget"):
             assert "WithinRange(" in annotation, f"{name}: give the spin box its range"
+
+
+def test_report_and_threshold_parameters_default_to_the_clis_behaviour():
+    defaults = parameter_fields(defaults=True)
+    assert defaults["visualReport"] == "False"
+    assert defaults["highOpacityThreshold"] == "mrml.DEFAULT_HIGH_OPACITY_THRESHOLD_HU"  # equal to statistics' (test_slicer_mrml)
+    spin_box = ui_widgets()["highOpacityThresholdSpinBox"]
+    assert float(widget_property(spin_box, "value").find("double").text) == mrml.DEFAULT_HIGH_OPACITY_THRESHOLD_HU
+    options = ast.unparse(method("COVIDLesionSegLogic", "_cliOptions"))
+    assert "report=parameters.visualReport" in options and "high_opacity_threshold_hu=parameters.highOpacityThreshold" in options
 
 
 def test_every_mrml_widget_receives_the_scene():
@@ -188,17 +205,22 @@ def test_requirements_cover_the_core_but_never_replace_what_slicer_or_the_pytorc
     lines = [line for line in (RESOURCES / mrml.REQUIREMENTS_FILE).read_text().splitlines() if line.strip() and not line.startswith("#")]
     names = {requirement_name(line) for line in lines}
     provided = {"numpy", "simpleitk", "requests", "torch", "torchvision"}
-    unused_by_the_module = {"matplotlib"}  # only for `covidlesionseg segment --report`, which the module does not pass
-    assert not names & provided
-    assert {requirement_name(dependency) for dependency in project["dependencies"]} <= names | provided | unused_by_the_module
+    on_demand = {requirement_name(constant("REPORT_REQUIREMENT"))}  # matplotlib, installed on first use of the visual report
+    assert not names & provided and not names & on_demand
+    assert {requirement_name(dependency) for dependency in project["dependencies"]} <= names | provided | on_demand
+    assert constant("REPORT_REQUIREMENT") in project["dependencies"]
     assert "psutil" in names  # Cancel ends the child process tree with psutil
 
 
+def constant(name: str):
+    """A string constant of the module file."""
+    return next(node.value.value for node in MODULE_TREE.body if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+                and isinstance(node.targets[0], ast.Name) and node.targets[0].id == name)
+
+
 def test_torch_requirements_match_the_project(project):
-    constants = {node.targets[0].id: node.value.value for node in MODULE_TREE.body
-                 if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant) and isinstance(node.targets[0], ast.Name)}
-    assert f"torch{constants['TORCH_REQUIREMENT']}" in project["dependencies"]
-    assert f"torchvision{constants['TORCHVISION_REQUIREMENT']}" in project["dependencies"]
+    assert f"torch{constant('TORCH_REQUIREMENT')}" in project["dependencies"]
+    assert f"torchvision{constant('TORCHVISION_REQUIREMENT')}" in project["dependencies"]
 
 
 # Stand-ins for the parts of Slicer's Python that exist only inside the application (Qt and the scripted-module base
@@ -223,7 +245,8 @@ IMPORT_PROBE = textwrap.dedent("""
     heavy = [name for name in ("torch", "SimpleITK", "COVIDLesionSegLib.checkpoints", "COVIDLesionSegLib.statistics", "psutil")
              if name in sys.modules]
     print({"heavy": heavy, "title": module.parent.title, "categories": module.parent.categories,
-           "help": module.parent.helpText, "acknowledgement": module.parent.acknowledgementText})
+           "help": module.parent.helpText, "acknowledgement": module.parent.acknowledgementText,
+           "full_help": COVIDLesionSeg.fullHelpText()})  # what the widget's setup makes the help (it imports statistics)
 """)
 
 
@@ -248,13 +271,32 @@ def test_module_metadata_cites_the_paper_and_the_dataset(imported_module):
         assert citation in " ".join(acknowledgement.split()), citation
 
 
-def test_help_text_states_the_definitions_of_the_core_measures(imported_module):
-    from COVIDLesionSegLib.statistics import MEASURES_BY_NAME
+def plain_text(html_text: str) -> str:
+    """What a reader sees of an HTML help: tags dropped, entities decoded, white space collapsed."""
+    return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", html_text)).split())
 
-    help_text = " ".join(imported_module["help"].split())
-    for name in ("lesion_ml", "lesion_slices", "lung_ml", "percent_opacity"):
-        measure = MEASURES_BY_NAME[name]
-        assert mrml.measure_title(name) in help_text and measure.definition in help_text, name
+
+def test_help_text_quotes_every_definition_of_statistics(imported_module):
+    from COVIDLesionSegLib.statistics import LEFT_RIGHT_RULE, MEASURES, NOT_AVAILABLE_RULE, SEVERITY_DEFINITIONS
+
+    help_text = plain_text(imported_module["full_help"])
+    for measure in MEASURES:
+        assert f"{mrml.measure_title(measure.name)} : {measure.definition}" in help_text, measure.name
+    for category, meaning in SEVERITY_DEFINITIONS.items():
+        assert f"{category}: {meaning}" in help_text, category
+    assert LEFT_RIGHT_RULE in help_text and NOT_AVAILABLE_RULE in help_text
+    setup = ast.unparse(method("COVIDLesionSegWidget", "setup"))
+    assert ".helpText = fullHelpText()" in setup  # the module panel shows the full help
+
+
+def test_definitions_are_quoted_from_statistics_never_retyped():
+    from COVIDLesionSegLib.statistics import LEFT_RIGHT_RULE, MEASURES, NOT_AVAILABLE_RULE, SEVERITY_DEFINITIONS
+
+    sources = {path.name: path.read_text(encoding="utf-8") for path in (MODULE_FILE, MODULE_DIR / "COVIDLesionSegMRML" / "__init__.py")}
+    definitions = [measure.definition for measure in MEASURES] + list(SEVERITY_DEFINITIONS.values()) + [LEFT_RIGHT_RULE, NOT_AVAILABLE_RULE]
+    for name, source in sources.items():
+        flat = " ".join(source.split())
+        assert not [definition for definition in definitions if definition in flat], name
 
 
 STUB_SLICER_CONFIG = """
