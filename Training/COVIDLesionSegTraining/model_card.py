@@ -143,6 +143,12 @@ def number(value, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def without_heading(markdown: str) -> str:
+    """The text of a markdown fragment without its leading ``#`` heading line (the card has its own)."""
+    lines = markdown.strip().splitlines()
+    return "\n".join(lines[1:] if lines and lines[0].startswith("#") else lines).strip()
+
+
 def card_markdown(card: dict, command: str, po_validation: str) -> str:
     config = card["train_config"]
     held = card["held_out"]
@@ -200,15 +206,18 @@ predicted lesion **{number(healthy['false_lesion_ml'], 1)} mL** on {healthy['sli
 positives); predicted lung {number(healthy['lung_ml'], 0)} mL; false percentage of opacity {number(healthy['false_percent_opacity'], 2)} %.
 
 ## Percentage of opacity (PO) against the reference
-{po_validation.strip() if po_validation else 'Not measured in this run (pass --po-validation).'}
+{without_heading(po_validation) if po_validation else 'Not measured in this run (pass --po-validation).'}
 
 ## Speed
-CPU ({card['cpu']['threads']} threads): {number(card['cpu']['held_out_seconds_per_slice_network_path'], 3)} s per 256² slice
+CPU, {card['cpu']['threads']} thread(s) (while any other job shared the 2 cores):
+{number(card['cpu']['held_out_seconds_per_slice_network_path'], 3)} s per 256² slice
 (held-out slices); CTChest4 end to end {number(healthy['seconds_per_slice'], 3)} s per slice. GPU: not measured (no GPU lent).
 
 ## Known limits
 - From-scratch encoder and a short CPU schedule; far fewer patients (18 groups) than a clinical model needs.
-- No lesion-free slices in training: false positives on healthy lung are measured above, not prevented.
+- No lesion-free slices in training, and every training slice shows lung: false positives on a healthy CT are
+  measured above, not prevented. Look at the visual report (`--report`): on CTChest4 the false lesions sit in
+  dependent (posterior) lung and on slices below or above the lungs (upper abdomen, neck).
 - Trained on 8-bit CLAHE slices, not HU; HU volumes are windowed to the Radiopaedia lung window first.
 - Patient-level 5-fold cross-validation of this recipe was not run (CPU time); the only patient-level figures are
   the held-out patients above and the cut-down reproduction in `Training/results/`.
