@@ -11,6 +11,9 @@ leaves a half-written file under the final name.
 
 from __future__ import annotations
 
+import locale
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +44,20 @@ def case_name(path: str | Path) -> str:
     return path.name[: len(path.name) - len(suffix)] if suffix else path.name
 
 
+@contextmanager
+def preserved_locale() -> Iterator[None]:
+    """Undo the process-wide locale change GDCM makes while reading DICOM: without this, Python's default text
+    encoding turns to ASCII afterwards and later file writes or subprocess reads of non-ASCII text fail."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
 def dicom_series_ids(folder: Path) -> list[str]:
-    return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or [])
+    with preserved_locale():
+        return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or [])
 
 
 def read_image(path: str | Path, series_id: str | None = None) -> sitk.Image:
@@ -61,11 +76,13 @@ def read_image(path: str | Path, series_id: str | None = None) -> sitk.Image:
             if len(series) != 1:
                 found = "no DICOM series" if not series else f"{len(series)} DICOM series ({', '.join(series)})"
                 raise InputError(f"{path}: folder holds {found}; give a folder with exactly one series")
-            reader = sitk.ImageSeriesReader()
-            reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
-            image = reader.Execute()
+            with preserved_locale():
+                reader = sitk.ImageSeriesReader()
+                reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
+                image = reader.Execute()
         else:
-            image = sitk.ReadImage(str(path))
+            with preserved_locale():  # a single DICOM file is read by GDCM too
+                image = sitk.ReadImage(str(path))
     except RuntimeError as error:
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown error"
         raise InputError(f"{path}: not a readable image ({reason})") from None

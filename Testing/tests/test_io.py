@@ -102,7 +102,8 @@ def write_dicom_series(folder, image: sitk.Image, series_uid="1.2.826.0.1.368004
                            ("0020|0013", str(index + 1)), ("0028|1052", "0"), ("0028|1053", "1")]:
             piece.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"slice{index:03d}.dcm"))
-        writer.Execute(piece)
+        with io.preserved_locale():  # GDCM writes change the process locale as its reads do
+            writer.Execute(piece)
 
 
 def test_reads_a_dicom_series_folder(tmp_path):
@@ -157,3 +158,13 @@ def test_bad_inputs_raise_one_line_errors_naming_the_file(tmp_path, kind):
         io.read_image(path)
     text = str(error.value)
     assert text.startswith(str(path)) and "\n" not in text
+
+
+def test_reading_dicom_keeps_the_text_encoding(tmp_path):
+    """GDCM changes the process locale; after a DICOM read Python must still write UTF-8 text by default."""
+    import locale
+
+    write_dicom_series(tmp_path / "series", make_volume("anisotropic", size=(8, 8, 2)))
+    before = locale.getpreferredencoding(False)
+    io.read_image(tmp_path / "series")
+    assert locale.getpreferredencoding(False) == before
