@@ -219,8 +219,9 @@ CPU, {card['cpu']['threads']} thread(s) (while any other job shared the 2 cores)
   measured above, not prevented. Look at the visual report (`--report`): on CTChest4 the false lesions sit in
   dependent (posterior) lung and on slices below or above the lungs (upper abdomen, neck).
 - Trained on 8-bit CLAHE slices, not HU; HU volumes are windowed to the Radiopaedia lung window first.
-- Patient-level 5-fold cross-validation of this recipe was not run (CPU time); the only patient-level figures are
-  the held-out patients above and the cut-down reproduction in `Training/results/`.
+- Patient-level 5-fold cross-validation of this recipe was not run (CPU time). Patient-level figures: the held-out
+  patients above, the cut-down reproduction in `Training/results/`, and the PO validation, whose second model
+  (`best.safetensors`) is the same recipe cut to 1,500 steps on the benchmark's fold 0 (command in `Training/README.md`).
 - Volumes in mL depend on the input spacing; the shipped sample has a nominal spacing (the source PNGs lost it).
 """
 
