@@ -77,6 +77,15 @@ def predict_in_batches(
     return batch_size
 
 
+def masks_from_probabilities(probabilities: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``{channel: probabilities}`` → ``{channel: uint8 0/1 mask}`` at 0.5; with a lung channel the lesion is
+    kept inside the lung (the lung channel was trained to include its lesions)."""
+    masks = {channel: (p >= 0.5).astype(np.uint8) for channel, p in probabilities.items()}
+    if "lung" in masks:
+        masks["lesion"] &= masks["lung"]
+    return masks
+
+
 @dataclass
 class SegmentationResult:
     """Masks (uint8 0/1 ``sitk.Image`` on the input's grid, keyed by channel) and their statistics."""
@@ -153,21 +162,14 @@ class Predictor:
         """``{channel: uint8 0/1 mask}``; with a lung channel the lesion is kept inside the lung, and the lung includes it.
 
         ``preprocessed`` as in :meth:`predict_probabilities`."""
-        probabilities = self.predict_probabilities(volume, on_progress, preprocessed)
-        masks = {channel: (p >= 0.5).astype(np.uint8) for channel, p in probabilities.items()}
-        if "lung" in masks:
-            masks["lesion"] &= masks["lung"]
-        return masks
+        return masks_from_probabilities(self.predict_probabilities(volume, on_progress, preprocessed))
 
     def predict_volume(self, volume: np.ndarray, return_probabilities: bool = False, on_progress: ProgressCallback | None = None):
         """The lesion mask (uint8 0/1, shape of ``volume``); with ``return_probabilities`` also its probabilities."""
         if not return_probabilities:
             return self.predict_masks(volume, on_progress)["lesion"]
         probabilities = self.predict_probabilities(volume, on_progress)
-        lesion = (probabilities["lesion"] >= 0.5).astype(np.uint8)
-        if "lung" in probabilities:
-            lesion &= (probabilities["lung"] >= 0.5).astype(np.uint8)
-        return lesion, probabilities["lesion"]
+        return masks_from_probabilities(probabilities)["lesion"], probabilities["lesion"]
 
     def segment_image(
         self,
