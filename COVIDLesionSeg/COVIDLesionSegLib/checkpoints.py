@@ -29,7 +29,7 @@ import torch
 
 from .models import build_model
 from .preprocessing import PreprocessingConfig
-from .resources import RegistryEntry, resources_dir
+from .resources import RegistryEntry, load_registry, resources_dir
 
 FORMAT_VERSION = 1
 
@@ -176,6 +176,17 @@ def resolve_model_file(entry: RegistryEntry, resources: Path | None = None, cach
         return target
     download(entry.url, target, entry.sha256)
     return target
+
+
+def locate_model(source: str | Path) -> tuple[Path, str]:
+    """``source`` (a checkpoint file, or a registry name) → (verified local file, display name)."""
+    path = Path(source)
+    if path.is_file():
+        return path, path.name
+    registry = load_registry()
+    if str(source) not in registry:
+        raise FileNotFoundError(f"{source}: neither a checkpoint file nor a registered model ({', '.join(registry)})")
+    return resolve_model_file(registry[str(source)]), str(source)  # verifies the SHA-256
 
 
 def verify_sha256(path: Path, expected: str) -> None:

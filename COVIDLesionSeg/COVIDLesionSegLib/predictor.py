@@ -25,9 +25,9 @@ import SimpleITK as sitk
 import torch
 
 from . import io
-from .checkpoints import Checkpoint, load_checkpoint, resolve_model_file, sha256_of
+from .checkpoints import Checkpoint, load_checkpoint, locate_model, sha256_of
 from .preprocessing import is_hounsfield, resize_probabilities, resize_slice, to_network_input, volume_to_uint8
-from .resources import default_model_name, load_registry
+from .resources import default_model_name
 from .statistics import DEFAULT_HIGH_OPACITY_THRESHOLD_HU, LesionStatistics, VoxelGrid, lesion_statistics
 
 logger = logging.getLogger(__name__)
@@ -112,14 +112,7 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, source: str | Path, device: str = "auto", batch_size: int = 8) -> Predictor:
         """``source`` is a registry name (``Resources/models.json``) or a checkpoint file path."""
-        path = Path(source)
-        if path.is_file():
-            name = path.name
-        else:
-            registry = load_registry()
-            if str(source) not in registry:
-                raise FileNotFoundError(f"{source}: neither a checkpoint file nor a registered model ({', '.join(registry)})")
-            path, name = resolve_model_file(registry[str(source)]), str(source)  # verifies the SHA-256
+        path, name = locate_model(source)
         return cls(load_checkpoint(path), device, batch_size, name=name, sha256=sha256_of(path))
 
     @classmethod

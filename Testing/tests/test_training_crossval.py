@@ -1,0 +1,116 @@
+"""covidlesionseg-crossval on real slices: a tiny recipe checkpoint cross-validated over 2 patient folds."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from COVIDLesionSegTraining import reproduce as reproduce_module
+from COVIDLesionSegTraining.config import TrainConfig
+from COVIDLesionSegTraining.crossval import crossval, main
+from COVIDLesionSegTraining.data import read_manifest
+from COVIDLesionSegTraining.splits import SplitSpec
+from COVIDLesionSegTraining.train import train
+
+RECIPE = {
+    "model": "unet",
+    "model_widths": (4, 8, 16, 32, 64),
+    "channels": ("lesion", "lung"),
+    "image_size": 64,
+    "augment": "robust",
+    "dice_weight": 1.0,
+    "learning_rate": 3e-4,
+    "max_steps": 3,
+    "split": SplitSpec("holdout", holdout_groups=("radiopaedia_7_85703_0",)),
+    "device": "cpu",
+}
+
+
+@pytest.fixture(scope="module")
+def recipe_checkpoint(tiny_data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("recipe") / "run"
+    train(TrainConfig(data_dir=str(tiny_data), output_dir=str(run_dir), **RECIPE))
+    return run_dir / "best.safetensors"
+
+
+@pytest.fixture(scope="module")
+def two_folds(recipe_checkpoint, tiny_data, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("crossval")
+    results = crossval(
+        str(recipe_checkpoint), tiny_data, folder / "runs", folder / "out", num_folds=2, max_steps=2, device="cpu", command="test"
+    )
+    return folder, results
+
+
+def test_each_fold_trains_the_recipe_with_only_split_budget_and_folder_changed(two_folds, tiny_data):
+    folder, results = two_folds
+    recipe = TrainConfig(data_dir=str(tiny_data), output_dir="x", **RECIPE).to_dict()
+    for fold in (0, 1):
+        saved = TrainConfig.load(folder / "runs" / f"fold{fold}" / "config.json").to_dict()
+        changed = {name for name in saved if saved[name] != recipe[name]}
+        assert changed == {"output_dir", "max_steps", "split"}
+        assert saved["max_steps"] == 2 and saved["split"]["kind"] == "patient-kfold" and saved["split"]["fold"] == fold
+        assert saved["split"]["num_folds"] == 2 and saved["split"]["seed"] == recipe["split"]["seed"]
+    assert results["recipe"]["source"] == "best.safetensors" and results["recipe"]["max_steps_override"] == 2
+
+
+def test_every_patient_is_tested_once_by_a_model_that_never_saw_it(two_folds, tiny_data):
+    _, results = two_folds
+    groups_of = {record.volume_id: record.split_group for record in read_manifest(tiny_data)}
+    test_groups = [group for fold in results["folds"] for group in fold["test_groups"]]
+    assert sorted(test_groups) == sorted(set(groups_of.values()))
+    assert sorted(volume["volume_id"] for volume in results["volumes"]) == sorted(groups_of)
+    for fold in results["folds"]:
+        assert not set(fold["test_groups"]) & set(fold["validation_groups"])
+        assert fold["slices"]["test"] == 3 * len(fold["test_groups"])
+
+
+def test_pooled_figures_are_the_counts_of_every_test_slice(two_folds):
+    folder, results = two_folds
+    totals = {channel: {"tp": 0, "fp": 0, "fn": 0} for channel in ("lesion", "lung")}
+    slices = 0
+    for fold in (0, 1):
+        with open(folder / "runs" / f"fold{fold}" / "test" / "per_slice.csv", newline="") as stream:
+            for row in csv.DictReader(stream):
+                slices += 1
+                for channel, counts in totals.items():
+                    for name in counts:
+                        counts[name] += int(row[f"{channel}_{name}"])
+    assert slices == 12
+    for channel, counts in totals.items():
+        expected = 2 * counts["tp"] / (2 * counts["tp"] + counts["fp"] + counts["fn"])
+        assert results["overall"][channel]["pooled_over_folds"]["F1"] == pytest.approx(expected)
+        assert results["overall"][channel]["per_volume"]["F1"]["n"] == 4
+
+
+def test_outputs_agree_and_a_rerun_trains_nothing(two_folds, recipe_checkpoint, tiny_data, monkeypatch):
+    folder, results = two_folds
+    out = folder / "out"
+    assert json.loads((out / "crossval.json").read_text()) == json.loads(json.dumps(results))
+    assert (out / "crossval_validation.png").read_bytes().startswith(b"\x89PNG")
+    markdown = (out / "crossval.md").read_text()
+    assert markdown.startswith("# Patient-level 2-fold cross-validation of `best.safetensors`'s recipe")
+    assert "**step budget 2** (the recipe's own: 3)" in markdown
+    for volume in results["volumes"]:
+        lesion = volume["lesion"]["F1"]
+        assert f"| {volume['volume_id']} | {volume['fold']} | 3 | {'—' if lesion is None else f'{lesion:.3f}'} |" in markdown
+
+    monkeypatch.setattr(reproduce_module, "train", lambda *args, **kwargs: pytest.fail("a finished fold was trained again"))
+    again = crossval(str(recipe_checkpoint), tiny_data, folder / "runs", folder / "again", num_folds=2, max_steps=2, device="cpu")
+    assert again["overall"] == results["overall"]
+
+
+def test_command_line_reports_and_refuses_a_checkpoint_without_a_recipe(two_folds, recipe_checkpoint, tiny_data, tiny_checkpoint, capsys):
+    folder, _ = two_folds
+    arguments = ["--data", str(tiny_data), "--runs", str(folder / "runs"), "--num-folds", "2", "--max-steps", "2", "--device", "cpu"]
+    assert main(["--recipe", str(recipe_checkpoint), "--output", str(folder / "cli"), *arguments]) == 0
+    printed = capsys.readouterr().out
+    assert "lesion: Dice pooled over all folds" in printed and "crossval.md" in printed
+    assert "covidlesionseg-crossval --recipe" in (folder / "cli" / "crossval.md").read_text()
+
+    assert main(["--recipe", str(tiny_checkpoint), "--output", str(folder / "none"), *arguments]) == 1
+    assert "records no train_config" in capsys.readouterr().err
+    assert main(["--recipe", "no-such-model", "--output", str(folder / "none"), *arguments]) == 1
+    assert "neither a checkpoint file nor a registered model" in capsys.readouterr().err

@@ -1,0 +1,323 @@
+"""``covidlesionseg-crossval``: patient-level k-fold cross-validation of a trained model's recipe.
+
+::
+
+    covidlesionseg-crossval --recipe resattunet-lesion-lung-v1 --data ../shared/data/covid19-ct-seg-20cases-png256 \\
+        --max-steps 1500 --runs runs/crossval-recipe --output Training/results/crossval-shipped-recipe
+
+The recipe is the ``train_config`` stored in ``--recipe`` (a registry name or a checkpoint file), so the
+folds train exactly as that model did; only the split (``patient-kfold``, fold k of ``--num-folds``, the
+18 patient groups balanced by slice count), the run folder and, when given, ``--max-steps`` change. Fold k
+trains into ``RUNS/fold<k>/`` (finished runs are left, unfinished ones resumed, as ``covidlesionseg-reproduce``
+does), chooses its checkpoint on its own validation groups, and its ``best.safetensors`` is evaluated on the
+fold's test patients with :func:`~.evaluate.evaluate_checkpoint` (``RUNS/fold<k>/test/``). Every volume
+is thus scored by the one model that never saw its patient.
+
+``OUTPUT`` gets, all generated:
+
+- ``crossval.json``: the command, recipe, per fold (test groups, training record, pooled test metrics
+  per channel), per volume (fold, slices, metrics per channel), and over all folds: the counts pooled over
+  every test pixel, the mean ± SD of the folds' pooled Dice and of the per-volume Dice;
+- ``crossval.md``: rendered from ``crossval.json`` alone;
+- ``crossval_validation.png``: each fold's validation loss and Dice against the optimizer step, the chosen
+  (best validation loss) step marked — the evidence for the step budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import statistics
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from COVIDLesionSegLib.checkpoints import atomic_output, load_checkpoint, locate_model
+
+from .config import TrainConfig
+from .evaluate import COUNT_NAMES, evaluate_checkpoint, metrics_from_counts, nan_to_none
+from .reproduce import format_duration, format_number, markdown_table, pyplot, save_figure, train_or_resume, training_record
+from .splits import make_split
+
+logger = logging.getLogger(__name__)
+REPORTED_METRICS = ("F1", "Pc", "Sen", "Sp", "IoU")
+
+
+def fold_config(recipe: dict, data_dir: str | Path, runs_dir: str | Path, fold: int, num_folds: int, max_steps: int | None) -> TrainConfig:
+    """``recipe`` (a checkpoint's ``train_config``) retargeted to patient-kfold fold ``fold`` in ``RUNS/fold<fold>``."""
+    values = {**recipe, "data_dir": str(data_dir), "output_dir": str(Path(runs_dir) / f"fold{fold}")}
+    values["split"] = {**recipe.get("split", {}), "kind": "patient-kfold", "fold": fold, "num_folds": num_folds, "holdout_groups": []}
+    if max_steps is not None:
+        values["max_steps"] = max_steps
+    return TrainConfig.from_dict(values)
+
+
+def summarise(values: Sequence[float | None]) -> dict:
+    """Mean and sample SD of the defined ``values`` (None/NaN left out), with how many entered."""
+    defined = [value for value in values if value is not None and not np.isnan(value)]
+    return {
+        "mean": statistics.fmean(defined) if defined else None,
+        "sd": statistics.stdev(defined) if len(defined) > 1 else None,
+        "n": len(defined),
+    }
+
+
+def fold_result(config: TrainConfig, device: str) -> dict:
+    """Evaluate the fold's best checkpoint on its test patients; return its groups, training and metrics."""
+    run_dir = Path(config.output_dir)
+    split = make_split(config.split, config.data_dir)
+    evaluation = evaluate_checkpoint(run_dir / "best.safetensors", config.data_dir, run_dir / "test", device=device)
+    return {
+        "fold": config.split.fold,
+        "test_groups": sorted({record.split_group for record in split.test}),
+        "validation_groups": sorted({record.split_group for record in split.val}),
+        "slices": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
+        "training": training_record(run_dir),
+        "test": evaluation["channels"],
+    }
+
+
+def aggregate(folds: list[dict]) -> dict:
+    """Pooled counts over every test pixel of every fold, and mean ± SD over folds and over volumes, per channel."""
+    channels = list(folds[0]["test"])
+    result = {}
+    for channel in channels:
+        counts = np.sum([[fold["test"][channel]["counts"][name] for name in COUNT_NAMES] for fold in folds], axis=0)
+        volumes = [volume for fold in folds for volume in fold["test"][channel]["per_volume"].values()]
+        result[channel] = {
+            "pooled_over_folds": metrics_from_counts(counts),
+            "fold_pooled": {metric: summarise([fold["test"][channel]["pooled"][metric] for fold in folds]) for metric in REPORTED_METRICS},
+            "per_volume": {metric: summarise([volume[metric] for volume in volumes]) for metric in REPORTED_METRICS},
+        }
+    return result
+
+
+def per_volume_rows(folds: list[dict]) -> list[dict]:
+    """One entry per test volume: its fold, slices and per-channel metrics (pixels pooled within the volume)."""
+    rows = []
+    for fold in folds:
+        channels = fold["test"]
+        for volume_id in next(iter(channels.values()))["per_volume"]:
+            entry = {
+                "volume_id": volume_id,
+                "fold": fold["fold"],
+                "slices": next(iter(channels.values()))["per_volume"][volume_id]["slices"],
+            }
+            for channel, summary in channels.items():
+                entry[channel] = {metric: summary["per_volume"][volume_id][metric] for metric in REPORTED_METRICS}
+            rows.append(entry)
+    return rows
+
+
+def plot_validation(folds: list[dict], path: Path) -> None:
+    """Validation loss (left) and Dice (right) against the step, one line per fold; ● marks the kept checkpoint."""
+    plt = pyplot()
+    figure, (loss_axes, dice_axes) = plt.subplots(1, 2, figsize=(10, 4))
+    for fold in folds:
+        log = [row for row in fold["training"]["log"] if not np.isnan(row["val_loss"])]
+        steps = [row["step"] for row in log]
+        line = loss_axes.plot(steps, [row["val_loss"] for row in log], marker=".", label=f"fold {fold['fold']}")[0]
+        dice_axes.plot(steps, [row["val_dice"] for row in log], marker=".", color=line.get_color())
+        best = next(row for row in log if row["step"] == fold["training"]["best_step"])
+        loss_axes.plot(best["step"], best["val_loss"], "o", color=line.get_color(), markersize=9, fillstyle="none")
+        dice_axes.plot(best["step"], best["val_dice"], "o", color=line.get_color(), markersize=9, fillstyle="none")
+    loss_axes.set(xlabel="optimizer step", ylabel="validation loss (BCE + soft Dice, both channels)", ylim=(0, None))
+    dice_axes.set(xlabel="optimizer step", ylabel="validation Dice", ylim=(0, 1))
+    for axes in (loss_axes, dice_axes):
+        axes.grid(True, alpha=0.3)
+    loss_axes.legend()
+    figure.suptitle("Validation groups of each fold (○ = checkpoint kept: lowest validation loss)")
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def crossval(
+    recipe_source: str,
+    data_dir: str | Path,
+    runs_dir: str | Path,
+    output_dir: str | Path,
+    num_folds: int = 5,
+    max_steps: int | None = None,
+    device: str = "auto",
+    command: str = "",
+) -> dict:
+    """Train (or resume, or skip) and evaluate every fold; write ``crossval.json``, ``.md`` and the figure."""
+    path, name = locate_model(recipe_source)
+    recipe = load_checkpoint(path).train_config
+    if not recipe:
+        raise ValueError(f"{path}: the checkpoint records no train_config, so it has no recipe to cross-validate")
+    configs = [fold_config(recipe, data_dir, runs_dir, fold, num_folds, max_steps) for fold in range(num_folds)]
+    for config in configs:
+        logger.info("fold %d: %s (%s)", config.split.fold, train_or_resume(config), config.output_dir)
+    folds = [fold_result(config, device) for config in configs]
+    results = nan_to_none(
+        {
+            "command": command,
+            "date": datetime.now().isoformat(timespec="seconds"),
+            "torch": torch.__version__,
+            "recipe": {"source": name, "train_config": recipe, "max_steps_override": max_steps},
+            "split": {
+                "kind": "patient-kfold",
+                "num_folds": num_folds,
+                "seed": configs[0].split.seed,
+                "val_fraction": configs[0].split.val_fraction,
+            },
+            "folds": folds,
+            "volumes": per_volume_rows(folds),
+            "overall": aggregate(folds),
+        }
+    )
+    output_dir = Path(output_dir)
+    for fold in results["folds"]:
+        fold["training"].pop("log")  # kept in RUNS; the figure carries it
+    with atomic_output(output_dir / "crossval.json") as temporary:
+        temporary.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    plot_validation(folds, output_dir / "crossval_validation.png")
+    with atomic_output(output_dir / "crossval.md") as temporary:
+        temporary.write_text(render_markdown(results), encoding="utf-8")
+    return results
+
+
+def mean_sd(summary: dict) -> str:
+    if summary["mean"] is None:
+        return format_number(None)
+    return f"{format_number(summary['mean'])} ± {format_number(summary['sd'])}"
+
+
+def render_markdown(results: dict) -> str:
+    """``crossval.md`` from ``crossval.json`` alone."""
+    recipe, overall = results["recipe"], results["overall"]
+    config = recipe["train_config"]
+    channels = list(overall)
+    budget = recipe["max_steps_override"]
+    budget_text = (
+        f"**step budget {budget}** (the recipe's own: {config.get('max_steps')})"
+        if budget is not None
+        else f"step budget {config.get('max_steps')}"
+    )
+    from_scratch = " (trained from scratch: no ImageNet weights)" if config.get("encoder_weights") == "none" else ""
+    lines = [
+        f"# Patient-level {len(results['folds'])}-fold cross-validation of `{recipe['source']}`'s recipe",
+        "",
+        f"*Generated by `{results['command']}` on {results['date']} (torch {results['torch']}).*",
+        "",
+        f"Recipe: the `train_config` stored in `{recipe['source']}` — `{config.get('model')}`, encoder weights "
+        f"`{config.get('encoder_weights')}`{from_scratch}, channels {', '.join(config.get('channels', []))}, "
+        f"{config.get('image_size')}², augmentation `{config.get('augment')}`, BCE + {config.get('dice_weight')} × soft Dice, "
+        f"Adam lr {config.get('learning_rate')}, batch {config.get('batch_size')}, {budget_text}, checkpoint with the lowest "
+        "loss on the fold's validation groups kept. Split: `patient-kfold` over the patient groups (`split_group`), "
+        "balanced by slice count; validation groups are drawn from each fold's training groups. Each test volume is "
+        "scored by the one model that never saw its patient, on the stored 256² slices (only slices with lesion).",
+        "",
+        "## Over all folds",
+        "",
+    ]
+    rows = []
+    for channel in channels:
+        summary = overall[channel]
+        pooled = summary["pooled_over_folds"]
+        rows.append([f"{channel}, pooled over every test pixel", *(format_number(pooled[m]) for m in REPORTED_METRICS)])
+        rows.append([f"{channel}, mean ± SD of the folds' pooled", *(mean_sd(summary["fold_pooled"][m]) for m in REPORTED_METRICS)])
+        rows.append(
+            [
+                f"{channel}, mean ± SD over {summary['per_volume']['F1']['n']} volumes",
+                *(mean_sd(summary["per_volume"][m]) for m in REPORTED_METRICS),
+            ]
+        )
+    lines += markdown_table(("", "Dice (F1)", "precision", "sensitivity", "specificity", "IoU"), rows)
+    lines += ["## Per fold", ""]
+    rows = []
+    for fold in results["folds"]:
+        training = fold["training"]
+        rows.append(
+            [
+                str(fold["fold"]),
+                ", ".join(fold["test_groups"]),
+                f"{fold['slices']['train']} / {fold['slices']['val']} / {fold['slices']['test']}",
+                f"{training['best_step']} of {training['steps']}",
+                format_number(training["best_val_loss"], 4),
+                *(format_number(fold["test"][channel]["pooled"]["F1"]) for channel in channels),
+                format_duration(training["seconds"]),
+            ]
+        )
+    lines += markdown_table(
+        (
+            "fold",
+            "test patient groups",
+            "slices train / val / test",
+            "kept step",
+            "val loss",
+            *(f"{c} Dice (pooled)" for c in channels),
+            "training time",
+        ),
+        rows,
+    )
+    lines += ["## Per volume (pixels pooled within the volume)", ""]
+    rows = [
+        [
+            volume["volume_id"],
+            str(volume["fold"]),
+            str(volume["slices"]),
+            *(format_number(volume[channel][m]) for channel in channels for m in ("F1", "Pc", "Sen")),
+        ]
+        for volume in results["volumes"]
+    ]
+    header = [f"{channel} {label}" for channel in channels for label in ("Dice", "precision", "sensitivity")]
+    lines += markdown_table(("volume", "fold", "slices", *header), rows)
+    kept_last = sum(fold["training"]["best_step"] == fold["training"]["steps"] for fold in results["folds"])
+    lines += [
+        "## Step budget",
+        "",
+        "![validation curves](crossval_validation.png)",
+        "",
+        f"The lowest validation loss came at the last validation of the budget in {kept_last} of {len(results['folds'])} folds "
+        "(the figure shows each fold's curves on its validation groups, not its test patients).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="covidlesionseg-crossval",
+        description=__doc__.splitlines()[0].strip("`: ") + ".",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    parser.add_argument("--recipe", required=True, help="registry name or checkpoint file whose train_config is the recipe")
+    parser.add_argument("--data", required=True, help="the covid19-ct-seg-20cases-png256 folder (manifest.csv)")
+    parser.add_argument("--runs", required=True, help="folder for the fold runs (fold0 … fold<k-1>); keep it out of the repository")
+    parser.add_argument("--output", required=True, help="folder for crossval.json, crossval.md and crossval_validation.png")
+    parser.add_argument("--num-folds", type=int, default=5, help="folds over the patient groups (default 5)")
+    parser.add_argument("--max-steps", type=int, help="replace the recipe's step budget (default: keep it)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    command = shlex.join(["covidlesionseg-crossval", *argv])
+    try:
+        results = crossval(args.recipe, args.data, args.runs, args.output, args.num_folds, args.max_steps, args.device, command)
+    except (OSError, ValueError) as error:
+        print(f"ERROR {error}", file=sys.stderr)
+        return 1
+    for channel, summary in results["overall"].items():
+        print(
+            f"{channel}: Dice pooled over all folds {format_number(summary['pooled_over_folds']['F1'])}, "
+            f"folds {mean_sd(summary['fold_pooled']['F1'])}, volumes {mean_sd(summary['per_volume']['F1'])}"
+        )
+    print(f"wrote {Path(args.output) / 'crossval.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
