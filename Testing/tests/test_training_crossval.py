@@ -81,8 +81,8 @@ def test_pooled_figures_are_the_counts_of_every_test_slice(two_folds):
     assert slices == 12
     for channel, counts in totals.items():
         expected = 2 * counts["tp"] / (2 * counts["tp"] + counts["fp"] + counts["fn"])
-        assert results["overall"][channel]["pooled_over_folds"]["F1"] == pytest.approx(expected)
-        assert results["overall"][channel]["per_volume"]["F1"]["n"] == 4
+        assert results["overall"]["channels"][channel]["pooled_over_folds"]["F1"] == pytest.approx(expected)
+        assert results["overall"]["channels"][channel]["per_volume"]["F1"]["n"] == 4
 
 
 def test_outputs_agree_and_a_rerun_trains_nothing(two_folds, recipe_checkpoint, tiny_data, monkeypatch):
@@ -96,6 +96,13 @@ def test_outputs_agree_and_a_rerun_trains_nothing(two_folds, recipe_checkpoint, 
     for volume in results["volumes"]:
         lesion = volume["lesion"]["F1"]
         assert f"| {volume['volume_id']} | {volume['fold']} | 3 | {'—' if lesion is None else f'{lesion:.3f}'} |" in markdown
+
+    assert "## Inputs that look different" in markdown
+    for fold in results["folds"]:
+        assert len(fold["shifted_inputs_lesion_dice"]) == 3 and fold["healthy_ct"]["file"] == "CTChest4.nrrd"
+        assert fold["healthy_ct"]["false_lesion_ml"] >= 0
+        ml = fold["healthy_ct"]["false_lesion_ml"]
+        assert f"| {fold['fold']} | " in markdown and f" | {ml:.1f} | {fold['healthy_ct']['slices_with_false_lesion']} |" in markdown
 
     monkeypatch.setattr(reproduce_module, "train", lambda *args, **kwargs: pytest.fail("a finished fold was trained again"))
     again = crossval(str(recipe_checkpoint), tiny_data, folder / "runs", folder / "again", num_folds=2, max_steps=2, device="cpu")

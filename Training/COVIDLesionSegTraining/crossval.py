@@ -39,14 +39,17 @@ import numpy as np
 import torch
 
 from COVIDLesionSegLib.checkpoints import atomic_output, load_checkpoint, locate_model
+from COVIDLesionSegLib.predictor import Predictor
 
 from .config import TrainConfig
 from .evaluate import COUNT_NAMES, evaluate_checkpoint, metrics_from_counts, nan_to_none
+from .model_card import healthy_ct_check, shifted_input_scores
 from .reproduce import format_duration, format_number, markdown_table, pyplot, save_figure, train_or_resume, training_record
 from .splits import make_split
 
 logger = logging.getLogger(__name__)
 REPORTED_METRICS = ("F1", "Pc", "Sen", "Sp", "IoU")
+HEALTHY_CT_FIELDS = ("file", "false_lesion_ml", "slices_with_false_lesion", "lung_ml", "false_percent_opacity")
 
 
 def fold_config(recipe: dict, data_dir: str | Path, runs_dir: str | Path, fold: int, num_folds: int, max_steps: int | None) -> TrainConfig:
@@ -73,6 +76,9 @@ def fold_result(config: TrainConfig, device: str) -> dict:
     run_dir = Path(config.output_dir)
     split = make_split(config.split, config.data_dir)
     evaluation = evaluate_checkpoint(run_dir / "best.safetensors", config.data_dir, run_dir / "test", device=device)
+    predictor = Predictor.from_checkpoint(run_dir / "best.safetensors", device)
+    test_volumes = list(dict.fromkeys(record.volume_id for record in split.test))
+    healthy = healthy_ct_check(predictor)
     return {
         "fold": config.split.fold,
         "test_groups": sorted({record.split_group for record in split.test}),
@@ -80,21 +86,28 @@ def fold_result(config: TrainConfig, device: str) -> dict:
         "slices": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
         "training": training_record(run_dir),
         "test": evaluation["channels"],
+        "shifted_inputs_lesion_dice": shifted_input_scores(predictor, Path(config.data_dir), test_volumes),
+        "healthy_ct": {key: healthy[key] for key in HEALTHY_CT_FIELDS},
     }
 
 
 def aggregate(folds: list[dict]) -> dict:
-    """Pooled counts over every test pixel of every fold, and mean ± SD over folds and over volumes, per channel."""
-    channels = list(folds[0]["test"])
-    result = {}
-    for channel in channels:
+    """Per channel: counts pooled over every test pixel of every fold, mean ± SD over folds and over volumes.
+    Then mean ± SD over folds of the shifted-input lesion Dice and of the false lesion volume on the healthy CT."""
+    result = {"channels": {}}
+    for channel in folds[0]["test"]:
         counts = np.sum([[fold["test"][channel]["counts"][name] for name in COUNT_NAMES] for fold in folds], axis=0)
         volumes = [volume for fold in folds for volume in fold["test"][channel]["per_volume"].values()]
-        result[channel] = {
+        result["channels"][channel] = {
             "pooled_over_folds": metrics_from_counts(counts),
             "fold_pooled": {metric: summarise([fold["test"][channel]["pooled"][metric] for fold in folds]) for metric in REPORTED_METRICS},
             "per_volume": {metric: summarise([volume[metric] for volume in volumes]) for metric in REPORTED_METRICS},
         }
+    result["shifted_inputs_lesion_dice"] = {
+        rendering: summarise([fold["shifted_inputs_lesion_dice"][rendering] for fold in folds])
+        for rendering in folds[0]["shifted_inputs_lesion_dice"]
+    }
+    result["healthy_ct_false_lesion_ml"] = summarise([fold["healthy_ct"]["false_lesion_ml"] for fold in folds])
     return result
 
 
@@ -194,7 +207,7 @@ def render_markdown(results: dict) -> str:
     """``crossval.md`` from ``crossval.json`` alone."""
     recipe, overall = results["recipe"], results["overall"]
     config = recipe["train_config"]
-    channels = list(overall)
+    channels = list(overall["channels"])
     budget = recipe["max_steps_override"]
     budget_text = (
         f"**step budget {budget}** (the recipe's own: {config.get('max_steps')})"
@@ -220,7 +233,7 @@ def render_markdown(results: dict) -> str:
     ]
     rows = []
     for channel in channels:
-        summary = overall[channel]
+        summary = overall["channels"][channel]
         pooled = summary["pooled_over_folds"]
         rows.append([f"{channel}, pooled over every test pixel", *(format_number(pooled[m]) for m in REPORTED_METRICS)])
         rows.append([f"{channel}, mean ± SD of the folds' pooled", *(mean_sd(summary["fold_pooled"][m]) for m in REPORTED_METRICS)])
@@ -270,6 +283,7 @@ def render_markdown(results: dict) -> str:
     ]
     header = [f"{channel} {label}" for channel in channels for label in ("Dice", "precision", "sensitivity")]
     lines += markdown_table(("volume", "fold", "slices", *header), rows)
+    lines += robustness_section(results)
     kept_last = sum(fold["training"]["best_step"] == fold["training"]["steps"] for fold in results["folds"])
     lines += [
         "## Step budget",
@@ -281,6 +295,42 @@ def render_markdown(results: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def robustness_section(results: dict) -> list[str]:
+    """Each fold's model on inputs unlike its training slices: its test patients re-rendered, and a healthy CT."""
+    folds, overall = results["folds"], results["overall"]
+    renderings = list(overall["shifted_inputs_lesion_dice"])
+    healthy_file = folds[0]["healthy_ct"]["file"]
+    rows = [
+        [
+            str(fold["fold"]),
+            *(format_number(fold["shifted_inputs_lesion_dice"][name]) for name in renderings),
+            format_number(fold["healthy_ct"]["false_lesion_ml"], 1),
+            str(fold["healthy_ct"]["slices_with_false_lesion"]),
+            format_number(fold["healthy_ct"]["false_percent_opacity"], 2),
+        ]
+        for fold in folds
+    ]
+    healthy = overall["healthy_ct_false_lesion_ml"]
+    rows.append(
+        [
+            "mean ± SD",
+            *(mean_sd(overall["shifted_inputs_lesion_dice"][name]) for name in renderings),
+            f"{format_number(healthy['mean'], 1)} ± {format_number(healthy['sd'], 1)}",
+            "",
+            "",
+        ]
+    )
+    return [
+        "## Inputs that look different",
+        "",
+        "Each fold's model through the full inference path (`Predictor.predict_masks`, as the CLI runs it): its test "
+        "patients' slices rendered three ways (pooled lesion Dice; see `model_card.py` for the renderings), and "
+        f"`{healthy_file}`, a chest CT without COVID-19 in raw HU (slicerio's test data), where every lesion voxel is false.",
+        "",
+        *markdown_table(("fold", *renderings, f"{healthy_file} false lesion (mL)", "slices with it", "false PO (%)"), rows),
+    ]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -310,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as error:
         print(f"ERROR {error}", file=sys.stderr)
         return 1
-    for channel, summary in results["overall"].items():
+    for channel, summary in results["overall"]["channels"].items():
         print(
             f"{channel}: Dice pooled over all folds {format_number(summary['pooled_over_folds']['F1'])}, "
             f"folds {mean_sd(summary['fold_pooled']['F1'])}, volumes {mean_sd(summary['per_volume']['F1'])}"
