@@ -11,6 +11,7 @@ from COVIDLesionSegTraining import reproduce as reproduce_module
 from COVIDLesionSegTraining.config import TrainConfig
 from COVIDLesionSegTraining.crossval import crossval, main
 from COVIDLesionSegTraining.data import read_manifest
+from COVIDLesionSegTraining.model_card import crossval_section
 from COVIDLesionSegTraining.splits import SplitSpec
 from COVIDLesionSegTraining.train import train
 
@@ -121,3 +122,13 @@ def test_command_line_reports_and_refuses_a_checkpoint_without_a_recipe(two_fold
     assert "records no train_config" in capsys.readouterr().err
     assert main(["--recipe", "no-such-model", "--output", str(folder / "none"), *arguments]) == 1
     assert "neither a checkpoint file nor a registered model" in capsys.readouterr().err
+
+
+def test_model_card_quotes_the_cross_validation_from_its_json(two_folds):
+    _, results = two_folds
+    section, limit = crossval_section(json.loads(json.dumps(results)), "results/crossval.json")
+    lesion = results["overall"]["channels"]["lesion"]
+    assert f"| lesion | {lesion['pooled_over_folds']['F1']:.3f} | " in section
+    assert "`results/crossval.md`, made by\n`test`" in section and "step budget cut to **2** (this model's: 3)" in section
+    assert "trained each fold for 2 steps, not this model's 3" in limit
+    assert crossval_section(None, "")[0] == "Not run (pass --crossval)."
