@@ -285,6 +285,7 @@ def test_po_validation_over_two_folds(tmp_path, tiny_checkpoint, shared_data, ca
         assert row["reference_percent_opacity"] == pytest.approx(manifest_percent_opacity(shared_data, volume_id))
         assert row["model_percent_opacity"] is None or 0 <= row["model_percent_opacity"] <= 100
     assert report["summary"]["volumes"] == 3 and len(report["models"]) == 2
+    assert [model["name"] for model in report["models"]] == [str(tiny_checkpoint)] * 2  # as given on the command line
     assert report["models"][0]["sha256"] == report["models"][1]["sha256"] and report["command"].startswith("covidlesionseg-validate-po")
     with Image.open(out / "po_bland_altman.png") as plot:
         assert plot.size[0] > 400

@@ -94,17 +94,17 @@ def held_out_volumes(checkpoint, checkpoint_name: str, names: Sequence[str], dat
     return volumes
 
 
-def validate_fold(predictor, volumes: Sequence[str], data_dir: Path) -> list[VolumeResult]:
-    """PO of each volume from the reference labels and from ``predictor``'s masks."""
+def validate_fold(predictor, volumes: Sequence[str], data_dir: Path, label: str) -> list[VolumeResult]:
+    """PO of each volume from the reference labels and from ``predictor``'s masks; ``label`` names the model."""
     if "lung" not in predictor.channels:
-        raise ValueError(f"{predictor.name}: the model has no lung channel, so it gives no percentage of opacity")
+        raise ValueError(f"{label}: the model has no lung channel, so it gives no percentage of opacity")
     results = []
     for volume_id in volumes:
         ct, labels = stack_volume(data_dir, volume_id)
         reference = lesion_statistics(labels == 1, GRID, labels > 0)
         masks = predictor.predict_masks(ct, preprocessed=True)
         predicted = lesion_statistics(masks["lesion"], GRID, masks["lung"])
-        result = VolumeResult(volume_id, predictor.name, len(ct), reference.percent_opacity, predicted.percent_opacity)
+        result = VolumeResult(volume_id, label, len(ct), reference.percent_opacity, predicted.percent_opacity)
         results.append(result)
         logger.info(
             "%s: %d slices, PO reference %s, model %s",
@@ -202,12 +202,13 @@ def validate(
     models = []
     for source, names in folds:
         predictor = Predictor.from_checkpoint(source, device, batch_size)
-        volumes = held_out_volumes(predictor.checkpoint, predictor.name, names, data_dir)
+        label = str(source)  # as given: a registry name, or a path that tells the folds' best.safetensors apart
+        volumes = held_out_volumes(predictor.checkpoint, label, names, data_dir)
         repeated = sorted({r.volume_id for r in results} & set(volumes))
         if repeated:
             raise ValueError(f"{repeated} are in more than one fold; each volume must be predicted once")
-        results += validate_fold(predictor, volumes, data_dir)
-        models.append({"name": predictor.name, "sha256": predictor.sha256, "volumes": volumes})
+        results += validate_fold(predictor, volumes, data_dir, label)
+        models.append({"name": label, "sha256": predictor.sha256, "volumes": volumes})
     summary = {**agreement(results), "models": list(dict.fromkeys(model["name"] for model in models))}
     report = {
         "summary": summary,
