@@ -40,7 +40,14 @@ def recipe_checkpoint(tiny_data, tmp_path_factory):
 def two_folds(recipe_checkpoint, tiny_data, tmp_path_factory):
     folder = tmp_path_factory.mktemp("crossval")
     results = crossval(
-        str(recipe_checkpoint), tiny_data, folder / "runs", folder / "out", num_folds=2, max_steps=2, device="cpu", command="test"
+        str(recipe_checkpoint),
+        tiny_data,
+        folder / "runs",
+        folder / "out",
+        num_folds=2,
+        changes={"max_steps": 2},
+        device="cpu",
+        command="test",
     )
     return folder, results
 
@@ -54,7 +61,7 @@ def test_each_fold_trains_the_recipe_with_only_split_budget_and_folder_changed(t
         assert changed == {"output_dir", "max_steps", "split"}
         assert saved["max_steps"] == 2 and saved["split"]["kind"] == "patient-kfold" and saved["split"]["fold"] == fold
         assert saved["split"]["num_folds"] == 2 and saved["split"]["seed"] == recipe["split"]["seed"]
-    assert results["recipe"]["source"] == "best.safetensors" and results["recipe"]["max_steps_override"] == 2
+    assert results["recipe"]["source"] == "best.safetensors" and results["recipe"]["changes"] == {"max_steps": 2}
 
 
 def test_every_patient_is_tested_once_by_a_model_that_never_saw_it(two_folds, tiny_data):
@@ -93,7 +100,7 @@ def test_outputs_agree_and_a_rerun_trains_nothing(two_folds, recipe_checkpoint, 
     assert (out / "crossval_validation.png").read_bytes().startswith(b"\x89PNG")
     markdown = (out / "crossval.md").read_text()
     assert markdown.startswith("# Patient-level 2-fold cross-validation of `best.safetensors`'s recipe")
-    assert "**step budget 2** (the recipe's own: 3)" in markdown
+    assert "Changed from the recipe for this run: **max_steps 2** (recipe: 3)." in markdown
     for volume in results["volumes"]:
         lesion = volume["lesion"]["F1"]
         assert f"| {volume['volume_id']} | {volume['fold']} | 3 | {'—' if lesion is None else f'{lesion:.3f}'} |" in markdown
@@ -106,7 +113,9 @@ def test_outputs_agree_and_a_rerun_trains_nothing(two_folds, recipe_checkpoint, 
         assert f"| {fold['fold']} | " in markdown and f" | {ml:.1f} | {fold['healthy_ct']['slices_with_false_lesion']} |" in markdown
 
     monkeypatch.setattr(reproduce_module, "train", lambda *args, **kwargs: pytest.fail("a finished fold was trained again"))
-    again = crossval(str(recipe_checkpoint), tiny_data, folder / "runs", folder / "again", num_folds=2, max_steps=2, device="cpu")
+    again = crossval(
+        str(recipe_checkpoint), tiny_data, folder / "runs", folder / "again", num_folds=2, changes={"max_steps": 2}, device="cpu"
+    )
     assert again["overall"] == results["overall"]
 
 
@@ -132,3 +141,29 @@ def test_model_card_quotes_the_cross_validation_from_its_json(two_folds):
     assert "`results/crossval.md`, made by\n`test`" in section and "step budget cut to **2** (this model's: 3)" in section
     assert "trained each fold for 2 steps, not this model's 3" in limit
     assert crossval_section(None, "")[0] == "Not run (pass --crossval)."
+
+
+def test_one_fold_with_a_changed_augmentation_is_labelled_and_kept_out_of_the_model_card(recipe_checkpoint, tiny_data, tmp_path):
+    arguments = [
+        "--recipe",
+        str(recipe_checkpoint),
+        "--data",
+        str(tiny_data),
+        "--runs",
+        str(tmp_path / "runs"),
+        "--output",
+        str(tmp_path / "out"),
+    ]
+    arguments += ["--num-folds", "2", "--folds", "1", "--augment", "flip", "--max-steps", "1", "--device", "cpu"]
+    assert main(arguments) == 0
+    assert not (tmp_path / "runs" / "fold0").exists()
+    saved = TrainConfig.load(tmp_path / "runs" / "fold1" / "config.json")
+    assert (saved.augment, saved.max_steps, saved.dice_weight) == ("flip", 1, RECIPE["dice_weight"])
+    results = json.loads((tmp_path / "out" / "crossval.json").read_text())
+    assert [fold["fold"] for fold in results["folds"]] == [1] and results["split"]["folds_run"] == [1]
+    markdown = (tmp_path / "out" / "crossval.md").read_text()
+    assert markdown.startswith("# Fold 1 of a patient-level 2-fold cross-validation")
+    assert "**max_steps 1** (recipe: 3), **augment flip** (recipe: robust)" in markdown
+    with pytest.raises(ValueError, match="full cross-validation of the model's own recipe"):
+        crossval_section(results, "out/crossval.json")
+    assert main([*arguments[:8], "--num-folds", "2", "--folds", "2"]) == 1

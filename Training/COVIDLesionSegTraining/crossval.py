@@ -41,6 +41,7 @@ import torch
 from COVIDLesionSegLib.checkpoints import atomic_output, load_checkpoint, locate_model
 from COVIDLesionSegLib.predictor import Predictor
 
+from .augment import AUGMENT_MODES
 from .config import TrainConfig
 from .evaluate import COUNT_NAMES, evaluate_checkpoint, metrics_from_counts, nan_to_none
 from .model_card import healthy_ct_check, shifted_input_scores
@@ -49,15 +50,15 @@ from .splits import make_split
 
 logger = logging.getLogger(__name__)
 REPORTED_METRICS = ("F1", "Pc", "Sen", "Sp", "IoU")
+CLI_CHANGES = ("max_steps", "augment", "dice_weight")  # TrainConfig fields the command line may change
 HEALTHY_CT_FIELDS = ("file", "false_lesion_ml", "slices_with_false_lesion", "lung_ml", "false_percent_opacity")
 
 
-def fold_config(recipe: dict, data_dir: str | Path, runs_dir: str | Path, fold: int, num_folds: int, max_steps: int | None) -> TrainConfig:
-    """``recipe`` (a checkpoint's ``train_config``) retargeted to patient-kfold fold ``fold`` in ``RUNS/fold<fold>``."""
-    values = {**recipe, "data_dir": str(data_dir), "output_dir": str(Path(runs_dir) / f"fold{fold}")}
+def fold_config(recipe: dict, data_dir: str | Path, runs_dir: str | Path, fold: int, num_folds: int, changes: dict) -> TrainConfig:
+    """``recipe`` (a checkpoint's ``train_config``) with ``changes`` (TrainConfig fields), retargeted to
+    patient-kfold fold ``fold`` in ``RUNS/fold<fold>``."""
+    values = {**recipe, **changes, "data_dir": str(data_dir), "output_dir": str(Path(runs_dir) / f"fold{fold}")}
     values["split"] = {**recipe.get("split", {}), "kind": "patient-kfold", "fold": fold, "num_folds": num_folds, "holdout_groups": []}
-    if max_steps is not None:
-        values["max_steps"] = max_steps
     return TrainConfig.from_dict(values)
 
 
@@ -156,34 +157,41 @@ def crossval(
     runs_dir: str | Path,
     output_dir: str | Path,
     num_folds: int = 5,
-    max_steps: int | None = None,
+    changes: dict | None = None,
+    folds: Sequence[int] | None = None,
     device: str = "auto",
     command: str = "",
 ) -> dict:
-    """Train (or resume, or skip) and evaluate every fold; write ``crossval.json``, ``.md`` and the figure."""
+    """Train (or resume, or skip) and evaluate the ``folds`` (default: all) of the recipe with ``changes``
+    (TrainConfig fields, e.g. ``{"max_steps": 1500}``); write ``crossval.json``, ``.md`` and the figure."""
+    changes = dict(changes or {})
+    folds = list(range(num_folds)) if folds is None else sorted(set(folds))
+    if not folds or not all(0 <= fold < num_folds for fold in folds):
+        raise ValueError(f"folds must be in 0..{num_folds - 1}, got {folds}")
     path, name = locate_model(recipe_source)
     recipe = load_checkpoint(path).train_config
     if not recipe:
         raise ValueError(f"{path}: the checkpoint records no train_config, so it has no recipe to cross-validate")
-    configs = [fold_config(recipe, data_dir, runs_dir, fold, num_folds, max_steps) for fold in range(num_folds)]
+    configs = [fold_config(recipe, data_dir, runs_dir, fold, num_folds, changes) for fold in folds]
     for config in configs:
         logger.info("fold %d: %s (%s)", config.split.fold, train_or_resume(config), config.output_dir)
-    folds = [fold_result(config, device) for config in configs]
+    fold_results = [fold_result(config, device) for config in configs]
     results = nan_to_none(
         {
             "command": command,
             "date": datetime.now().isoformat(timespec="seconds"),
             "torch": torch.__version__,
-            "recipe": {"source": name, "train_config": recipe, "max_steps_override": max_steps},
+            "recipe": {"source": name, "train_config": recipe, "changes": changes},
             "split": {
                 "kind": "patient-kfold",
                 "num_folds": num_folds,
                 "seed": configs[0].split.seed,
                 "val_fraction": configs[0].split.val_fraction,
+                "folds_run": folds,
             },
-            "folds": folds,
-            "volumes": per_volume_rows(folds),
-            "overall": aggregate(folds),
+            "folds": fold_results,
+            "volumes": per_volume_rows(fold_results),
+            "overall": aggregate(fold_results),
         }
     )
     output_dir = Path(output_dir)
@@ -191,7 +199,7 @@ def crossval(
         fold["training"].pop("log")  # kept in RUNS; the figure carries it
     with atomic_output(output_dir / "crossval.json") as temporary:
         temporary.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    plot_validation(folds, output_dir / "crossval_validation.png")
+    plot_validation(fold_results, output_dir / "crossval_validation.png")
     with atomic_output(output_dir / "crossval.md") as temporary:
         temporary.write_text(render_markdown(results), encoding="utf-8")
     return results
@@ -208,25 +216,29 @@ def render_markdown(results: dict) -> str:
     recipe, overall = results["recipe"], results["overall"]
     config = recipe["train_config"]
     channels = list(overall["channels"])
-    budget = recipe["max_steps_override"]
-    budget_text = (
-        f"**step budget {budget}** (the recipe's own: {config.get('max_steps')})"
-        if budget is not None
-        else f"step budget {config.get('max_steps')}"
+    changed = ", ".join(f"**{name} {value}** (recipe: {config.get(name)})" for name, value in recipe["changes"].items())
+    split = results["split"]
+    folds_text = (
+        f"Patient-level {split['num_folds']}-fold cross-validation"
+        if len(split["folds_run"]) == split["num_folds"]
+        else f"Fold {', '.join(map(str, split['folds_run']))} of a patient-level {split['num_folds']}-fold cross-validation"
     )
     from_scratch = " (trained from scratch: no ImageNet weights)" if config.get("encoder_weights") == "none" else ""
     lines = [
-        f"# Patient-level {len(results['folds'])}-fold cross-validation of `{recipe['source']}`'s recipe",
+        f"# {folds_text} of `{recipe['source']}`'s recipe",
         "",
         f"*Generated by `{results['command']}` on {results['date']} (torch {results['torch']}).*",
         "",
         f"Recipe: the `train_config` stored in `{recipe['source']}` — `{config.get('model')}`, encoder weights "
         f"`{config.get('encoder_weights')}`{from_scratch}, channels {', '.join(config.get('channels', []))}, "
         f"{config.get('image_size')}², augmentation `{config.get('augment')}`, BCE + {config.get('dice_weight')} × soft Dice, "
-        f"Adam lr {config.get('learning_rate')}, batch {config.get('batch_size')}, {budget_text}, checkpoint with the lowest "
+        f"Adam lr {config.get('learning_rate')}, batch {config.get('batch_size')}, step budget {config.get('max_steps')}, "
+        f"checkpoint with the lowest "
         "loss on the fold's validation groups kept. Split: `patient-kfold` over the patient groups (`split_group`), "
         "balanced by slice count; validation groups are drawn from each fold's training groups. Each test volume is "
         "scored by the one model that never saw its patient, on the stored 256² slices (only slices with lesion).",
+        "",
+        f"Changed from the recipe for this run: {changed or 'nothing'}.",
         "",
         "## Over all folds",
         "",
@@ -345,7 +357,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs", required=True, help="folder for the fold runs (fold0 … fold<k-1>); keep it out of the repository")
     parser.add_argument("--output", required=True, help="folder for crossval.json, crossval.md and crossval_validation.png")
     parser.add_argument("--num-folds", type=int, default=5, help="folds over the patient groups (default 5)")
-    parser.add_argument("--max-steps", type=int, help="replace the recipe's step budget (default: keep it)")
+    parser.add_argument("--folds", type=int, nargs="+", metavar="K", help="run only these folds (default: all)")
+    group = parser.add_argument_group("changes to the recipe (default: keep it)")
+    group.add_argument("--max-steps", type=int, help="step budget")
+    group.add_argument("--augment", choices=AUGMENT_MODES, help="augmentation")
+    group.add_argument("--dice-weight", type=float, help="loss = BCE + this × soft Dice")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     return parser
 
@@ -356,7 +372,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     command = shlex.join(["covidlesionseg-crossval", *argv])
     try:
-        results = crossval(args.recipe, args.data, args.runs, args.output, args.num_folds, args.max_steps, args.device, command)
+        changes = {name: value for name in CLI_CHANGES if (value := getattr(args, name)) is not None}
+        results = crossval(args.recipe, args.data, args.runs, args.output, args.num_folds, changes, args.folds, args.device, command)
     except (OSError, ValueError) as error:
         print(f"ERROR {error}", file=sys.stderr)
         return 1

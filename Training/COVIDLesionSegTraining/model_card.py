@@ -160,8 +160,10 @@ def crossval_section(crossval: dict | None, path: str) -> tuple[str, str]:
         return "Not run (pass --crossval).", "- Patient-level cross-validation of this recipe was not run."
     channels, overall = crossval["overall"]["channels"], crossval["overall"]
     recipe = crossval["recipe"]
-    budget, own = recipe["max_steps_override"], recipe["train_config"].get("max_steps")
+    budget, own = recipe["changes"].get("max_steps"), recipe["train_config"].get("max_steps")
     folds = crossval["folds"]
+    if len(folds) != crossval["split"]["num_folds"] or set(recipe["changes"]) - {"max_steps"}:
+        raise ValueError("--crossval: the model card quotes a full cross-validation of the model's own recipe (only --max-steps changed)")
     kept = ", ".join(str(fold["training"]["best_step"]) for fold in folds)
 
     def mean_sd(summary: dict, digits: int = 3) -> str:
