@@ -40,3 +40,23 @@ def test_golden_dice_on_held_out_patients(shipped, shared_data):
 
 def test_default_predictor_has_lesion_and_lung_channels(shipped):
     assert Predictor.default(device="cpu").channels == ["lesion", "lung"]
+
+
+def test_readme_quotes_the_generated_card_and_cross_validation(shipped):
+    """The README's figures are copies of generated files; this keeps them from drifting."""
+    _, _, card = shipped
+    repository = resources_dir().parent
+    readme = " ".join((repository / "README.md").read_text(encoding="utf-8").split())
+    held_out, healthy = card["held_out"], card["healthy_ct"]
+    assert f"pooled lesion Dice of {held_out['lesion_dice']:.3f} and a lung Dice of {held_out['lung_dice']:.3f}" in readme
+    assert f"it marks {healthy['false_lesion_ml']:.1f} mL of false lesion" in readme
+    crossval = json.loads((repository / "Training" / "results" / "crossval-shipped-recipe" / "crossval.json").read_text(encoding="utf-8"))
+    lesion, lung = crossval["overall"]["channels"]["lesion"], crossval["overall"]["channels"]["lung"]
+    folds, false_ml = lesion["fold_pooled"]["F1"], crossval["overall"]["healthy_ct_false_lesion_ml"]
+    assert (
+        f"a lesion Dice of {lesion['pooled_over_folds']['F1']:.3f} pooled over all {lesion['per_volume']['F1']['n']} volumes "
+        f"({folds['mean']:.3f} ± {folds['sd']:.3f} over folds) and a lung Dice of {lung['pooled_over_folds']['F1']:.3f}"
+    ) in readme
+    assert f"mark {false_ml['mean']:.1f} ± {false_ml['sd']:.1f} mL of false lesion" in readme
+    budget, own = crossval["recipe"]["changes"]["max_steps"], crossval["recipe"]["train_config"]["max_steps"]
+    assert f"cut to {budget:,} of its {own:,} steps" in readme
