@@ -191,10 +191,12 @@ The fold models on inputs unlike their training slices (lesion Dice, mean ± SD 
 On the healthy `{folds[0]['healthy_ct']['file']}` they mark {mean_sd(overall['healthy_ct_false_lesion_ml'], 1)} mL of
 false lesion (range {number(min(false_ml), 1)}–{number(max(false_ml), 1)} mL)."""
     limit = (
-        f"- The cross-validation trained each fold for {budget} steps, not this model's {own}: it measures the recipe at "
-        "that budget. Augmentation and loss weighting were chosen by hand, not compared on folds (CPU time)."
+        f"- The cross-validation trained each fold for {budget} steps, not this model's {own}: it measures the recipe at that budget."
         if budget is not None and budget != own
-        else "- Augmentation and loss weighting were chosen by hand, not compared on folds (CPU time)."
+        else ""
+    ) + (
+        "\n- Augmentation and loss weighting were chosen by hand, not compared across all folds (CPU time); "
+        "`Training/README.md` lists the one-fold comparisons that were run."
     )
     return section, limit
 
