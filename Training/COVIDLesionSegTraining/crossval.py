@@ -117,12 +117,8 @@ def per_volume_rows(folds: list[dict]) -> list[dict]:
     rows = []
     for fold in folds:
         channels = fold["test"]
-        for volume_id in next(iter(channels.values()))["per_volume"]:
-            entry = {
-                "volume_id": volume_id,
-                "fold": fold["fold"],
-                "slices": next(iter(channels.values()))["per_volume"][volume_id]["slices"],
-            }
+        for volume_id, first_channel in next(iter(channels.values()))["per_volume"].items():
+            entry = {"volume_id": volume_id, "fold": fold["fold"], "slices": first_channel["slices"]}
             for channel, summary in channels.items():
                 entry[channel] = {metric: summary["per_volume"][volume_id][metric] for metric in REPORTED_METRICS}
             rows.append(entry)
@@ -205,10 +201,11 @@ def crossval(
     return results
 
 
-def mean_sd(summary: dict) -> str:
+def mean_sd(summary: dict, digits: int = 3) -> str:
+    """"mean ± SD" of a :func:`summarise` result; "—" when nothing was defined."""
     if summary["mean"] is None:
         return format_number(None)
-    return f"{format_number(summary['mean'])} ± {format_number(summary['sd'])}"
+    return f"{format_number(summary['mean'], digits)} ± {format_number(summary['sd'], digits)}"
 
 
 def render_markdown(results: dict) -> str:
@@ -329,7 +326,7 @@ def robustness_section(results: dict) -> list[str]:
         [
             "mean ± SD",
             *(mean_sd(overall["shifted_inputs_lesion_dice"][name]) for name in renderings),
-            f"{format_number(healthy['mean'], 1)} ± {format_number(healthy['sd'], 1)}",
+            mean_sd(healthy, 1),
             "",
             "",
         ]

@@ -156,6 +156,8 @@ def without_heading(markdown: str) -> str:
 
 def crossval_section(crossval: dict | None, path: str) -> tuple[str, str]:
     """(the card's cross-validation section, its known-limits line) from ``crossval.json``; None = not run."""
+    from .crossval import mean_sd  # crossval imports this module's measurements
+
     if crossval is None:
         return "Not run (pass --crossval).", "- Patient-level cross-validation of this recipe was not run."
     channels, overall = crossval["overall"]["channels"], crossval["overall"]
@@ -165,9 +167,6 @@ def crossval_section(crossval: dict | None, path: str) -> tuple[str, str]:
     if len(folds) != crossval["split"]["num_folds"] or set(recipe["changes"]) - {"max_steps"}:
         raise ValueError("--crossval: the model card quotes a full cross-validation of the model's own recipe (only --max-steps changed)")
     kept = ", ".join(str(fold["training"]["best_step"]) for fold in folds)
-
-    def mean_sd(summary: dict, digits: int = 3) -> str:
-        return f"{number(summary['mean'], digits)} ± {number(summary['sd'], digits)}"
 
     rows = "\n".join(
         f"| {channel} | {number(summary['pooled_over_folds']['F1'])} | {mean_sd(summary['fold_pooled']['F1'])} | "
