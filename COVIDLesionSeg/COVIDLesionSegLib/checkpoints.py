@@ -15,9 +15,13 @@ default ``~/.cache/covidlesionseg``), also verified.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
+import math
 import os
+import re
 import shutil
+import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -109,19 +113,101 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     version = metadata.get("format_version")
     if version != str(FORMAT_VERSION):
         raise ValueError(f"{path}: checkpoint format version {version!r}, this program reads version {FORMAT_VERSION}")
+    fields = {name: parse_metadata_field(path, metadata, name) for name in ("model", "channels", "preprocessing", "train_config", "metrics")}
+    validate_metadata(path, fields)
+    return Checkpoint(
+        model_name=fields["model"]["name"],
+        model_kwargs=fields["model"]["kwargs"],
+        state_dict={name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in state_dict.items()},
+        channels=fields["channels"],
+        preprocessing=preprocessing_config(path, fields["preprocessing"]),
+        train_config=fields["train_config"],
+        metrics=fields["metrics"],
+    )
+
+
+def preprocessing_config(path: Path, values: dict) -> PreprocessingConfig:
     try:
-        model = json.loads(metadata["model"])
-        return Checkpoint(
-            model_name=model["name"],
-            model_kwargs=model["kwargs"],
-            state_dict={name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in state_dict.items()},
-            channels=json.loads(metadata["channels"]),
-            preprocessing=PreprocessingConfig.from_dict(json.loads(metadata["preprocessing"])),
-            train_config=json.loads(metadata.get("train_config", "{}")),
-            metrics=json.loads(metadata.get("metrics", "{}")),
-        )
-    except (KeyError, json.JSONDecodeError, TypeError) as error:
-        raise ValueError(f"{path}: checkpoint metadata is incomplete or invalid ({error!r})") from error
+        return PreprocessingConfig.from_dict(values)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: checkpoint metadata field 'preprocessing' is invalid ({error})") from None
+
+
+def parse_metadata_field(path: Path, metadata: dict, name: str):
+    """The JSON value of metadata field ``name`` (``{}`` for the optional train_config and metrics)."""
+    if name not in metadata and name in ("train_config", "metrics"):
+        return {}
+    if name not in metadata:
+        raise ValueError(f"{path}: checkpoint metadata lacks the field '{name}'")
+    try:
+        return json.loads(metadata[name])
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: checkpoint metadata field '{name}' is not valid JSON ({error})") from None
+
+
+def validate_metadata(path: Path, fields: dict) -> None:
+    """Check the metadata against the schema of :func:`save_checkpoint`; ValueError names the first bad field."""
+    from .models import MODELS
+
+    def fail(field_name: str, expected: str, value) -> None:
+        raise ValueError(f"{path}: checkpoint metadata field '{field_name}' must be {expected} (got {value!r})")
+
+    model = fields["model"]
+    if not isinstance(model, dict) or set(model) != {"name", "kwargs"}:
+        fail("model", "an object with exactly 'name' and 'kwargs'", model)
+    if not isinstance(model["name"], str) or model["name"].lower() not in MODELS:
+        fail("model.name", f"one of {', '.join(MODELS)}", model["name"])
+    parameters = inspect.signature(MODELS[model["name"].lower()]).parameters
+    if not isinstance(model["kwargs"], dict):
+        fail("model.kwargs", "an object", model["kwargs"])
+    for key in model["kwargs"]:
+        if key not in parameters:
+            fail(f"model.kwargs.{key}", f"a known argument ({', '.join(parameters)})", model["kwargs"][key])
+    channels = fields["channels"]
+    if not (isinstance(channels, list) and channels and all(isinstance(c, str) for c in channels)
+            and len(set(channels)) == len(channels) and "lesion" in channels):
+        fail("channels", "a list of distinct channel names including 'lesion'", channels)
+    out_channels = model["kwargs"].get("out_channels", parameters["out_channels"].default if "out_channels" in parameters else 1)
+    if out_channels != len(channels):
+        fail("model.kwargs.out_channels", f"the number of channels ({len(channels)})", out_channels)
+    preprocessing = fields["preprocessing"]
+    if not isinstance(preprocessing, dict):
+        fail("preprocessing", "an object", preprocessing)
+    known = PreprocessingConfig.__dataclass_fields__
+    for key, value in preprocessing.items():
+        if key not in known:
+            fail(f"preprocessing.{key}", f"absent: unknown field (known: {', '.join(known)})", value)
+        test, expected = PREPROCESSING_SCHEMA.get(key, (lambda _: True, ""))
+        if not test(value):
+            fail(f"preprocessing.{key}", expected, value)
+    for name in ("train_config", "metrics"):
+        if not isinstance(fields[name], dict):
+            fail(name, "an object", fields[name])
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def numbers(count: int, test=is_number):
+    return lambda value: isinstance(value, (list, tuple)) and len(value) == count and all(map(test, value))
+
+
+PREPROCESSING_SCHEMA = {  # field: (test, what it must be)
+    "size": (is_positive_int, "a positive integer"),
+    "hu_window": (lambda v: numbers(2)(v) and v[0] < v[1], "[low, high] HU with low < high"),
+    "hu_detect_below": (is_number, "a finite number"),
+    "clahe_clip_limit": (lambda v: is_number(v) and v > 0, "a positive number"),
+    "clahe_tile_grid": (numbers(2, is_positive_int), "two positive integers"),
+    "input_channels": (lambda v: is_positive_int(v) and v <= 3, "1, 2 or 3"),
+    "mean": (numbers(3), "three finite numbers"),
+    "std": (lambda v: numbers(3)(v) and min(v) > 0, "three positive numbers"),
+    "mask_threshold": (lambda v: is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+}
 
 
 @contextmanager
@@ -130,13 +216,47 @@ def atomic_output(path: str | Path) -> Iterator[Path]:
     ``path`` only when the block finishes without an exception, otherwise it is deleted."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.part{''.join(path.suffixes)}")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part{''.join(path.suffixes)}")
     try:
         yield temporary
         os.chmod(temporary, 0o666 & ~current_umask())  # some writers (safetensors) create files as 0600
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+TEMPORARY_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)-[0-9a-f]{8}\.part")
+STALE_AFTER_SECONDS = 3600.0
+
+
+def sweep_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the temporary files of :func:`atomic_output` in ``folder`` left by killed runs: their process is gone
+    (on this machine) or they are older than an hour. Returns the deleted paths."""
+    swept = []
+    for path in Path(folder).glob(".*.part*"):
+        match = TEMPORARY_NAME.match(path.name)
+        if not match or not path.is_file():
+            continue
+        try:
+            if not process_alive(int(match["pid"])) or time.time() - path.stat().st_mtime > STALE_AFTER_SECONDS:
+                path.unlink()
+                swept.append(path)
+        except FileNotFoundError:  # renamed or removed by its writer meanwhile
+            continue
+    return swept
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine; True where that cannot be probed safely (Windows)."""
+    if pid == os.getpid() or os.name == "nt":  # os.kill on Windows would terminate the process
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def current_umask() -> int:

@@ -11,8 +11,13 @@ leaves a half-written file under the final name.
 
 from __future__ import annotations
 
+import gzip
 import locale
-from collections.abc import Iterator
+import logging
+import math
+import struct
+import zlib
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,9 +27,15 @@ import SimpleITK as sitk
 from .checkpoints import atomic_output
 from .segments import SEGMENTS
 
+logger = logging.getLogger(__name__)
+
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SLICE_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 OUTPUT_FORMATS = ("seg.nrrd", "nii.gz")
+UNSIGNED_CT_OFFSET = 1024  # CT stored in unsigned integers as HU + 1024
+AIR_BELOW_HU = -500.0  # air and lung are below this (the default hu_detect_below of the checkpoints)
+BODY_ABOVE_HU = -200.0  # soft tissue and bone are above this
+MIN_PLAUSIBLE_VOXELS = 64 * 64
 
 
 class InputError(ValueError):
@@ -60,37 +71,144 @@ def dicom_series_ids(folder: Path) -> list[str]:
         return list(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)) or [])
 
 
-def read_image(path: str | Path, series_id: str | None = None) -> sitk.Image:
+def read_image(path: str | Path, series_id: str | None = None, notes: list[str] | None = None) -> sitk.Image:
     """Read one CT image as a 3D scalar ``sitk.Image`` (a 2D image becomes one slice) and validate it.
 
     A folder is read as the DICOM series ``series_id``, or as its only series when ``series_id`` is None.
-    Raises :class:`InputError` for a missing path, an unreadable or non-image file, a folder without exactly
-    one DICOM series, 4D or multi-component (RGB) data, an empty or constant image, or NaN/Inf voxels.
+    Raises :class:`InputError` for a missing path, an unreadable, truncated or non-image file, a folder without
+    exactly one DICOM series, a series with missing, duplicate, unreadable or unevenly spaced slices, a NIfTI
+    header with a non-positive or NaN spacing or a sheared sform, and whatever :func:`validate_image` refuses.
+    Warnings (a conversion made, an implausible volume) are appended to ``notes``.
     """
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
     try:
         if path.is_dir():
-            series = [series_id] if series_id else dicom_series_ids(path)
-            if len(series) != 1:
-                found = "no DICOM series" if not series else f"{len(series)} DICOM series ({', '.join(series)})"
-                raise InputError(f"{path}: folder holds {found}; give a folder with exactly one series")
-            with preserved_locale():
-                reader = sitk.ImageSeriesReader()
-                reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(path), series[0]))
-                image = reader.Execute()
+            image = read_dicom_series(path, series_id)
         else:
+            if path.name.lower().endswith((".nii", ".nii.gz")):
+                check_nifti(path)
             with preserved_locale():  # a single DICOM file is read by GDCM too
                 image = sitk.ReadImage(str(path))
     except RuntimeError as error:
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else "unknown error"
         raise InputError(f"{path}: not a readable image ({reason})") from None
-    return validate_image(image, path)
+    return validate_image(image, path, notes)
 
 
-def validate_image(image: sitk.Image, path: str | Path) -> sitk.Image:
-    """Check ``image`` (see :func:`read_image`) and return it as 3D scalar; ``path`` names it in errors."""
+def read_dicom_series(folder: Path, series_id: str | None) -> sitk.Image:
+    """The DICOM series ``series_id`` of ``folder`` (its only series when None), refused unless every slice is
+    there once, readable, and on evenly spaced positions (ITK would put an incomplete series on a uniform grid)."""
+    series = [series_id] if series_id else dicom_series_ids(folder)
+    if len(series) != 1:
+        found = "no DICOM series" if not series else f"{len(series)} DICOM series ({', '.join(series)})"
+        raise InputError(f"{folder}: folder holds {found}; give a folder with exactly one series")
+    with preserved_locale():
+        reader = sitk.ImageSeriesReader()
+        files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
+        if not series_id:
+            check_no_unread_dicom(folder, files)
+        reader.SetFileNames(files)
+        reader.MetaDataDictionaryArrayUpdateOn()
+        image = reader.Execute()
+    if len(files) > 1:
+        def tag(index: int, key: str) -> str:
+            return reader.GetMetaData(index, key) if reader.HasMetaDataKey(index, key) else ""
+
+        check_slice_positions(folder, [Path(name).name for name in files], [tag(i, "0020|0032") for i in range(len(files))],
+                              tag(0, "0020|0037"))
+    return image
+
+
+def check_no_unread_dicom(folder: Path, series_files: list[str]) -> None:
+    """Refuse a one-series folder holding DICOM files (``.dcm``/``.ima`` or a ``DICM`` preamble) left out of it:
+    GDCM silently drops unreadable or truncated slices."""
+    listed = {Path(name).name for name in series_files}
+    left_out = sorted(path.name for path in folder.iterdir()
+                      if path.is_file() and path.name not in listed and path.name.upper() != "DICOMDIR"
+                      and not path.name.startswith(".") and looks_like_dicom(path))
+    if left_out:
+        shown = ", ".join(left_out[:3]) + (", …" if len(left_out) > 3 else "")
+        raise InputError(f"{folder}: {len(left_out)} DICOM file(s) unreadable or not part of the series ({shown}); "
+                         "the series would be read with a gap")
+
+
+def looks_like_dicom(path: Path) -> bool:
+    if path.suffix.lower() in (".dcm", ".ima"):
+        return True
+    with open(path, "rb") as stream:
+        return stream.read(132)[128:] == b"DICM"
+
+
+def check_slice_positions(folder: Path, names: list[str], positions: list[str], orientation: str) -> None:
+    """Refuse duplicate slice positions and gaps or uneven steps between them (> 1 % or 0.01 mm off the median step)."""
+    try:
+        cosines = np.array([float(value) for value in orientation.split("\\")])
+        z = np.array([[float(value) for value in text.split("\\")] for text in positions]) @ np.cross(cosines[:3], cosines[3:6])
+    except ValueError:
+        raise InputError(f"{folder}: a slice has no readable Image Position/Orientation (Patient); the slice spacing "
+                         "cannot be checked") from None
+    order = np.argsort(z, kind="stable")
+    z, names = z[order], [names[index] for index in order]
+    steps = np.diff(z)
+    if steps.min() < 1e-3:
+        index = int(np.argmin(steps))
+        raise InputError(f"{folder}: duplicate slice position {z[index]:.2f} mm ({names[index]}, {names[index + 1]}); "
+                         "keep one copy of each slice")
+    step = float(np.median(steps))
+    deviation = np.abs(steps - step)
+    index = int(np.argmax(deviation))
+    if deviation[index] > max(0.01, 0.01 * step):
+        what = "missing or unreadable slice(s)" if steps[index] > step else "uneven slice positions"
+        raise InputError(f"{folder}: slice gap of {steps[index]:.2f} mm between {names[index]} and {names[index + 1]} "
+                         f"(z {z[index]:.2f} → {z[index + 1]:.2f} mm) where the other slices are {step:.2f} mm apart: "
+                         f"{what}; the series cannot be read on a uniform grid")
+
+
+def check_nifti(path: Path) -> None:
+    """Refuse a NIfTI-1 file that is truncated or corrupt (ITK zero-fills missing voxels), whose pixdim spacing is
+    zero, negative or NaN (ITK turns it into 1 mm), or whose sform is sheared (ITK straightens it silently)."""
+    try:
+        with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as stream:
+            header = stream.read(348)
+            size = len(header) + sum(len(block) for block in iter(lambda: stream.read(1 << 22), b""))
+    except (OSError, EOFError, zlib.error) as error:
+        raise InputError(f"{path}: truncated or corrupt compressed data ({error})") from None
+    order = next((order for order in "<>" if len(header) == 348 and struct.unpack(order + "i", header[:4])[0] == 348), None)
+    if order is None:
+        return  # NIfTI-2 or not NIfTI at all: left to ITK
+    dim = struct.unpack(order + "8h", header[40:56])
+    bitpix = struct.unpack(order + "h", header[72:74])[0]
+    pixdim = struct.unpack(order + "8f", header[76:108])
+    vox_offset = struct.unpack(order + "f", header[108:112])[0]
+    axes = max(1, min(dim[0], 3))
+    spacing = pixdim[1 : axes + 1]
+    if not all(math.isfinite(value) and value > 0 for value in spacing):
+        raise InputError(f"{path}: voxel spacing (pixdim) {tuple(round(v, 6) for v in spacing)} is zero, negative or "
+                         "not a number; the true size of the voxels is unknown")
+    if header[344:348] == b"n+1\0" and 0 < dim[0] <= 7:
+        expected = int(vox_offset) + math.prod(dim[1 : dim[0] + 1]) * bitpix // 8
+        if size < expected:
+            raise InputError(f"{path}: truncated: {size} bytes where the header announces {expected} "
+                             f"({100 * (expected - size) / expected:.0f} % of the voxels missing)")
+    if struct.unpack(order + "h", header[254:256])[0] > 0:  # sform_code: the sform gives the geometry
+        axes_mm = np.array(struct.unpack(order + "12f", header[280:328])).reshape(3, 4)[:, :3]
+        norms = np.linalg.norm(axes_mm, axis=0)
+        if np.all(norms > 0):
+            gram = (axes_mm / norms).T @ (axes_mm / norms)
+            if np.abs(gram - np.eye(3)).max() > 1e-4:
+                raise InputError(f"{path}: sheared sform (non-orthogonal voxel axes), which ITK would straighten silently; "
+                                 "resample the image to an orthogonal grid")
+
+
+def validate_image(image: sitk.Image, path: str | Path, notes: list[str] | None = None) -> sitk.Image:
+    """Check ``image`` (see :func:`read_image`) and return it as 3D scalar; ``path`` names it in errors.
+
+    Refuses multi-component, 4D, empty or constant images, NaN/Inf voxels, a spacing that is not positive and
+    finite, a degenerate direction, and integer data that is neither 8-bit nor HU: integers from 0 up to beyond
+    255 are taken as CT stored as HU + 1024 (converted, with a note) when they hold air and water, else refused.
+    """
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise InputError(f"{path}: {image.GetNumberOfComponentsPerPixel()}-component (e.g. RGB) pixels; a greyscale CT is needed")
     if image.GetDimension() == 2:
@@ -99,13 +217,47 @@ def validate_image(image: sitk.Image, path: str | Path) -> sitk.Image:
         raise InputError(f"{path}: {image.GetDimension()}D image; a 3D volume or 2D slice is needed")
     if 0 in image.GetSize():
         raise InputError(f"{path}: empty image (size {image.GetSize()})")
+    if not all(math.isfinite(value) and value > 0 for value in image.GetSpacing()):
+        raise InputError(f"{path}: voxel spacing {image.GetSpacing()} is zero, negative or not a number")
+    if not abs(np.linalg.det(np.reshape(image.GetDirection(), (3, 3)))) > 1e-3:
+        raise InputError(f"{path}: degenerate direction matrix {image.GetDirection()} (voxel axes in a plane)")
     array = sitk.GetArrayViewFromImage(image)
     if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
         raise InputError(f"{path}: contains NaN or infinite voxel values")
     low, high = array.min(), array.max()
     if low == high:
         raise InputError(f"{path}: constant image (every voxel is {low}); nothing to segment")
+    if np.issubdtype(array.dtype, np.integer) and low >= 0 and high > 255:
+        if not (low < UNSIGNED_CT_OFFSET + AIR_BELOW_HU and UNSIGNED_CT_OFFSET <= high <= UNSIGNED_CT_OFFSET + 32767):
+            raise InputError(f"{path}: integer values {low}…{high} are neither 8-bit (0…255) nor CT stored as HU + "
+                             f"{UNSIGNED_CT_OFFSET} (air below {UNSIGNED_CT_OFFSET + AIR_BELOW_HU:g}, water at "
+                             f"{UNSIGNED_CT_OFFSET}); convert the image to Hounsfield units")
+        converted = sitk.Cast(sitk.Cast(image, sitk.sitkInt32) - UNSIGNED_CT_OFFSET, sitk.sitkInt16)
+        converted.CopyInformation(image)
+        image = converted
+        note(notes, f"{path}: integer values {low}…{high} read as CT stored as HU + {UNSIGNED_CT_OFFSET}; converted to HU")
+    for warning in plausibility_warnings(sitk.GetArrayViewFromImage(image)):
+        note(notes, f"{path}: {warning}")
     return image
+
+
+def note(notes: list[str] | None, text: str) -> None:
+    logger.warning(text)
+    if notes is not None:
+        notes.append(text)
+
+
+def plausibility_warnings(array: np.ndarray) -> list[str]:
+    """Why a volume does not look like a chest CT: too few voxels; in HU, almost no air or almost no body."""
+    warnings = []
+    if array.size < MIN_PLAUSIBLE_VOXELS:
+        warnings.append(f"only {array.size} voxels; a chest CT slice alone has about 512 × 512")
+    if array.min() < AIR_BELOW_HU:  # in HU
+        if np.count_nonzero(array < AIR_BELOW_HU) < 0.01 * array.size:
+            warnings.append(f"almost no air (< 1 % of voxels below {AIR_BELOW_HU:g} HU); not plausible as chest CT")
+        if np.count_nonzero(array > BODY_ABOVE_HU) < 0.01 * array.size:
+            warnings.append(f"almost no body (< 1 % of voxels above {BODY_ABOVE_HU:g} HU); not plausible as chest CT")
+    return warnings
 
 
 def orientation_code(image: sitk.Image) -> str:
@@ -142,12 +294,13 @@ def output_path(output_dir: str | Path, name: str, output_format: str) -> Path:
     return Path(output_dir) / f"{name}.{output_format}"
 
 
-def write_segmentation(path: str | Path, masks: dict[str, sitk.Image]) -> Path:
+def write_segmentation(path: str | Path, masks: dict[str, sitk.Image], before_commit: Callable[[Path], None] | None = None) -> Path:
     """Write channel masks (``{"lesion": image, "lung": image}``, uint8 0/1 on one grid) atomically.
 
     ``.seg.nrrd``: one segment per channel with the name, colour and terminology of ``segments.SEGMENTS``
     (overlapping segments go to separate layers, as Slicer stores them). ``.nii.gz``: a labelmap with
-    1 = lesion and 2 = lung without lesion.
+    1 = lesion and 2 = lung without lesion. ``before_commit(temporary)`` runs on the complete temporary file
+    just before it is renamed to ``path`` (an exception there leaves ``path`` untouched).
     """
     path = Path(path)
     reference = masks["lesion"]
@@ -158,7 +311,8 @@ def write_segmentation(path: str | Path, masks: dict[str, sitk.Image]) -> Path:
         for channel, mask in masks.items():
             voxels = sitk.GetArrayViewFromImage(mask).transpose(2, 1, 0) > 0  # [z,y,x] → (i, j, k)
             slicerio.add_segment(segmentation, voxels, SEGMENTS[channel].slicerio_segment())
-        with atomic_output(path) as temporary:
+
+        def write(temporary: Path) -> None:
             slicerio.write_segmentation(str(temporary), segmentation)
     elif path.name.endswith(".nii.gz"):
         labels = np.zeros(reference.GetSize()[::-1], dtype=np.uint8)
@@ -167,8 +321,13 @@ def write_segmentation(path: str | Path, masks: dict[str, sitk.Image]) -> Path:
         labels[sitk.GetArrayViewFromImage(reference) > 0] = 1
         labelmap = sitk.GetImageFromArray(labels)
         labelmap.CopyInformation(reference)
-        with atomic_output(path) as temporary:
+
+        def write(temporary: Path) -> None:
             sitk.WriteImage(labelmap, str(temporary), useCompression=True)
     else:
         raise ValueError(f"{path}: unknown output format; use .seg.nrrd or .nii.gz")
+    with atomic_output(path) as temporary:
+        write(temporary)
+        if before_commit is not None:
+            before_commit(temporary)
     return path

@@ -105,7 +105,9 @@ class VoxelGrid:
 
     @property
     def voxel_ml(self) -> float:
-        return float(np.prod(self.spacing_mm)) / 1000.0
+        """|det(direction)| × spacing product: exact for sheared (non-orthogonal) grids too."""
+        direction = np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
+        return abs(float(np.linalg.det(direction))) * float(np.prod(self.spacing_mm)) / 1000.0
 
     def image_of(self, array: np.ndarray) -> sitk.Image:
         """``array`` as a ``sitk.Image`` on this grid."""

@@ -126,7 +126,7 @@ def test_png_slice_is_a_one_slice_volume(tmp_path):
 BAD_INPUTS = {
     "missing": (lambda d: d / "absent.nii.gz", "no such file or folder"),
     "not an image": (lambda d: write_bytes(d / "notes.txt", b"hello"), "not a readable image"),
-    "corrupt": (lambda d: write_bytes(d / "broken.nii.gz", b"\x1f\x8b garbage"), "not a readable image"),
+    "corrupt": (lambda d: write_bytes(d / "broken.nii.gz", b"\x1f\x8b garbage"), "corrupt compressed data"),
     "empty folder": (lambda d: mkdir(d / "empty"), "no DICOM series"),
     "rgb": (lambda d: write(d / "rgb.png", sitk.GetImageFromArray(np.zeros((8, 8, 3), np.uint8), isVector=True)), "RGB"),
     "4d": (lambda d: write(d / "four.nii.gz", sitk.JoinSeries([make_volume("identity-odd"), make_volume("identity-odd", 1)])), "4D"),
