@@ -90,6 +90,12 @@ class COVIDLesionSeg(ScriptedLoadableModule):
         self.parent.contributors = ["COVIDLesionSeg developers"]
         self.parent.helpText = HELP_TEXT + DEFINITIONS_PENDING + HELP_END
         self.parent.acknowledgementText = ACKNOWLEDGEMENT_TEXT
+        # Slicer finds <module folder>/Resources/Icons/<module>.png only in an installed extension; in source-folder mode
+        # Resources/ is at the repository's top.
+        self.parent.icon = qt.QIcon(str(mrml.resource_path(mrml.ICON_FILE)))
+        # Once per application, as the reference extensions do: segments of this tool then show their names and colours
+        # in every module, also in scenes loaded before this module is opened.
+        slicer.app.connect("startupCompleted()", COVIDLesionSegLogic.loadTerminology)
 
 
 def fullHelpText() -> str:
@@ -137,7 +143,6 @@ class COVIDLesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         uiWidget.setMRMLScene(slicer.mrmlScene)
         slicer.util.getModule(self.moduleName).helpText = fullHelpText()  # read by the module panel after this setup
         self.logic = COVIDLesionSegLogic()
-        self.logic.loadTerminology()  # so that segments of this tool show their names and colours in any module
 
         for entry in mrml.registered_models():
             self.ui.modelComboBox.addItem(entry.name)
@@ -307,7 +312,9 @@ class COVIDLesionSegLogic(ScriptedLoadableModuleLogic):
         models = mrml.registered_models()
         return next((entry.name for entry in models if entry.default), models[0].name if models else "")
 
-    def loadTerminology(self) -> None:
+    @staticmethod
+    def loadTerminology() -> None:
+        """Load the shipped terminology unless it is loaded (at start-up, and before results are shown)."""
         mrml.load_terminology(slicer.modules.terminologies.logic())
 
     def ensureDependencies(self, askConfirmation: bool = True, visualReport: bool = False) -> None:

@@ -193,7 +193,7 @@ class EncoderDecoder(nn.Module):
         padded = pad_to_multiple(image, multiple)
         features = self.encoder(padded)
         x = features[-1]
-        for stage, skip in zip(self.decoder, reversed(features[:-1]), strict=True):
+        for stage, skip in zip(self.decoder, reversed(features[:-1])):  # one stage per skip; no strict=: Slicer 5.6/5.8 run Python 3.9
             x = stage(x, skip)
         if self.encoder.stride > 1:
             x = F.interpolate(x, size=padded.shape[-2:], mode="bilinear", align_corners=False)

@@ -78,7 +78,7 @@ def write_report(
     montage_figure.subplots_adjust(left=0.01, right=0.99, top=0.92, bottom=0.06, wspace=0.04, hspace=0.12)
     for axis in axes:
         axis.set_axis_off()
-    for axis, z in zip(axes, slices, strict=False):
+    for axis, z in zip(axes, slices):
         axis.imshow(ct[z], cmap="gray", vmin=window[0], vmax=window[1], aspect=aspect, interpolation="nearest")
         for channel, mask in (("lung", lung), ("lesion", lesion)):
             if mask is not None and mask[z].any():

@@ -5,7 +5,7 @@
 - :func:`load_volume_result`, :func:`load_folder_results`: what the finished CLI wrote → scene nodes (a volume
   run's visual report is moved out of the temporary work folder first, into ``report_dir``).
 - :func:`load_segmentation`: the CLI's ``.seg.nrrd`` → segments of a ``vtkMRMLSegmentationNode`` whose reference
-  image geometry is the input volume, under the input's transform and in the input's study.
+  image geometry is the input volume, in the input's study, over the same anatomy whatever the node's transform.
 - :func:`read_summary`, :func:`update_statistics_table`, :func:`write_table_csv`: the CLI's ``summary.csv`` →
   a ``vtkMRMLTableNode`` (lesion volume, slices with lesion, % of lung, … as ``statistics.MEASURES`` defines them,
   each cell the text of ``summary.csv``, plus the visual report's path) → a CSV file.
@@ -127,7 +127,9 @@ def load_volume_result(work_dir: str | Path, volume_node, segmentation_node=None
     if row.get("report") and report_dir is not None:
         row["report"] = str(_move_to_new_file(Path(row["report"]), Path(report_dir), safe_file_stem(volume_node.GetName())))
     scene = volume_node.GetScene()
-    segmentation_node = segmentation_node or scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume_node.GetName()} {LESION.name}")
+    if segmentation_node is None:  # a new node goes under the volume's transform; a chosen one keeps its own
+        segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume_node.GetName()} {LESION.name}")
+        segmentation_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
     load_segmentation(row["output"], volume_node, segmentation_node)
     table_node = table_node or scene.AddNewNodeByClass("vtkMRMLTableNode", STATISTICS_TABLE_NAME)
     update_statistics_table(table_node, [row], include_lung, [volume_node.GetName()])
@@ -195,10 +197,11 @@ def write_volume(volume_node, path: str | Path) -> Path:
 
 
 def load_segmentation(path: str | Path, volume_node, segmentation_node) -> list[str]:
-    """Import the segments of ``path`` into ``segmentation_node``, referenced to ``volume_node``; returns their IDs.
+    """Import the segments of ``path`` (written on ``volume_node``'s grid) into ``segmentation_node``; returns their IDs.
 
     Segments this tool wrote before (IDs in ``segments.SEGMENTS``) are replaced, other segments are kept. The node
-    gets display nodes, the volume as reference image geometry, the volume's parent transform and study.
+    gets display nodes, the volume as reference image geometry and the volume's study. Its parent transform is left
+    as it is: when it differs from the volume's, the segments are transformed so that they cover the same anatomy.
     """
     reader_scene = slicer.vtkMRMLScene()  # a private scene, so nothing transient appears in the user's scene
     source = reader_scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
@@ -208,11 +211,18 @@ def load_segmentation(path: str | Path, volume_node, segmentation_node) -> list[
         raise OSError(f"{path}: could not read the segmentation file")
     source_segmentation = source.GetSegmentation()
     segment_ids = [source_segmentation.GetNthSegmentID(index) for index in range(source_segmentation.GetNumberOfSegments())]
+    if volume_node.GetParentTransformNode() is not segmentation_node.GetParentTransformNode():
+        volume_to_segmentation = vtk.vtkGeneralTransform()
+        slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(volume_node.GetParentTransformNode(),
+                                                             segmentation_node.GetParentTransformNode(), volume_to_segmentation)
+        if slicer.vtkMRMLTransformNode.IsGeneralTransformLinear(volume_to_segmentation):
+            source_segmentation.ApplyLinearTransform(volume_to_segmentation)
+        else:
+            source_segmentation.ApplyNonLinearTransform(volume_to_segmentation)
 
     if segmentation_node.GetDisplayNode() is None:
         segmentation_node.CreateDefaultDisplayNodes()
-    segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
-    segmentation_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+    segmentation_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)  # in the node's own frame
     target = segmentation_node.GetSegmentation()
     for segment_id in set(SEGMENTS) | set(segment_ids):
         if target.GetSegment(segment_id) is not None:
@@ -357,8 +367,11 @@ def measures_help_html() -> str:
 
 
 def load_terminology(terminologies_logic) -> str:
-    """Load the shipped terminology context (segment names and recommended colours) once; returns its name."""
-    if not terminologies_logic.IsTerminologyContextLoaded(TERMINOLOGY_CONTEXT):
+    """Load the shipped terminology context (segment names and recommended colours) unless it is loaded; returns its
+    name. Uses only what Slicer 5.6 has (``IsTerminologyContextLoaded`` exists from 5.10 only)."""
+    names = vtk.vtkStringArray()
+    terminologies_logic.GetLoadedTerminologyNames(names)
+    if TERMINOLOGY_CONTEXT not in {names.GetValue(index) for index in range(names.GetNumberOfValues())}:
         path = resource_path(TERMINOLOGY_FILE)
         loaded = terminologies_logic.LoadTerminologyFromFile(str(path))
         if loaded != TERMINOLOGY_CONTEXT:

@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -93,7 +94,7 @@ def test_load_segmentation_references_the_volume_and_keeps_every_voxel(scene, vo
         == expected_geometry
     np.testing.assert_array_equal(segment_array(segmentation, "lesion", volume), lesion)
     np.testing.assert_array_equal(segment_array(segmentation, "lung", volume), lung)
-    assert segmentation.GetTransformNodeID() == transform.GetID()
+    assert segmentation.GetTransformNodeID() is None  # a node given by the caller keeps its own transform
     assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(segmentation)) == study
     assert segmentation.GetDisplayNode() is not None
     for segment_id in ("lesion", "lung"):
@@ -213,11 +214,12 @@ def test_report_column_and_the_report_of_the_last_run(scene, tmp_path):
     assert mrml.run_report(None) is None
 
 
-def write_volume_run_output(volume, work_dir, report: bool) -> dict:
-    """What the CLI writes for a volume run (``work_dir/output``): the segmentation, summary.csv, and the report."""
+def write_volume_run_output(volume, work_dir, report: bool, lesion: np.ndarray | None = None) -> dict:
+    """What the CLI writes for a volume run (``work_dir/output``): the segmentation (default: all lesion), summary.csv,
+    and the report."""
     output = work_dir / mrml.VOLUME_RUN_OUTPUT
     output.mkdir(parents=True)
-    segmentation = write_result(volume, output, np.ones(synthetic_ct().shape, np.uint8))
+    segmentation = write_result(volume, output, np.ones(synthetic_ct().shape, np.uint8) if lesion is None else lesion)
     row = {**SUMMARY[0], "input": str(work_dir / "CT.nrrd"), "output": str(segmentation), "report": ""}
     if report:
         row["report"] = str(output / "CT.report.png")
@@ -340,3 +342,81 @@ def test_volume_run_command_writes_the_volume_named_after_the_node(scene, volume
     assert command[4] == str(tmp_path / "CT_day_3.nrrd")
     assert command[command.index("--output-dir") + 1] == str(tmp_path / mrml.VOLUME_RUN_OUTPUT)
     assert "--overwrite" in command
+
+
+def rigid_transform(scene, degrees: float = 20.0, shift=(15.0, -8.0, 30.0)):
+    """A linear transform node: a rotation about the A axis and a shift (mm)."""
+    angle = math.radians(degrees)
+    matrix = np.eye(4)
+    matrix[[0, 0, 2, 2], [0, 2, 0, 2]] = [math.cos(angle), math.sin(angle), -math.sin(angle), math.cos(angle)]
+    matrix[:3, 3] = shift
+    transform = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    transform.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(matrix))
+    return transform, matrix
+
+
+def world_center(volume, box: tuple[slice, slice, slice], to_world: np.ndarray) -> np.ndarray:
+    """World RAS of the centre of the voxel box ``[z, y, x]`` of ``volume`` under the transform ``to_world``."""
+    center_ijk = [(part.start + part.stop - 1) / 2 for part in reversed(box)] + [1.0]
+    return (to_world @ OBLIQUE @ center_ijk)[:3]
+
+
+def segment_world_center(segmentation, segment_id: str) -> np.ndarray:
+    """World RAS of the mean voxel centre of a segment: its labelmap's voxels through the labelmap's geometry and the
+    node's parent transform."""
+    from vtk.util.numpy_support import vtk_to_numpy
+
+    labelmap = segmentation.GetSegmentation().GetSegment(segment_id).GetRepresentation("Binary labelmap")
+    voxels = vtk_to_numpy(labelmap.GetPointData().GetScalars()).reshape(labelmap.GetDimensions()[::-1])
+    extent = labelmap.GetExtent()
+    kji = np.argwhere(voxels > 0).mean(axis=0)
+    ijk = [kji[2] + extent[0], kji[1] + extent[2], kji[0] + extent[4], 1.0]
+    geometry = vtk.vtkMatrix4x4()
+    labelmap.GetImageToWorldMatrix(geometry)
+    to_world = vtk.vtkGeneralTransform()
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(segmentation.GetParentTransformNode(), None, to_world)
+    return np.array(to_world.TransformPoint((slicer.util.arrayFromVTKMatrix(geometry) @ ijk)[:3]))
+
+
+LESION_BOX = (slice(2, 4), slice(8, 12), slice(3, 7))
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new segmentation", "chosen segmentation outside the transform"])
+def test_a_volume_under_a_transform_gets_its_segments_over_the_same_anatomy(scene, volume, tmp_path, existing):
+    """Regression: the reference geometry was set before the node was put under the volume's transform (transformed
+    twice), and a segmentation chosen by the user was moved under the volume's transform."""
+    transform, matrix = rigid_transform(scene)
+    volume.SetAndObserveTransformNodeID(transform.GetID())
+    lesion = np.zeros(synthetic_ct().shape, np.uint8)
+    lesion[LESION_BOX] = 1
+    write_volume_run_output(volume, tmp_path, report=False, lesion=lesion)
+    chosen = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "my segmentation") if existing else None
+
+    segmentation, _, _ = mrml.load_volume_result(tmp_path, volume, chosen)
+
+    assert segmentation.GetTransformNodeID() == (None if existing else transform.GetID())
+    assert np.allclose(segment_world_center(segmentation, "lesion"), world_center(volume, LESION_BOX, matrix), atol=1e-6)
+    np.testing.assert_array_equal(segment_array(segmentation, "lesion", volume), lesion)
+    reference = slicer.vtkOrientedImageData()
+    slicer.vtkSegmentationConverter.DeserializeImageGeometry(segmentation.GetSegmentation().GetConversionParameter(
+        slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName()), reference, False)
+    geometry = vtk.vtkMatrix4x4()
+    reference.GetImageToWorldMatrix(geometry)
+    to_node = matrix if existing else np.eye(4)  # the reference geometry is in the node's own frame
+    assert np.allclose(slicer.util.arrayFromVTKMatrix(geometry), to_node @ OBLIQUE, atol=1e-6)
+
+
+def test_terminology_loads_once_with_the_api_of_slicer_5_6():
+    """Regression: IsTerminologyContextLoaded exists from Slicer 5.10 only; 5.6 and 5.8 have GetLoadedTerminologyNames."""
+    logic = slicer.vtkSlicerTerminologiesModuleLogic()
+    loads = []
+
+    def load(path: str) -> str:
+        loads.append(path)
+        return logic.LoadTerminologyFromFile(path)
+
+    slicer_5_6 = types.SimpleNamespace(GetLoadedTerminologyNames=logic.GetLoadedTerminologyNames, LoadTerminologyFromFile=load)
+    assert mrml.load_terminology(slicer_5_6) == TERMINOLOGY_CONTEXT
+    assert mrml.load_terminology(slicer_5_6) == TERMINOLOGY_CONTEXT
+    assert loads == [str(mrml.resource_path(mrml.TERMINOLOGY_FILE))]
+    assert logic.IsTerminologyContextLoaded(TERMINOLOGY_CONTEXT)

@@ -227,7 +227,13 @@ def test_torch_requirements_match_the_project(project):
 # classes); everything else (slicer's MRML classes, slicer.util) is the real slicer-core package.
 IMPORT_PROBE = textwrap.dedent("""
     import sys, types
+    import slicer, vtk
     qt = types.ModuleType("qt")
+    qt.QIcon = lambda path: path
+    connections = []
+    slicer.app = types.SimpleNamespace(connect=lambda signal, slot: connections.append((signal, slot)))
+    terminologies = slicer.vtkSlicerTerminologiesModuleLogic()
+    slicer.modules = types.SimpleNamespace(terminologies=types.SimpleNamespace(logic=lambda: terminologies))
     scripted = types.ModuleType("slicer.ScriptedLoadableModule")
     class ScriptedLoadableModule:
         def __init__(self, parent):
@@ -244,7 +250,13 @@ IMPORT_PROBE = textwrap.dedent("""
     module = COVIDLesionSeg.COVIDLesionSeg(types.SimpleNamespace())
     heavy = [name for name in ("torch", "SimpleITK", "COVIDLesionSegLib.checkpoints", "COVIDLesionSegLib.statistics", "psutil")
              if name in sys.modules]
-    print({"heavy": heavy, "title": module.parent.title, "categories": module.parent.categories,
+    for signal, slot in connections:
+        slot()  # what the application does when it emits the signal
+    loaded = vtk.vtkStringArray()
+    terminologies.GetLoadedTerminologyNames(loaded)
+    print({"heavy": heavy, "title": module.parent.title, "categories": module.parent.categories, "icon": module.parent.icon,
+           "signals": [signal for signal, _ in connections],
+           "terminologies": [loaded.GetValue(index) for index in range(loaded.GetNumberOfValues())],
            "help": module.parent.helpText, "acknowledgement": module.parent.acknowledgementText,
            "full_help": COVIDLesionSeg.fullHelpText()})  # what the widget's setup makes the help (it imports statistics)
 """)
@@ -261,6 +273,28 @@ def imported_module() -> dict:
 
 def test_importing_the_module_loads_neither_torch_nor_the_heavy_core(imported_module):
     assert imported_module["heavy"] == []
+
+
+def test_terminology_is_loaded_once_at_application_start_up(imported_module):
+    """Regression: it was loaded in the widget's setup with IsTerminologyContextLoaded, which Slicer 5.6/5.8 lack."""
+    assert imported_module["signals"] == ["startupCompleted()"]
+    assert TERMINOLOGY_CONTEXT in imported_module["terminologies"]
+    assert "Terminology" not in ast.unparse(method("COVIDLesionSegWidget", "setup"))
+
+
+def test_module_icon_is_found_in_source_folder_mode_too(imported_module):
+    """Slicer looks for <module folder>/Resources/Icons/<module>.png, which exists only in an installed extension."""
+    assert imported_module["icon"] == str(RESOURCES / mrml.ICON_FILE)
+    assert not (MODULE_DIR / "Resources").exists()  # this checkout is the source-folder layout
+
+
+def test_code_that_runs_in_slicer_parses_and_runs_on_python_3_9():
+    """Regression: zip(strict=) in models.py and report.py broke every run in Slicer 5.6/5.8 (Python 3.9). vermin finds
+    syntax, standard-library calls and keyword arguments newer than the target."""
+    pytest.importorskip("vermin", reason="vermin (test extra) checks the minimum Python version")
+    vermin = shutil.which("vermin", path=os.path.dirname(sys.executable)) or shutil.which("vermin")
+    result = subprocess.run([vermin, "-t=3.9-", "--no-tips", "--violations", str(MODULE_DIR)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_module_metadata_cites_the_paper_and_the_dataset(imported_module):
