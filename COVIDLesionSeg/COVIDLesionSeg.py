@@ -9,11 +9,9 @@ Slicer's process, except once by the PyTorch extension when it installs torch.
 """
 
 import collections
-import importlib.metadata
 import importlib.util
 import logging
 import pathlib
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -318,30 +316,30 @@ class COVIDLesionSegLogic(ScriptedLoadableModuleLogic):
         mrml.load_terminology(slicer.modules.terminologies.logic())
 
     def ensureDependencies(self, askConfirmation: bool = True, visualReport: bool = False) -> None:
-        """Install the CLI's Python packages into Slicer's Python on first use, after asking, and matplotlib on first
-        use of the visual report; torch comes through the PyTorch extension. Slicer's own numpy, SimpleITK and
-        requests are never touched."""
-        requirements = mrml.resource_path(mrml.REQUIREMENTS_FILE)
-        extra = [REPORT_REQUIREMENT] if visualReport else []
-        try:
-            from slicer.packaging import load_requirements, pip_ensure  # Slicer 5.12 and later
-        except ImportError:
-            installMissingRequirements(requirementLines(requirements) + extra, askConfirmation)
-        else:
-            from packaging.requirements import Requirement
-
-            pip_ensure(load_requirements(requirements) + [Requirement(line) for line in extra], prompt_install=askConfirmation,
-                       requester="COVIDLesionSeg")
-        if importlib.util.find_spec("torch") and importlib.util.find_spec("torchvision"):
+        """Install what the CLI needs into Slicer's Python, after one confirmation for all of it: the packages of
+        requirements.txt (and matplotlib for the visual report) under a constraints file that keeps Slicer's own numpy,
+        SimpleITK and requests, and torch through the PyTorch extension, which picks the CUDA build."""
+        requirements = mrml.requirement_lines(mrml.resource_path(mrml.REQUIREMENTS_FILE)) + ([REPORT_REQUIREMENT] if visualReport else [])
+        missing = mrml.missing_requirements(requirements)
+        needTorch = not (importlib.util.find_spec("torch") and importlib.util.find_spec("torchvision"))
+        if not missing and not needTorch:
             return
-        try:
-            import PyTorchUtils
-        except ModuleNotFoundError:
-            raise RuntimeError("COVIDLesionSeg needs PyTorch: install the 'PyTorch' extension from the Extensions "
-                               "Manager, restart Slicer, and try again.") from None
-        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=askConfirmation, torchVersionRequirement=TORCH_REQUIREMENT,
-                                                               torchvisionVersionRequirement=TORCHVISION_REQUIREMENT)
-        if torch is None:
+        if needTorch:
+            try:
+                import PyTorchUtils
+            except ModuleNotFoundError:
+                raise RuntimeError("COVIDLesionSeg needs PyTorch: install the 'PyTorch' extension from the Extensions "
+                                   "Manager, restart Slicer, and try again.") from None
+        packages = missing + (["torch and torchvision (PyTorch extension)"] if needTorch else [])
+        if askConfirmation and not slicer.util.confirmOkCancelDisplay(
+                f"COVID-19 Lesion Segmentation needs these Python packages: {', '.join(packages)}.\n"
+                "Download and install them now? This may take a few minutes."):
+            raise RuntimeError(f"Required Python packages are not installed: {', '.join(packages)}")
+        if missing:
+            constraints = mrml.write_constraints(pathlib.Path(slicer.util.tempDirectory("COVIDLesionSeg")) / "constraints.txt")
+            slicer.util.pip_install([*missing, "-c", str(constraints)])  # a list of pip arguments in Slicer 5.6 to 5.12
+        if needTorch and PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT,
+                                                                        torchvisionVersionRequirement=TORCHVISION_REQUIREMENT) is None:
             raise RuntimeError("PyTorch was not installed; the segmentation cannot run without it.")
 
     def startSegmentation(self, parameters, onProgress, onLog, onFinished) -> None:
@@ -457,30 +455,6 @@ def pythonSlicerExecutable() -> str:
     if not python:
         raise RuntimeError("PythonSlicer, Slicer's Python interpreter, was not found on the PATH.")
     return python
-
-
-def requirementLines(requirementsFile: pathlib.Path) -> list[str]:
-    return [line.strip() for line in requirementsFile.read_text().splitlines() if line.strip() and not line.startswith("#")]
-
-
-def installMissingRequirements(requirements: list[str], askConfirmation: bool) -> None:
-    """Slicer before 5.12: pip-install the requirements whose package is absent, after asking (versions unchecked)."""
-
-    def installed(requirement: str) -> bool:
-        try:
-            importlib.metadata.version(re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0])
-            return True
-        except importlib.metadata.PackageNotFoundError:
-            return False
-
-    missing = [requirement for requirement in requirements if not installed(requirement)]
-    if not missing:
-        return
-    if askConfirmation and not slicer.util.confirmOkCancelDisplay(
-            f"COVID-19 Lesion Segmentation needs these Python packages: {', '.join(missing)}.\n"
-            "Download and install them now? This may take a few minutes."):
-        raise RuntimeError(f"Required Python packages are not installed: {', '.join(missing)}")
-    slicer.util.pip_install(missing)
 
 
 class COVIDLesionSegTest(ScriptedLoadableModuleTest):

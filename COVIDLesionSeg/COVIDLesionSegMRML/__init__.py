@@ -13,6 +13,8 @@
 - :func:`measures_help_html`: the definitions of ``statistics`` (every measure, the severity categories, the
   left/right and not-available rules) quoted as HTML for the module's help.
 - :func:`load_terminology`: the shipped terminology context into Slicer's terminology logic.
+- :func:`requirement_lines`, :func:`missing_requirements`, :func:`write_constraints`: what to pip-install into Slicer's
+  Python, without ever replacing the packages Slicer ships (:data:`SLICER_PACKAGES`).
 - :func:`resource_path`, :func:`registered_models`: files shipped in ``Resources/`` (found by the core's torch-free
   ``COVIDLesionSegLib.resources``).
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 import collections
 import csv
 import html
+import importlib.metadata
 import math
 import re
 import shutil
@@ -53,6 +56,7 @@ REPORT_SUFFIX = ".report.png"
 # statistics.DEFAULT_HIGH_OPACITY_THRESHOLD_HU, repeated here because importing statistics loads SimpleITK, which
 # the module must not do at Slicer's start-up; a test keeps the two equal.
 DEFAULT_HIGH_OPACITY_THRESHOLD_HU = -200.0
+SLICER_PACKAGES = ("numpy", "SimpleITK", "requests")  # shipped with Slicer: installing must never replace them
 
 
 def resource_path(relative: str) -> Path:
@@ -65,6 +69,45 @@ def registered_models(path: Path | None = None) -> list[RegistryEntry]:
         return list(load_registry(path).values())
     except FileNotFoundError:
         return []
+
+
+def requirement_lines(path: Path) -> list[str]:
+    """The requirements of a requirements file (comments and blank lines dropped)."""
+    lines = (line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def missing_requirements(requirements: list[str]) -> list[str]:
+    """The requirements that apply to this Python (environment markers) and whose package is absent or of a version
+    outside the specifier."""
+    from packaging.requirements import Requirement  # shipped with Slicer (5.6: packaging 23.2)
+
+    missing = []
+    for line in requirements:
+        requirement = Requirement(line)
+        if requirement.marker is not None and not requirement.marker.evaluate():
+            continue
+        try:
+            installed = importlib.metadata.version(requirement.name)
+        except importlib.metadata.PackageNotFoundError:
+            installed = None
+        if installed is None or not requirement.specifier.contains(installed, prereleases=True):
+            missing.append(line)
+    return missing
+
+
+def write_constraints(path: str | Path) -> Path:
+    """A pip constraints file pinning :data:`SLICER_PACKAGES` at their installed versions: with ``-c`` it, pip
+    installs only versions of other packages that work with them, or fails, rather than replacing them."""
+    pins = []
+    for name in SLICER_PACKAGES:
+        try:
+            pins.append(f"{name}=={importlib.metadata.version(name)}\n")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    path = Path(path)
+    path.write_text("".join(pins), encoding="utf-8")
+    return path
 
 
 def optional_path(path: Path | str | None) -> Path | None:

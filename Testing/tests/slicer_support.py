@@ -20,6 +20,16 @@ vtk = pytest.importorskip("vtk")
 if not hasattr(slicer, "vtkMRMLScene"):
     pytest.skip("the installed 'slicer' package has no MRML classes (slicer-core missing)", allow_module_level=True)
 
+# The Slicer releases the module supports and the Python, numpy and SimpleITK each ships (Slicer's
+# SuperBuild/External_python.cmake, External_python-numpy.cmake and the SimpleITK project at tags v5.6.2, v5.8.1, v5.10.0
+# and v5.12.3). The README's "Supported Slicer versions" table states the same.
+SUPPORTED_SLICERS = {
+    "5.6": {"python": "3.9.10", "numpy": "1.26.1", "SimpleITK": "2.2.1"},
+    "5.8": {"python": "3.9.10", "numpy": "1.26.4", "SimpleITK": "2.3.1"},
+    "5.10": {"python": "3.12.10", "numpy": "2.0.2", "SimpleITK": "2.5.2"},
+    "5.12": {"python": "3.12.10", "numpy": "2.4.6", "SimpleITK": "2.5.5"},
+}
+
 _converters_registered = False
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.metadata
 import json
 import math
 import os
@@ -420,3 +421,17 @@ def test_terminology_loads_once_with_the_api_of_slicer_5_6():
     assert mrml.load_terminology(slicer_5_6) == TERMINOLOGY_CONTEXT
     assert loads == [str(mrml.resource_path(mrml.TERMINOLOGY_FILE))]
     assert logic.IsTerminologyContextLoaded(TERMINOLOGY_CONTEXT)
+
+
+def test_missing_requirements_follow_markers_and_installed_versions():
+    pytest_version = importlib.metadata.version("pytest")
+    requirements = [f"pytest=={pytest_version}", "pytest<1", "no-such-package-covidlesionseg>=1", 'pytest<1; python_version < "3.0"']
+    assert mrml.missing_requirements(requirements) == ["pytest<1", "no-such-package-covidlesionseg>=1"]
+    assert mrml.requirement_lines(mrml.resource_path(mrml.REQUIREMENTS_FILE))  # the shipped file parses
+
+
+def test_constraints_pin_the_packages_slicer_ships_at_their_installed_versions(tmp_path):
+    pins = mrml.write_constraints(tmp_path / "constraints.txt").read_text(encoding="utf-8").splitlines()
+    assert f"numpy=={importlib.metadata.version('numpy')}" in pins
+    assert f"SimpleITK=={importlib.metadata.version('SimpleITK')}" in pins
+    assert all(pin.split("==")[0] in mrml.SLICER_PACKAGES for pin in pins)

@@ -17,7 +17,9 @@ import textwrap
 import xml.etree.ElementTree as ElementTree
 
 import pytest
-from slicer_support import MODULE_DIR, MODULE_FILE, REPOSITORY
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from slicer_support import MODULE_DIR, MODULE_FILE, REPOSITORY, SUPPORTED_SLICERS
 
 import COVIDLesionSegMRML as mrml
 from COVIDLesionSegLib.resources import REGISTRY_FILE_NAME
@@ -210,6 +212,39 @@ def test_requirements_cover_the_core_but_never_replace_what_slicer_or_the_pytorc
     assert {requirement_name(dependency) for dependency in project["dependencies"]} <= names | provided | on_demand
     assert constant("REPORT_REQUIREMENT") in project["dependencies"]
     assert "psutil" in names  # Cancel ends the child process tree with psutil
+
+
+# The numpy that opencv-python-headless wheels require on Python 3.9 to 3.12 (their Requires-Dist; 4.13.0.92 and 5.0.0.93
+# read from the package index with pip, the older ones from their PyPI metadata).
+OPENCV_NEEDS_NUMPY = {"4.8.1.78": ">=1.19.3", "4.10.0.84": ">=1.19.3", "4.11.0.86": ">=1.19.3", "4.12.0.88": ">=2,<2.3.0",
+                      "4.13.0.92": ">=2", "5.0.0.93": ">=2"}
+
+
+@pytest.mark.parametrize("slicer_version", SUPPORTED_SLICERS)
+def test_requirements_never_need_another_numpy_than_the_one_slicer_ships(slicer_version):
+    """Regression: "opencv-python-headless>=4.8" let pip install an opencv that needs numpy >= 2 into Slicer 5.8
+    (numpy 1.26.4), replacing the numpy Slicer had loaded."""
+    shipped = SUPPORTED_SLICERS[slicer_version]
+    environment = {"python_version": ".".join(shipped["python"].split(".")[:2]), "python_full_version": shipped["python"]}
+    lines = [line for line in (RESOURCES / mrml.REQUIREMENTS_FILE).read_text().splitlines() if line.strip() and not line.startswith("#")]
+    applying = [Requirement(line) for line in lines]
+    applying = [requirement for requirement in applying if requirement.marker is None or requirement.marker.evaluate(environment)]
+    opencv = [requirement for requirement in applying if requirement.name == "opencv-python-headless"]
+    assert len(opencv) == 1 and {requirement.name for requirement in applying} == {requirement_name(line) for line in lines}
+    allowed = [version for version in OPENCV_NEEDS_NUMPY if opencv[0].specifier.contains(version)]
+    assert allowed, "no opencv version left for this Slicer"
+    for version in allowed:
+        assert SpecifierSet(OPENCV_NEEDS_NUMPY[version]).contains(shipped["numpy"]), f"opencv {version} replaces numpy {shipped['numpy']}"
+
+
+def test_dependencies_are_installed_after_one_confirmation_without_replacing_slicers_packages():
+    ensure = method("COVIDLesionSegLogic", "ensureDependencies")
+    calls = {ast.unparse(call.func): call for call in ast.walk(ensure) if isinstance(call, ast.Call)}
+    assert [name for name in calls if name.endswith("confirmOkCancelDisplay")] == ["slicer.util.confirmOkCancelDisplay"]
+    install_torch = next(call for name, call in calls.items() if name.endswith("installTorch"))
+    assert {keyword.arg: ast.unparse(keyword.value) for keyword in install_torch.keywords}["askConfirmation"] == "False"
+    assert "mrml.write_constraints" in calls and "-c" in ast.unparse(calls["slicer.util.pip_install"])
+    assert "pip_ensure" not in ast.unparse(ensure)  # Slicer 5.12+ only, and it asks on its own
 
 
 def constant(name: str):
