@@ -40,8 +40,8 @@ def test_batch_segments_good_cases_reports_bad_one_and_resumes(tmp_path, cases, 
     assert {name: row["status"] for name, row in rows.items()} == {
         "broken.mha": "failed", "patientA.nii.gz": "ok", "patientB.nrrd": "ok", "slice.png": "ok"}
     assert "broken.mha" in rows["broken.mha"]["error"] and rows["broken.mha"]["output"] == ""
-    assert sorted(p.name for p in out.iterdir()) == ["patientA.seg.nrrd", "patientB.seg.nrrd", "slice.seg.nrrd", "summary.csv",
-                                                   "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".summary.csv.lock", "patientA.case.json", "patientA.seg.nrrd", "patientB.case.json",
+                                                   "patientB.seg.nrrd", "slice.case.json", "slice.seg.nrrd", "summary.csv", "summary.json"]
     segmentation = slicerio.read_segmentation(str(out / "patientA.seg.nrrd"))
     assert segmentation["voxels"].shape[-3:] == (256, 256, 3)
     assert float(rows["patientA.nii.gz"]["lung_ml"]) >= float(rows["patientA.nii.gz"]["lesion_ml"]) >= 0
@@ -64,8 +64,9 @@ def test_nifti_labelmap_output_and_parts(tmp_path, cases, tiny_checkpoint):
               "--format", "nii.gz", "--num-parts", "2", "--progress", "none"]
     assert cli.main(["segment", *common, "--part-id", "0"]) == 0
     assert cli.main(["segment", *common, "--part-id", "1"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["patientA.nii.gz", "patientB.nii.gz", "summary.part0.csv", "summary.part0.json",
-                                                   "summary.part1.csv", "summary.part1.json"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "patientA.case.json", "patientA.nii.gz", "patientB.case.json", "patientB.nii.gz", "summary.part0.csv", "summary.part0.json",
+        "summary.part1.csv", "summary.part1.json"]
     labels = sitk.ReadImage(str(out / "patientA.nii.gz"))
     source = sitk.ReadImage(str(cases / "patientA.nii.gz"))
     assert labels.GetSize() == source.GetSize() and labels.GetSpacing() == source.GetSpacing()
@@ -84,7 +85,7 @@ def test_unsafe_or_corrupt_checkpoint_stops_before_writing_anything(tmp_path, ca
     weights.write_bytes(pickle.dumps({"w": 1}) if payload == "pickle" else b"garbage")
     out = tmp_path / "out"
     assert cli.main(["segment", str(cases / "patientA.nii.gz"), "-o", str(out), "--weights", str(weights)]) == 1
-    assert "model.safetensors" in capsys.readouterr().err and not out.exists()
+    assert "model.safetensors" in capsys.readouterr().err and not list(out.iterdir())  # checked writable, left empty
 
 
 def test_unknown_model_name_lists_the_registered_ones(tmp_path, cases, capsys):
