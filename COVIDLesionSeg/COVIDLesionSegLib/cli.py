@@ -397,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--high-opacity-threshold", type=finite_float, default=DEFAULT_HIGH_OPACITY_THRESHOLD_HU, metavar="HU",
                          help=f"lesion voxels at or above this are high opacity (default {DEFAULT_HIGH_OPACITY_THRESHOLD_HU:g} HU)")
     segment.add_argument("--debug", action="store_true", help="print the traceback of every error")
+    from .measure import add_parser as add_measure_parser
+
+    add_measure_parser(commands)  # covidlesionseg measure CT SEG
     return parser
 
 
@@ -444,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     after = argv[argv.index("--") + 1 :] if "--" in argv else []
     parser = build_parser()
     args = parser.parse_args(argv[: len(argv) - len(after) - 1] if "--" in argv else argv)
+    if args.command == "measure":
+        return args.run(args)
     args.inputs = [*args.inputs, *after]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger(__package__).setLevel(logging.DEBUG if args.debug else logging.WARNING)

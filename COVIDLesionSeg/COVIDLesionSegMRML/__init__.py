@@ -6,9 +6,11 @@
   run's visual report is moved out of the temporary work folder first, into ``report_dir``).
 - :func:`load_segmentation`: the CLI's ``.seg.nrrd`` → segments of a ``vtkMRMLSegmentationNode`` whose reference
   image geometry is the input volume, in the input's study, over the same anatomy whatever the node's transform.
+- :func:`measure_run_command`, :func:`load_measure_result`: the measures recomputed from the segments as they are now
+  (after the reader's corrections), by the CLI's ``measure`` subcommand, into the statistics table.
 - :func:`read_summary`, :func:`update_statistics_table`, :func:`write_table_csv`: the CLI's ``summary.csv`` →
   a ``vtkMRMLTableNode`` (lesion volume, slices with lesion, % of lung, … as ``statistics.MEASURES`` defines them,
-  each cell the text of ``summary.csv``, plus the visual report's path) → a CSV file.
+  numbers in numeric columns, which segmentation state they come from, the visual report's path) → a CSV file.
 - :func:`run_report`: the visual report PNG that belongs to the last run shown in a statistics table.
 - :func:`measures_help_html`: the definitions of ``statistics`` (every measure, the severity categories, the
   left/right and not-available rules) quoted as HTML for the module's help.
@@ -31,15 +33,17 @@ import importlib.metadata
 import math
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import slicer
 import vtk
 
 from COVIDLesionSegLib import child_process
 from COVIDLesionSegLib.resources import RegistryEntry, load_registry, resources_dir
-from COVIDLesionSegLib.segments import LESION, SEGMENTS, TERMINOLOGY_CONTEXT
+from COVIDLesionSegLib.segments import LESION, LUNG, SEGMENTS, TERMINOLOGY_CONTEXT
 
 MODULE_DIR = Path(__file__).resolve().parent.parent  # the folder of COVIDLesionSeg.py
 UI_FILE = "UI/COVIDLesionSeg.ui"
@@ -47,10 +51,11 @@ ICON_FILE = "Icons/COVIDLesionSeg.png"
 TERMINOLOGY_FILE = "Terminology/COVIDLesionSeg.term.json"
 REQUIREMENTS_FILE = "requirements.txt"
 SUMMARY_FILE = "summary.csv"
+MEASURES_FILE = "measures.csv"  # what ``covidlesionseg measure`` writes in a recompute's work folder
 VOLUME_RUN_OUTPUT = "output"  # the sub-folder of a volume run's work folder that receives the CLI's outputs
 
 STATISTICS_TABLE_NAME = f"{LESION.name} statistics"  # the table of the last run; its Case column names the volumes
-SUMMARY_RUN_COLUMNS = ("input", "output", "status", "error", "report", "seconds")  # summary.csv columns that are not measures
+SOURCE_COLUMN = "Computed from"  # the statistics table's column saying which segmentation state a row measures
 REPORT_COLUMN = "Report"  # the statistics table's column of visual report paths (present when a row has a report)
 REPORT_SUFFIX = ".report.png"
 # statistics.DEFAULT_HIGH_OPACITY_THRESHOLD_HU, repeated here because importing statistics loads SimpleITK, which
@@ -175,9 +180,75 @@ def load_volume_result(work_dir: str | Path, volume_node, segmentation_node=None
         segmentation_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
     load_segmentation(row["output"], volume_node, segmentation_node)
     table_node = table_node or scene.AddNewNodeByClass("vtkMRMLTableNode", STATISTICS_TABLE_NAME)
-    update_statistics_table(table_node, [row], include_lung, [volume_node.GetName()])
+    update_statistics_table(table_node, [row], include_lung, [volume_node.GetName()],
+                            [f"model output in '{segmentation_node.GetName()}', {_now()}"])
     place_in_study(table_node, volume_node)
     return segmentation_node, table_node, row
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def segments_labelmap(segmentation_node, volume_node) -> np.ndarray:
+    """The lesion and lung segments as they are now, on ``volume_node``'s voxel grid (``[z, y, x]``, whatever the two
+    nodes' transforms): 1 = lesion, 2 = lung without lesion, the labelmap ``covidlesionseg measure`` reads. Segments are
+    found by the IDs this tool gives them, else by name; raises ValueError without a lesion segment."""
+    segmentation = segmentation_node.GetSegmentation()
+    labels = np.zeros(slicer.util.arrayFromVolume(volume_node).shape, np.uint8)
+    found = False
+    for definition, label in ((LUNG, 2), (LESION, 1)):  # the lesion last: it wins where both are
+        segment_id = definition.channel if segmentation.GetSegment(definition.channel) else \
+            segmentation.GetSegmentIdBySegmentName(definition.name)
+        if not segment_id:
+            continue
+        found |= definition is LESION
+        scene = segmentation_node.GetScene()
+        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__COVIDLesionSeg_export__")
+        try:
+            if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                    segmentation_node, [segment_id], labelmap, volume_node, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY):
+                raise RuntimeError(f"could not export segment '{segment_id}' of '{segmentation_node.GetName()}'")
+            labels[slicer.util.arrayFromVolume(labelmap) > 0] = label
+        finally:
+            scene.RemoveNode(labelmap)
+    if not found:
+        raise ValueError(f"'{segmentation_node.GetName()}' has no segment '{LESION.name}'; run the segmentation first")
+    return labels
+
+
+def measure_run_command(volume_node, segmentation_node, work_dir: str | Path, python: str,
+                        high_opacity_threshold_hu: float | None = None) -> list[str]:
+    """Write the volume and its current segments (:func:`segments_labelmap`) into ``work_dir`` and return the CLI command
+    that measures them into ``work_dir/measures.csv`` (``covidlesionseg measure``)."""
+    work_dir = Path(work_dir)
+    ct = write_volume(volume_node, work_dir / f"{safe_file_stem(volume_node.GetName())}.nrrd")
+    labels_scene = slicer.vtkMRMLScene()  # a private scene, so nothing transient appears in the user's scene
+    labels = labels_scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+    image = vtk.vtkImageData()
+    image.SetDimensions(volume_node.GetImageData().GetDimensions())
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    labels.SetAndObserveImageData(image)
+    slicer.util.arrayFromVolume(labels)[:] = segments_labelmap(segmentation_node, volume_node)
+    geometry = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(geometry)
+    labels.SetIJKToRASMatrix(geometry)
+    segments = write_volume(labels, work_dir / "segments.nrrd", labelmap=True)
+    threshold = [] if high_opacity_threshold_hu is None else [f"--high-opacity-threshold={high_opacity_threshold_hu:g}"]
+    return [str(python), "-m", "COVIDLesionSegLib.cli", "measure", str(ct), str(segments), "--output",
+            str(work_dir / MEASURES_FILE), *threshold]
+
+
+def load_measure_result(work_dir: str | Path, volume_node, segmentation_node, table_node=None, include_lung: bool = True):
+    """The measures written by :func:`measure_run_command`'s process into ``table_node`` (created when None), as the row
+    of ``volume_node``, saying that they come from the segments of ``segmentation_node`` as edited. Returns
+    ``(table_node, row)``; raises ``FileNotFoundError`` when the process wrote nothing."""
+    row = {**read_summary(Path(work_dir) / MEASURES_FILE)[0], "status": "ok", "error": ""}
+    table_node = table_node or volume_node.GetScene().AddNewNodeByClass("vtkMRMLTableNode", STATISTICS_TABLE_NAME)
+    update_statistics_table(table_node, [row], include_lung, [volume_node.GetName()],
+                            [f"segments of '{segmentation_node.GetName()}' as edited, {_now()}"])
+    place_in_study(table_node, volume_node)
+    return table_node, row
 
 
 def _move_to_new_file(path: Path, folder: Path, stem: str) -> Path:
@@ -209,7 +280,8 @@ def load_folder_results(output_folder: str | Path, scene, table_node=None, inclu
     ``written_after``, a ``time.time()`` value, is a previous run's)."""
     rows = read_summary(Path(output_folder) / SUMMARY_FILE, written_after)
     table_node = table_node or scene.AddNewNodeByClass("vtkMRMLTableNode", STATISTICS_TABLE_NAME)
-    update_statistics_table(table_node, rows, include_lung)
+    sources = [f"model output {row['output']}" if row["output"] else "" for row in rows]
+    update_statistics_table(table_node, rows, include_lung, sources=sources)
     return table_node, rows
 
 
@@ -220,14 +292,15 @@ def batch_report(rows: list[dict[str, str]]) -> str:
             f"{counts['failed']} failed.")
 
 
-def write_volume(volume_node, path: str | Path) -> Path:
-    """Write a scalar volume node to ``path`` (``.nrrd``, uncompressed) with its voxels and geometry unchanged.
+def write_volume(volume_node, path: str | Path, labelmap: bool = False) -> Path:
+    """Write a scalar volume node (a labelmap node with ``labelmap``) to ``path`` (``.nrrd``, uncompressed) with its
+    voxels and geometry unchanged.
 
     The volume's parent transform is not applied: results are placed under the same transform instead.
     """
     if volume_node is None or volume_node.GetImageData() is None:
         raise ValueError("the input volume has no image data; load a CT volume first")
-    if volume_node.IsA("vtkMRMLLabelMapVolumeNode") or volume_node.GetImageData().GetNumberOfScalarComponents() != 1:
+    if volume_node.IsA("vtkMRMLLabelMapVolumeNode") != labelmap or volume_node.GetImageData().GetNumberOfScalarComponents() != 1:
         raise ValueError(f"'{volume_node.GetName()}' is not a greyscale scalar volume; select a CT volume")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -314,38 +387,47 @@ def measure_title(name: str) -> str:
 
 
 def update_statistics_table(table_node, rows: list[dict[str, str]], include_lung: bool = True,
-                            case_names: list[str] | None = None) -> None:
+                            case_names: list[str] | None = None, sources: list[str] | None = None) -> None:
     """Fill ``table_node`` with one row per summary row: the case, every measure of the summary in its order
-    (titled, with unit and definition, from ``statistics.MEASURES``), then status and error, then the visual report's
-    path (column ``Report``, only when a row has one). Without ``include_lung`` only the lesion's own measures
-    (``lesion_*``) are shown.
+    (titled, with unit and definition, from ``statistics.MEASURES``), then status and error, then which segmentation
+    state the row was computed from (``sources``, column ``Computed from``), then the visual report's path (column
+    ``Report``, only when a row has one). Without ``include_lung`` only the lesion's own measures (``lesion_*``) are shown.
 
-    Every cell is the text of ``summary.csv`` (and of the visual report), e.g. ``3400.000`` mL and ``100.00`` %: numeric
-    vtk columns would be shown by Slicer's table view with 6 significant digits (``3400``, ``4321.12``), which is not
-    what the CSV and the report say. An empty cell means "not available".
-
-    ``case_names`` overrides the names taken from the inputs (the module names a scene volume by its node name).
+    Numeric measures are numeric columns (sortable, plottable; NaN where not available, an empty cell in CSV export),
+    the others (severity, input in HU) the text of ``summary.csv``. ``case_names`` overrides the names taken from the
+    inputs (the module names a scene volume by its node name).
     """
     from COVIDLesionSegLib.statistics import MEASURES_BY_NAME
 
     names = case_names or [case_name(row) for row in rows]
-    measures = [key for key in (rows[0] if rows else {}) if key not in SUMMARY_RUN_COLUMNS and (include_lung or key.startswith("lesion_"))]
+    measures = [key for key in (rows[0] if rows else {}) if key in MEASURES_BY_NAME and (include_lung or key.startswith("lesion_"))]
     reports = [row.get("report") or "" for row in rows]
     with slicer.util.NodeModify(table_node):
         table_node.RemoveAllColumns()
         table_node.AddColumn(_string_column("Case", names))
         for key in measures:
             title = measure_title(key)
-            table_node.AddColumn(_string_column(title, [row.get(key) or "" for row in rows]))
-            if key in MEASURES_BY_NAME:
-                table_node.SetColumnDescription(title, MEASURES_BY_NAME[key].definition)
-                table_node.SetColumnUnitLabel(title, MEASURES_BY_NAME[key].unit)
+            cells = [row.get(key) or "" for row in rows]
+            table_node.AddColumn(_double_column(title, cells) if all(map(_is_number, cells)) else _string_column(title, cells))
+            table_node.SetColumnDescription(title, MEASURES_BY_NAME[key].definition)
+            table_node.SetColumnUnitLabel(title, MEASURES_BY_NAME[key].unit)
         table_node.AddColumn(_string_column("Status", [row["status"] for row in rows]))
         table_node.AddColumn(_string_column("Error", [row.get("error") or "" for row in rows]))
+        table_node.AddColumn(_string_column(SOURCE_COLUMN, sources or [""] * len(rows)))
+        table_node.SetColumnDescription(SOURCE_COLUMN, "the segmentation the measures were computed from: the model's output, "
+                                                       "or the segments as edited when recomputed (Recompute from segments)")
         if any(reports):
             table_node.AddColumn(_string_column(REPORT_COLUMN, reports))
             table_node.SetColumnDescription(REPORT_COLUMN, "the visual report PNG of the case (Show report opens it)")
         table_node.SetUseColumnTitleAsColumnHeader(True)
+
+
+def _is_number(text: str) -> bool:
+    """An empty cell (not available) or a finite number."""
+    try:
+        return not text or math.isfinite(float(text))
+    except ValueError:
+        return False
 
 
 def run_report(table_node, row: int | None = None) -> Path | None:
@@ -361,6 +443,14 @@ def run_report(table_node, row: int | None = None) -> Path | None:
         if text and Path(text).is_file():
             return Path(text)
     return None
+
+
+def _double_column(title: str, cells: list[str]) -> vtk.vtkDoubleArray:
+    column = vtk.vtkDoubleArray()
+    column.SetName(title)
+    for cell in cells:
+        column.InsertNextValue(float(cell) if cell else math.nan)
+    return column
 
 
 def _string_column(title: str, values: list[str]) -> vtk.vtkStringArray:

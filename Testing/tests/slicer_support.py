@@ -85,6 +85,26 @@ def segment_array(segmentation_node, segment_id: str, reference_volume) -> np.nd
         scene.RemoveNode(labelmap)
 
 
+def update_segment(segmentation_node, segment_id: str, array: np.ndarray, reference_volume) -> None:
+    """Replace a segment by ``array`` ([z, y, x] on ``reference_volume``'s grid), as an edit in the Segment Editor does
+    (``slicer.util.updateSegmentBinaryLabelmapFromArray`` with an explicit scene)."""
+    scene = segmentation_node.GetScene()
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__edit__")
+    try:
+        image = vtk.vtkImageData()
+        image.SetDimensions(array.shape[2], array.shape[1], array.shape[0])
+        image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+        labelmap.SetAndObserveImageData(image)
+        slicer.util.arrayFromVolume(labelmap)[:] = array > 0
+        labelmap.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(ijk_to_ras(reference_volume)))
+        labelmap.SetAndObserveTransformNodeID(reference_volume.GetTransformNodeID())
+        segment_ids = vtk.vtkStringArray()
+        segment_ids.InsertNextValue(segment_id)
+        assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation_node, segment_ids)
+    finally:
+        scene.RemoveNode(labelmap)
+
+
 def save_saturated_checkpoint(path: Path) -> Path:
     """A tiny two-channel U-Net whose head outputs +10 everywhere: every voxel becomes lesion and lung (the same
     model as the module's self-test), so the expected statistics are exact."""

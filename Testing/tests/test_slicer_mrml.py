@@ -154,19 +154,25 @@ def titles(table) -> list[str]:
     return [table.GetColumnName(index) for index in range(table.GetNumberOfColumns())]
 
 
-def test_statistics_table_has_one_row_per_case_and_the_measures_of_the_summary_as_its_text(scene):
+def test_statistics_table_has_one_row_per_case_with_numeric_measure_columns(scene):
     table = scene.AddNewNodeByClass("vtkMRMLTableNode")
-    mrml.update_statistics_table(table, SUMMARY)
+    sources = ["model output /out/p1.seg.nrrd", "model output /out/p2.seg.nrrd", ""]
+    mrml.update_statistics_table(table, SUMMARY, sources=sources)
     measures = ["severity", "percent_opacity", "lesion_ml", "lung_ml", "lesion_slices", "input_is_hu"]
-    assert titles(table) == ["Case", *(mrml.measure_title(name) for name in measures), "Status", "Error"]  # no report: no column
+    assert titles(table) == ["Case", *(mrml.measure_title(name) for name in measures), "Status", "Error", mrml.SOURCE_COLUMN]
     assert mrml.measure_title("lesion_ml") == f"{MEASURES_BY_NAME['lesion_ml'].label} (mL)"
     assert [table.GetCellText(row, 0) for row in range(3)] == ["p1.nii.gz", "p2", "p3.nrrd"]
-    for row, summary_row in enumerate(SUMMARY):  # "3400.00" stays "3400.00" (a double column would show "3400")
-        assert [table.GetCellText(row, table.GetColumnIndex(mrml.measure_title(name))) for name in measures] == \
-            [summary_row[name] for name in measures]
-    assert table.GetTable().GetValue(0, table.GetColumnIndex(mrml.measure_title("lesion_ml"))).ToDouble() == pytest.approx(12.35)
+    for name in ("percent_opacity", "lesion_ml", "lung_ml", "lesion_slices"):  # numeric: sortable and plottable
+        column = table.GetTable().GetColumnByName(mrml.measure_title(name))
+        assert column.IsA("vtkDoubleArray"), name
+        values = [column.GetValue(row) for row in range(3)]
+        expected = [float(row[name]) if row[name] else math.nan for row in SUMMARY]
+        np.testing.assert_array_equal(values, expected)
+    for name in ("severity", "input_is_hu"):  # text as in summary.csv
+        assert [table.GetCellText(row, table.GetColumnIndex(mrml.measure_title(name))) for row in range(3)] == [row[name] for row in SUMMARY]
     assert [table.GetCellText(row, table.GetColumnIndex("Status")) for row in range(3)] == ["ok", "skipped", "failed"]
     assert table.GetCellText(2, table.GetColumnIndex("Error")) == "/data/p3.nrrd: constant image"
+    assert [table.GetCellText(row, table.GetColumnIndex(mrml.SOURCE_COLUMN)) for row in range(3)] == sources
     assert table.GetColumnDescription(mrml.measure_title("lesion_ml")) == MEASURES_BY_NAME["lesion_ml"].definition
     assert table.GetColumnUnitLabel(mrml.measure_title("lesion_ml")) == "mL"
     assert table.GetUseColumnTitleAsColumnHeader()
@@ -176,20 +182,21 @@ def test_statistics_table_without_lung_keeps_the_lesion_measures_and_is_refilled
     table = scene.AddNewNodeByClass("vtkMRMLTableNode")
     mrml.update_statistics_table(table, SUMMARY)
     mrml.update_statistics_table(table, SUMMARY[:1], include_lung=False, case_names=["Chest CT (scene)"])
-    assert titles(table) == ["Case", mrml.measure_title("lesion_ml"), mrml.measure_title("lesion_slices"), "Status", "Error"]
+    assert titles(table) == ["Case", mrml.measure_title("lesion_ml"), mrml.measure_title("lesion_slices"), "Status", "Error",
+                             mrml.SOURCE_COLUMN]
     assert table.GetNumberOfRows() == 1 and table.GetCellText(0, 0) == "Chest CT (scene)"
 
 
-def test_table_exports_to_csv_with_the_summary_text_and_empty_cells_for_missing_numbers(scene, tmp_path):
+def test_table_exports_to_csv_with_the_numbers_and_empty_cells_for_missing_numbers(scene, tmp_path):
     table = scene.AddNewNodeByClass("vtkMRMLTableNode")
     mrml.update_statistics_table(table, SUMMARY)
     with open(mrml.write_table_csv(table, tmp_path / "statistics.csv"), newline="", encoding="utf-8") as stream:
         lines = list(csv.reader(stream))
     assert lines[0] == titles(table)
     assert lines[1:] == [
-        ["p1.nii.gz", "CT-1", "0.36", "12.35", "3400.00", "7", "yes", "ok", ""],
-        ["p2", "", "", "0.00", "", "0", "no", "skipped", "output exists; use --overwrite to replace it"],
-        ["p3.nrrd", "", "", "", "", "", "", "failed", "/data/p3.nrrd: constant image"],
+        ["p1.nii.gz", "CT-1", "0.36", "12.35", "3400", "7", "yes", "ok", "", ""],
+        ["p2", "", "", "0", "", "0", "no", "skipped", "output exists; use --overwrite to replace it", ""],
+        ["p3.nrrd", "", "", "", "", "", "", "failed", "/data/p3.nrrd: constant image", ""],
     ]
 
 

@@ -433,7 +433,8 @@ def test_cmake_installs_every_resource_the_module_loads_beside_the_module(cmake_
     loaded = [mrml.UI_FILE, mrml.ICON_FILE, mrml.TERMINOLOGY_FILE, mrml.REQUIREMENTS_FILE]
     if (RESOURCES / REGISTRY_FILE_NAME).is_file():
         loaded.append(REGISTRY_FILE_NAME)
-        loaded += [entry.file for entry in mrml.registered_models(RESOURCES / REGISTRY_FILE_NAME) if entry.file]
+        model_files = [entry.file for entry in mrml.registered_models(RESOURCES / REGISTRY_FILE_NAME) if entry.file]
+        loaded += model_files + [f"{os.path.dirname(name)}/MODEL_CARD.md" for name in model_files]
     for module_dir in (cmake_install["build_module_dir"], cmake_install["installed_module_dir"]):
         for name in loaded:
             assert (module_dir / "Resources" / name).read_bytes() == (RESOURCES / name).read_bytes(), name
