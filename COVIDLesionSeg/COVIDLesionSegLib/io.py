@@ -15,6 +15,7 @@ import gzip
 import locale
 import logging
 import math
+import re
 import struct
 import zlib
 from collections.abc import Callable, Iterator
@@ -36,6 +37,7 @@ UNSIGNED_CT_OFFSET = 1024  # CT stored in unsigned integers as HU + 1024
 AIR_BELOW_HU = -500.0  # air and lung are below this (the default hu_detect_below of the checkpoints)
 BODY_ABOVE_HU = -200.0  # soft tissue and bone are above this
 MIN_PLAUSIBLE_VOXELS = 64 * 64
+SPACING_FIELDS = ("spacings", "space directions", "elementspacing", "elementsize", "transformmatrix")  # NRRD, MetaImage
 
 
 class InputError(ValueError):
@@ -89,6 +91,8 @@ def read_image(path: str | Path, series_id: str | None = None, notes: list[str] 
         else:
             if path.name.lower().endswith((".nii", ".nii.gz")):
                 check_nifti(path)
+            elif path.suffix.lower() in (".nrrd", ".nhdr", ".mha", ".mhd"):
+                check_text_header(path)
             with preserved_locale():  # a single DICOM file is read by GDCM too
                 image = sitk.ReadImage(str(path))
     except RuntimeError as error:
@@ -160,7 +164,7 @@ def check_slice_positions(folder: Path, names: list[str], positions: list[str], 
     deviation = np.abs(steps - step)
     index = int(np.argmax(deviation))
     if deviation[index] > max(0.01, 0.01 * step):
-        what = "missing or unreadable slice(s)" if steps[index] > step else "uneven slice positions"
+        what = "missing or unreadable slice(s)" if steps[index] > 1.5 * step else "uneven slice positions"
         raise InputError(f"{folder}: slice gap of {steps[index]:.2f} mm between {names[index]} and {names[index + 1]} "
                          f"(z {z[index]:.2f} → {z[index + 1]:.2f} mm) where the other slices are {step:.2f} mm apart: "
                          f"{what}; the series cannot be read on a uniform grid")
@@ -200,6 +204,21 @@ def check_nifti(path: Path) -> None:
             if np.abs(gram - np.eye(3)).max() > 1e-4:
                 raise InputError(f"{path}: sheared sform (non-orthogonal voxel axes), which ITK would straighten silently; "
                                  "resample the image to an orthogonal grid")
+
+
+def check_text_header(path: Path) -> None:
+    """Refuse an NRRD or MetaImage header whose spacing or axis directions hold NaN or infinity (ITK turns
+    them into 1 mm)."""
+    with open(path, "rb") as stream:
+        head = stream.read(1 << 16).decode("latin-1")
+    for line in head.splitlines():
+        if not line.strip():
+            break  # the end of an NRRD header
+        field, _, value = line.replace("=", ":", 1).partition(":")
+        if field.strip().lower() in SPACING_FIELDS and re.search(r"nan|inf", value, re.IGNORECASE):
+            raise InputError(f"{path}: voxel spacing is not a number in the header ({line.strip()})")
+        if field.strip().lower() == "elementdatafile":
+            break  # the end of a MetaImage header
 
 
 def validate_image(image: sitk.Image, path: str | Path, notes: list[str] | None = None) -> sitk.Image:
