@@ -131,7 +131,7 @@ class COVIDLesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._runningKind = None  # "segment" or "batch" while a child process runs
+        self._runningKind = None  # "segment", "batch" or "measure" while a child process runs
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -153,6 +153,7 @@ class COVIDLesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.weightsPathLineEdit.currentPathChanged.connect(self.onWeightsFileChanged)
         self.ui.applyButton.clicked.connect(self.onApplyButton)
         self.ui.batchApplyButton.clicked.connect(self.onBatchApplyButton)
+        self.ui.recomputeButton.clicked.connect(self.onRecomputeButton)
         self.ui.exportCsvButton.clicked.connect(self.onExportCsvButton)
         self.ui.showReportButton.clicked.connect(self.onShowReportButton)
         self.initializeParameterNode()
@@ -208,8 +209,10 @@ class COVIDLesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.weightsPathLineEdit.blockSignals(wasBlocked)
         canSegment = bool(parameters and parameters.inputVolume and (parameters.model or mrml.optional_path(parameters.weightsFile)))
         canBatch = bool(parameters and mrml.optional_path(parameters.batchInputFolder) and mrml.optional_path(parameters.batchOutputFolder))
+        canMeasure = bool(parameters and parameters.inputVolume and parameters.outputSegmentation)
         for kind, button, idleText, ready in (("segment", self.ui.applyButton, "Apply", canSegment),
-                                               ("batch", self.ui.batchApplyButton, "Run batch", canBatch)):
+                                               ("batch", self.ui.batchApplyButton, "Run batch", canBatch),
+                                               ("measure", self.ui.recomputeButton, "Recompute from segments", canMeasure)):
             button.text = "Cancel" if self._runningKind == kind else idleText
             button.enabled = self._runningKind == kind or (self._runningKind is None and ready)
         table = parameters.statisticsTable if parameters else None
@@ -230,6 +233,9 @@ class COVIDLesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onBatchApplyButton(self) -> None:
         self._startOrCancel("batch", self.logic.startBatch)
+
+    def onRecomputeButton(self) -> None:
+        self._startOrCancel("measure", self.logic.startMeasure)
 
     def _startOrCancel(self, kind: str, start) -> None:
         if self._runningKind:
@@ -293,7 +299,7 @@ class COVIDLesionSegLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self._process = None  # the running child_process.ChildProcess
         self._logTail = collections.deque(maxlen=30)  # the last log lines, for the error message of a failed run
-        self._onProgress = self._onLog = self._onFinished = self._loadResults = None
+        self._onProgress = self._onLog = self._onFinished = self._loadResults = self._workDir = None
         self._timer = qt.QTimer()
         self._timer.setInterval(100)
         self._timer.timeout.connect(self._poll)
@@ -361,11 +367,28 @@ class COVIDLesionSegLogic(ScriptedLoadableModuleLogic):
                                                                parameters.statisticsTable, parameters.computeLung,
                                                                report_dir=self.reportFolder())
             parameters.outputSegmentation, parameters.statisticsTable = segmentation, table
-            shutil.rmtree(workDir, ignore_errors=True)
             report = f" Report: {row['report']}" if row.get("report") else ""
             return f"Done: lesion volume {row['lesion_ml']} mL in {row['lesion_slices']} slices.{report}"
 
-        self._start(command, parameters.device, onProgress, onLog, onFinished, loadResult)
+        self._start(command, parameters.device, onProgress, onLog, onFinished, loadResult, workDir)
+
+    def startMeasure(self, parameters, onProgress, onLog, onFinished) -> None:
+        """Recompute every measure from the segments of ``parameters.outputSegmentation`` as they are now (e.g. after
+        corrections in the Segment Editor) with ``covidlesionseg measure`` in a child process; the volume's row in
+        ``parameters.statisticsTable`` then says that it comes from the edited segments."""
+        volume, segmentation = parameters.inputVolume, parameters.outputSegmentation
+        if not volume or not segmentation:
+            raise ValueError("Select the input volume and the segmentation to measure.")
+        workDir = pathlib.Path(slicer.util.tempDirectory("COVIDLesionSeg"))
+        command = mrml.measure_run_command(volume, segmentation, workDir, pythonSlicerExecutable(), parameters.highOpacityThreshold)
+
+        def loadResult() -> str:
+            table, row = mrml.load_measure_result(workDir, volume, segmentation, parameters.statisticsTable, parameters.computeLung)
+            parameters.statisticsTable = table
+            return (f"Recomputed from the segments of '{segmentation.GetName()}': lesion volume {row['lesion_ml']} mL, "
+                    f"% of lung {row['percent_opacity'] or 'n/a'}.")
+
+        self._start(command, "cpu", onProgress, onLog, onFinished, loadResult, workDir)
 
     def startBatch(self, parameters, onProgress, onLog, onFinished) -> None:
         """Segment every case of ``parameters.batchInputFolder`` into ``parameters.batchOutputFolder`` (cases already
@@ -415,7 +438,8 @@ class COVIDLesionSegLogic(ScriptedLoadableModuleLogic):
                                device=parameters.device, batch_size=parameters.batchSize, include_lung=parameters.computeLung,
                                report=parameters.visualReport, high_opacity_threshold_hu=parameters.highOpacityThreshold)
 
-    def _start(self, command, device: str, onProgress, onLog, onFinished, loadResults) -> None:
+    def _start(self, command, device: str, onProgress, onLog, onFinished, loadResults, workDir=None) -> None:
+        """Run ``command``; ``workDir`` (temporary files) is removed when it ends, whether it succeeded, failed or was cancelled."""
         if self.isRunning:
             raise RuntimeError("A segmentation is already running; wait for it or cancel it.")
         self._logTail.clear()
@@ -425,7 +449,7 @@ class COVIDLesionSegLogic(ScriptedLoadableModuleLogic):
             onLog(line)
 
         self._onProgress, self._onLog = onProgress, log
-        self._onFinished, self._loadResults = onFinished, loadResults
+        self._onFinished, self._loadResults, self._workDir = onFinished, loadResults, workDir
         logging.info("COVIDLesionSeg: %s", " ".join(command))
         self._process = child_process.ChildProcess(command, env=child_process.child_environment(device))
         self._timer.start()
@@ -446,6 +470,8 @@ class COVIDLesionSegLogic(ScriptedLoadableModuleLogic):
             except Exception as error:
                 logging.exception("COVIDLesionSeg run failed")
                 outcome = RunOutcome(False, str(error))
+        if self._workDir:
+            shutil.rmtree(self._workDir, ignore_errors=True)
         self._onFinished(outcome)
 
 

@@ -237,6 +237,14 @@ def test_requirements_never_need_another_numpy_than_the_one_slicer_ships(slicer_
         assert SpecifierSet(OPENCV_NEEDS_NUMPY[version]).contains(shipped["numpy"]), f"opencv {version} replaces numpy {shipped['numpy']}"
 
 
+def test_recompute_button_measures_the_current_segments_with_the_clis_measure_and_cleans_up():
+    assert "self.logic.startMeasure" in ast.unparse(method("COVIDLesionSegWidget", "onRecomputeButton"))
+    start = ast.unparse(method("COVIDLesionSegLogic", "startMeasure"))
+    assert "mrml.measure_run_command(" in start and "mrml.load_measure_result(" in start  # both tested in test_slicer_measure
+    poll = ast.unparse(method("COVIDLesionSegLogic", "_poll"))
+    assert poll.index("shutil.rmtree(self._workDir") < poll.index("self._onFinished(outcome)")  # on success, failure and cancel
+
+
 def test_dependencies_are_installed_after_one_confirmation_without_replacing_slicers_packages():
     ensure = method("COVIDLesionSegLogic", "ensureDependencies")
     calls = {ast.unparse(call.func): call for call in ast.walk(ensure) if isinstance(call, ast.Call)}
