@@ -245,6 +245,15 @@ def test_recompute_button_measures_the_current_segments_with_the_clis_measure_an
     assert poll.index("shutil.rmtree(self._workDir") < poll.index("self._onFinished(outcome)")  # on success, failure and cancel
 
 
+def test_readme_states_the_supported_slicer_versions_with_their_python_and_numpy():
+    readme = (REPOSITORY / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("### Supported Slicer versions"):readme.index("### Install")]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in section.splitlines() if re.match(r"\| \d", line)]
+    assert {version: dict(zip(("python", "numpy", "SimpleITK"), cells, strict=True)) for version, *cells in rows} == SUPPORTED_SLICERS
+    oldest = min(tuple(map(int, shipped["python"].split("."))) for shipped in SUPPORTED_SLICERS.values())
+    assert f"stays within Python {oldest[0]}.{oldest[1]}:" in section and f"vermin -t={oldest[0]}.{oldest[1]}-" in section
+
+
 def test_dependencies_are_installed_after_one_confirmation_without_replacing_slicers_packages():
     ensure = method("COVIDLesionSegLogic", "ensureDependencies")
     calls = {ast.unparse(call.func): call for call in ast.walk(ensure) if isinstance(call, ast.Call)}
