@@ -169,7 +169,8 @@ def test_statistics_table_has_one_row_per_case_with_numeric_measure_columns(scen
         expected = [float(row[name]) if row[name] else math.nan for row in SUMMARY]
         np.testing.assert_array_equal(values, expected)
     for name in ("severity", "input_is_hu"):  # text as in summary.csv
-        assert [table.GetCellText(row, table.GetColumnIndex(mrml.measure_title(name))) for row in range(3)] == [row[name] for row in SUMMARY]
+        column = table.GetColumnIndex(mrml.measure_title(name))
+        assert [table.GetCellText(row, column) for row in range(3)] == [row[name] for row in SUMMARY]
     assert [table.GetCellText(row, table.GetColumnIndex("Status")) for row in range(3)] == ["ok", "skipped", "failed"]
     assert table.GetCellText(2, table.GetColumnIndex("Error")) == "/data/p3.nrrd: constant image"
     assert [table.GetCellText(row, table.GetColumnIndex(mrml.SOURCE_COLUMN)) for row in range(3)] == sources
