@@ -472,7 +472,8 @@ def segment_command(args: argparse.Namespace) -> int:
     except OSError as error:
         print(f"ERROR {error}", file=sys.stderr)
         return 1
-    cases = find_cases(args.inputs, exclude=args.output_dir)[args.part_id :: args.num_parts]
+    # named over the whole batch before it is split, so that parts never give two inputs one name
+    cases = output_names(find_cases(args.inputs, exclude=args.output_dir), args.output_dir)[args.part_id :: args.num_parts]
     if not cases:
         print("no cases found in the given inputs", file=sys.stderr)
         return 1
