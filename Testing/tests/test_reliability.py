@@ -542,3 +542,13 @@ def test_inputs_may_follow_a_double_dash(tmp_path, tiny_checkpoint, monkeypatch)
     assert {row["status"] for row in summary(tmp_path / "out").values()} == {"ok"} and len(summary(tmp_path / "out")) == 2
     assert (tmp_path / "out" / "-x.seg.nrrd").exists()
 
+
+
+def test_parts_of_one_batch_never_share_an_output_name(tmp_path, tiny_checkpoint):
+    inputs = [str(write(tmp_path / folder / "x.nrrd", image_of(chest()))) for folder in ("a", "b")]
+    out = tmp_path / "out"
+    for part in ("0", "1"):
+        assert cli.main(["segment", *inputs, "-o", str(out), "--weights", str(tiny_checkpoint), "--progress", "none",
+                         "--num-parts", "2", "--part-id", part]) == 0
+    records = [json.loads(path.read_text())["input"] for path in sorted(out.glob("*.case.json"))]
+    assert sorted(records) == sorted(str(Path(path).resolve()) for path in inputs) and len(list(out.glob("*.seg.nrrd"))) == 2
