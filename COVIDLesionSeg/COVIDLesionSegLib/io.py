@@ -4,7 +4,10 @@ Arrays are ``[z, y, x]`` (SimpleITK/numpy order); physical coordinates are LPS m
 inputs: NIfTI, NRRD, MHA/MHD (any 3D scalar image SimpleITK reads), a folder holding one DICOM series,
 and 2D PNG/JPG/BMP/TIFF images (one slice, assumed to be displayed radiologically like the training data).
 
-Every problem with an input raises :class:`InputError` whose message starts with the file name.
+Every problem with an input raises :class:`InputError` whose message starts with the file name. Where
+ITK would silently read a wrong image (a truncated NIfTI zero-filled, a NaN or zero spacing made 1 mm, a
+sheared sform straightened, a DICOM series with a missing slice put on a uniform grid), the file's own
+header or slice positions are checked first and the input is refused.
 Outputs are written to a temporary file beside the target and renamed into place, so a crash never
 leaves a half-written file under the final name.
 """
