@@ -98,6 +98,7 @@ def test_load_segmentation_references_the_volume_and_keeps_every_voxel(scene, vo
     assert segmentation.GetTransformNodeID() is None  # a node given by the caller keeps its own transform
     assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(segmentation)) == study
     assert segmentation.GetDisplayNode() is not None
+    assert segmentation.GetSegmentation().ContainsRepresentation(slicer.vtkSegmentationConverter.GetClosedSurfaceRepresentationName())
     for segment_id in ("lesion", "lung"):
         segment, definition = segmentation.GetSegmentation().GetSegment(segment_id), SEGMENTS[segment_id]
         assert segment.GetName() == definition.name
