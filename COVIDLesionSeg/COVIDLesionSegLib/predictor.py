@@ -26,7 +26,7 @@ import torch
 
 from . import io
 from .checkpoints import Checkpoint, load_checkpoint, locate_model, sha256_of
-from .preprocessing import is_hounsfield, resize_probabilities, resize_slice, to_network_input, volume_to_uint8
+from .preprocessing import is_hounsfield, prepare_volume, to_network_input, uncrop_probabilities
 from .resources import default_model_name
 from .statistics import DEFAULT_HIGH_OPACITY_THRESHOLD_HU, LesionStatistics, VoxelGrid, lesion_statistics
 
@@ -126,8 +126,8 @@ class Predictor:
         """``volume[z, y, x]`` (or one 2D slice) → ``{channel: float32 probabilities of the volume's shape}``.
 
         ``preprocessed``: ``volume`` is uint8 slices that already went through the recipe's windowing,
-        min–max and CLAHE (like the shared PNG training slices); they are only resized (bicubic) to the
-        network size, since a second min–max + CLAHE would change them."""
+        min–max and CLAHE (like the shared PNG training slices); they are only cropped to the body (recipes
+        with ``field_of_view`` ``"body"``) and resized to the network size (``preprocessing.prepare_volume``)."""
         volume = np.asarray(volume)
         squeeze = volume.ndim == 2
         volume = volume[None] if squeeze else volume
@@ -136,15 +136,12 @@ class Predictor:
         if preprocessed and volume.dtype != np.uint8:
             raise ValueError(f"preprocessed slices must be uint8 (the recipe's output), got {volume.dtype}")
         probabilities = np.zeros((len(self.channels), *volume.shape), dtype=np.float32)
+        slices, box = prepare_volume(volume, self.preprocessing, preprocessed)
 
         def store(start: int, batch: np.ndarray) -> None:
             for offset, slice_probabilities in enumerate(batch):
-                probabilities[:, start + offset] = resize_probabilities(slice_probabilities, *volume.shape[1:])
+                probabilities[:, start + offset] = uncrop_probabilities(slice_probabilities, box, *volume.shape[1:])
 
-        if preprocessed:
-            slices = np.stack([resize_slice(ct_slice, self.preprocessing.size) for ct_slice in volume])
-        else:
-            slices = volume_to_uint8(volume, self.preprocessing)
         inputs = to_network_input(slices, self.preprocessing)
         self.batch_size = predict_in_batches(self.network, inputs, self.batch_size, store, self.device, on_progress)
         return {channel: probabilities[index][0] if squeeze else probabilities[index] for index, channel in enumerate(self.channels)}

@@ -16,7 +16,7 @@ from COVIDLesionSegLib.models import MODELS
 from COVIDLesionSegLib.preprocessing import PreprocessingConfig
 
 from .augment import check_augment_mode
-from .data import check_channels
+from .data import check_channels, check_orientation
 from .splits import SplitSpec
 
 PLAIN_ENCODER_MODELS = ("unet", "attunet")  # take ``widths``
@@ -41,6 +41,11 @@ class TrainConfig:
     validate_every_steps: int | None = None  # validate, log, keep best every N steps instead of each epoch end; None = per epoch
     split: SplitSpec = field(default_factory=SplitSpec)
     seed: int = 0  # model initialisation, sample order and augmentation
+    orientation: str = "as-stored"  # manifest slices "as-stored" (v1: Radiopaedia upside down) or "radiological"
+    field_of_view: str = "full"  # PreprocessingConfig.field_of_view: "full" (v1) or "body" (crop to the body box)
+    negatives_dir: str | None = None  # lesion-free HU volumes (chest-ct-hu-no-covid); None = lesion slices only
+    negative_fraction: float = 0.0  # share of each epoch drawn from negatives_dir
+    negative_holdout: tuple[str, ...] = ()  # negatives_dir patients never trained on (false-positive tests)
     device: str = "auto"  # "auto" (CUDA if available), "cpu", "cuda", "cuda:1", …
     num_workers: int = 0  # DataLoader worker processes per training process
 
@@ -53,6 +58,10 @@ class TrainConfig:
             object.__setattr__(self, "model_widths", tuple(int(width) for width in self.model_widths))
         object.__setattr__(self, "channels", check_channels(self.channels))
         check_augment_mode(self.augment)
+        check_orientation(self.orientation)
+        object.__setattr__(self, "negative_holdout", tuple(self.negative_holdout))
+        if (self.negatives_dir is None) != (self.negative_fraction == 0.0) or not 0.0 <= self.negative_fraction < 1.0:
+            raise ValueError("negatives_dir and a negative_fraction in (0, 1) go together (or neither)")
         for name in ("image_size", "batch_size", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -63,7 +72,7 @@ class TrainConfig:
             raise ValueError("learning_rate must be > 0, dice_weight ≥ 0 and num_workers ≥ 0")
 
     def preprocessing(self) -> PreprocessingConfig:
-        return PreprocessingConfig(size=self.image_size)
+        return PreprocessingConfig(size=self.image_size, field_of_view=self.field_of_view)
 
     def model_kwargs(self, for_checkpoint: bool = False) -> dict:
         """Constructor kwargs of the network. ``for_checkpoint`` drops the encoder weights source:
@@ -120,6 +129,14 @@ class TrainConfig:
         if self.validate_every_steps is not None:
             differences.append(
                 f"validate_every_steps: validation every {self.validate_every_steps} optimizer steps (paper: after each epoch)"
+            )
+        if self.orientation != paper.orientation:
+            differences.append(f"orientation: {self.orientation!r} (paper: slices as published, 367 Radiopaedia slices upside down)")
+        if self.field_of_view != paper.field_of_view:
+            differences.append(f"field_of_view: {self.field_of_view!r}, each volume cut to its body box (paper: whole slice)")
+        if self.negatives_dir:
+            differences.append(
+                f"lesion-free HU slices from {self.negatives_dir}: {self.negative_fraction:.0%} of each epoch (paper: lesion slices only)"
             )
         if self.split.kind != "paper":
             differences.append(f"split: {self.split.describe()} (paper: 224 + 10 slices drawn by slice)")

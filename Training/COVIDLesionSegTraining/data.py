@@ -13,10 +13,14 @@ Every slice reaches the network the way inference prepares it (``COVIDLesionSegL
 - :class:`ManifestSliceDataset` reads the shared PNG slice set (``manifest.csv``). Those PNGs already are
   the recipe's 256² uint8 output, so at ``size`` 256 they are used as they are; a smaller ``size`` (the
   CPU profiles' 128²) resizes the image with the recipe's bicubic interpolation and the masks with
-  :func:`~COVIDLesionSegLib.preprocessing.resize_mask`.
+  :func:`~COVIDLesionSegLib.preprocessing.resize_mask`. ``orientation="radiological"`` turns the
+  ``posterior-up`` slices (the manifest's ``orientation`` column: the 10 Radiopaedia volumes are stored
+  upside down) the right way up, image and masks together; ``"as-stored"`` keeps them as they are (v1).
+  With ``field_of_view="body"`` every volume's slices are cut to its body box
+  (:func:`~COVIDLesionSegLib.preprocessing.body_crop_box`, decided once per volume) before the resize.
 - :class:`NiftiVolumeDataset` reads the original release (``ct_scans/``, ``infection_mask/``,
   ``lung_mask/``), orients each volume radiologically (array ``[z, y, x]`` LPS-aligned: anterior up,
-  patient right on the image left) and runs :func:`~COVIDLesionSegLib.preprocessing.volume_to_uint8`.
+  patient right on the image left) and runs :func:`~COVIDLesionSegLib.preprocessing.prepare_volume`.
 """
 
 from __future__ import annotations
@@ -34,11 +38,21 @@ import torch
 from torch.utils.data import Dataset
 
 from COVIDLesionSegLib.io import read_image, to_radiological
-from COVIDLesionSegLib.preprocessing import PreprocessingConfig, resize_mask, resize_slice, to_network_input, volume_to_uint8
+from COVIDLesionSegLib.preprocessing import (
+    CropBox,
+    PreprocessingConfig,
+    body_crop_box,
+    crop_slice,
+    prepare_volume,
+    resize_mask,
+    resize_slice,
+    to_network_input,
+)
 
 from .augment import augment_slice, check_augment_mode
 
 CHANNEL_NAMES = ("lesion", "lung")
+ORIENTATIONS = ("as-stored", "radiological")  # what the manifest slices are turned to
 MANIFEST_COLUMNS = ("volume_id", "split_group", "pos_in_volume", "image", "mask", "lung_mask")
 
 
@@ -52,6 +66,7 @@ class SliceRecord:
     image: Path  # 256² uint8 CT slice, already min–max + CLAHE
     lesion_mask: Path  # {0, 255}
     lung_mask: Path  # {0, 255}
+    orientation: str = "radiological"  # as stored: "radiological" or "posterior-up" (upside down)
 
 
 def read_manifest(data_dir: str | Path) -> list[SliceRecord]:
@@ -76,6 +91,7 @@ def read_manifest(data_dir: str | Path) -> list[SliceRecord]:
             image=data_dir / row["image"],
             lesion_mask=data_dir / row["mask"],
             lung_mask=data_dir / row["lung_mask"],
+            orientation=row.get("orientation") or "radiological",
         )
         for row in rows
     ]
@@ -86,6 +102,12 @@ def check_channels(channels: Sequence[str]) -> tuple[str, ...]:
     if not channels or any(name not in CHANNEL_NAMES for name in channels) or len(set(channels)) != len(channels):
         raise ValueError(f"channels must be distinct names from {CHANNEL_NAMES}, e.g. ('lesion',) or ('lesion', 'lung'); got {channels}")
     return channels
+
+
+def check_orientation(orientation: str) -> str:
+    if orientation not in ORIENTATIONS:
+        raise ValueError(f"orientation must be one of {ORIENTATIONS}, got {orientation!r}")
+    return orientation
 
 
 def read_png(path: Path) -> np.ndarray:
@@ -136,39 +158,66 @@ class SliceDataset(Dataset):
     def position(self, index: int) -> int:
         raise NotImplementedError
 
+    def crop_box(self, index: int) -> CropBox | None:
+        """The field-of-view box of the item's volume (None: the whole slice)."""
+        return None
+
     def __getitem__(self, index: int) -> dict:
         image, lesion, lung = self.load_slice(index)
-        size = self.preprocessing.size
-        image = resize_slice(image, size)
+        size, box = self.preprocessing.size, self.crop_box(index)
+        image = resize_slice(crop_slice(image, box), size)
         masks = np.stack([lesion if name == "lesion" else lung | lesion for name in self.channels])
-        if not self.native_targets and masks.shape[-2:] != (size, size):
-            masks = np.stack([resize_mask(mask, self.preprocessing) for mask in masks])
+        if not self.native_targets:
+            masks = np.stack([crop_slice(mask, box) for mask in masks])
+            if masks.shape[-2:] != (size, size):
+                masks = np.stack([resize_mask(mask, self.preprocessing) for mask in masks])
         if self.augment != "none":
             rng = np.random.default_rng((self.seed, self.epoch, index))
             image, masks = augment_slice(image, masks, rng, self.augment, self.preprocessing)
-        return {
+        item = {
             "image": torch.from_numpy(to_network_input(image[None], self.preprocessing)[0]),
             "target": torch.from_numpy(masks.astype(np.float32)),
             "index": index,
         }
+        if self.native_targets:
+            item["box"] = box  # to put the output back on the stored slice (preprocessing.uncrop_probabilities)
+        return item
 
 
 class ManifestSliceDataset(SliceDataset):
-    """The shared PNG slice set: ``records`` from :func:`read_manifest` (usually one subset of a split)."""
+    """The shared PNG slice set: ``records`` from :func:`read_manifest` (usually one subset of a split).
 
-    def __init__(self, records: Sequence[SliceRecord], **options):
+    ``orientation``: ``"radiological"`` flips ``posterior-up`` records upside down (image and masks);
+    ``"as-stored"`` leaves every slice as stored. With ``field_of_view="body"`` each volume's box is found
+    on all of its records here (the oriented slices), as inference finds it on a whole volume.
+    """
+
+    def __init__(self, records: Sequence[SliceRecord], orientation: str = "as-stored", **options):
         super().__init__(**options)
         self.records = list(records)
+        self.orientation = check_orientation(orientation)
+        self.boxes: dict[str, CropBox | None] = {}
+        if self.preprocessing.field_of_view != "full":
+            for volume_id in dict.fromkeys(record.volume_id for record in self.records):
+                images = [self.oriented(record, read_png(record.image)) for record in self.records if record.volume_id == volume_id]
+                self.boxes[volume_id] = body_crop_box(np.stack(images), self.preprocessing)
 
     def __len__(self) -> int:
         return len(self.records)
 
+    def oriented(self, record: SliceRecord, array: np.ndarray) -> np.ndarray:
+        upside_down = self.orientation == "radiological" and record.orientation == "posterior-up"
+        return np.ascontiguousarray(array[::-1]) if upside_down else array
+
     def load_slice(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         record = self.records[index]
-        image = read_png(record.image)
-        lesion = read_png(record.lesion_mask) > 0
-        lung = read_png(record.lung_mask) > 0 if "lung" in self.channels else np.zeros_like(lesion)
+        image = self.oriented(record, read_png(record.image))
+        lesion = self.oriented(record, read_png(record.lesion_mask) > 0)
+        lung = self.oriented(record, read_png(record.lung_mask) > 0) if "lung" in self.channels else np.zeros_like(lesion)
         return image, lesion, lung
+
+    def crop_box(self, index: int) -> CropBox | None:
+        return self.boxes.get(self.records[index].volume_id)
 
     def volume_id(self, index: int) -> str:
         return self.records[index].volume_id
@@ -236,14 +285,15 @@ class NiftiVolumeDataset(SliceDataset):
         self.slices: list[tuple[str, int]] = []
         for volume_id in wanted:
             ct = read_volume_array(scans[volume_id])
-            arrays = {"image": volume_to_uint8(ct, self.preprocessing)}
+            image, box = prepare_volume(ct, self.preprocessing)
+            arrays = {"image": image}
             for name in needed:
                 if volume_id not in mask_files[name]:
                     raise FileNotFoundError(f"{mask_folders[name]}: no mask for volume {volume_id}")
                 mask = read_volume_array(mask_files[name][volume_id], is_mask=True)
                 if mask.shape != ct.shape:
                     raise ValueError(f"{volume_id}: {name} mask shape {mask.shape} differs from the CT's {ct.shape}")
-                arrays[name] = np.stack([resize_mask(mask_slice > 0, self.preprocessing) for mask_slice in mask])
+                arrays[name] = np.stack([resize_mask(crop_slice(mask_slice > 0, box), self.preprocessing) for mask_slice in mask])
             self.volumes[volume_id] = arrays
             keep = arrays["lesion"].any(axis=(1, 2)) if only_lesion_slices else np.ones(len(ct), bool)
             self.slices.extend((volume_id, int(z)) for z in np.flatnonzero(keep))

@@ -168,11 +168,11 @@ def predict_and_accumulate(
 ) -> dict[str, ConfusionAccumulator]:
     """Run ``model`` over ``dataset`` (a :class:`~.data.SliceDataset`) → one accumulator per channel.
 
-    Probabilities are resized to the targets' size with the core's
-    :func:`~COVIDLesionSegLib.preprocessing.resize_probabilities` (as inference does) when they differ,
-    then thresholded at ``threshold``.
+    Probabilities go back onto the targets' slice with the core's
+    :func:`~COVIDLesionSegLib.preprocessing.uncrop_probabilities` (as inference does: the item's field-of-view
+    ``box`` undone, resized) when they differ, then thresholded at ``threshold``.
     """
-    from COVIDLesionSegLib.preprocessing import resize_probabilities
+    from COVIDLesionSegLib.preprocessing import uncrop_probabilities
 
     model.eval()
     accumulators = {name: ConfusionAccumulator() for name in channels}
@@ -182,9 +182,12 @@ def predict_and_accumulate(
         images = torch.stack([item["image"] for item in items]).to(device, memory_format=torch.channels_last)
         targets = torch.stack([item["target"] for item in items]) > 0.5
         probabilities = torch.sigmoid(model(images)).float().cpu()
-        if probabilities.shape[-2:] != targets.shape[-2:]:
+        boxes = [item.get("box") for item in items]
+        if probabilities.shape[-2:] != targets.shape[-2:] or any(boxes):
             height, width = targets.shape[-2:]
-            probabilities = torch.stack([torch.from_numpy(resize_probabilities(p.numpy(), height, width)) for p in probabilities])
+            probabilities = torch.stack(
+                [torch.from_numpy(uncrop_probabilities(p.numpy(), box, height, width)) for p, box in zip(probabilities, boxes)]
+            )
         predictions = probabilities > threshold
         volume_ids = [dataset.volume_id(item["index"]) for item in items]
         for channel, name in enumerate(channels):
@@ -201,8 +204,11 @@ def evaluate_checkpoint(
     batch_size: int = 8,
     threshold: float = 0.5,
     device: str = "auto",
+    orientation: str | None = None,
 ) -> dict:
     """Evaluate a checkpoint on one subset of a split; writes ``summary.json`` and ``per_slice.csv``.
+
+    ``orientation`` of the manifest slices (``data.ORIENTATIONS``); None: the one the checkpoint trained on.
 
     ``split`` is a :class:`~.splits.SplitSpec`; None uses the split recorded in the checkpoint's
     ``train_config`` (its own test set), and ``data_dir`` None the data it was trained on. Targets stay at
@@ -226,7 +232,10 @@ def evaluate_checkpoint(
     for warning in made.warnings:
         logger.warning("warning: %s", warning)
     records = {"train": made.train, "val": made.val, "test": made.test}[subset]
-    dataset = ManifestSliceDataset(records, channels=checkpoint.channels, preprocessing=checkpoint.preprocessing, native_targets=True)
+    orientation = orientation or checkpoint.train_config.get("orientation", "as-stored")
+    dataset = ManifestSliceDataset(
+        records, orientation=orientation, channels=checkpoint.channels, preprocessing=checkpoint.preprocessing, native_targets=True
+    )
     torch_device = resolve_device(device)
     model = checkpoint.build().to(torch_device, memory_format=torch.channels_last)
     accumulators = predict_and_accumulate(model, dataset, checkpoint.channels, torch_device, batch_size, threshold)
@@ -235,6 +244,7 @@ def evaluate_checkpoint(
         "model": checkpoint.model_name,
         "split": made.spec.to_dict(),
         "subset": subset,
+        "orientation": orientation,
         "warnings": made.warnings,
         "threshold": threshold,
         "image_size": checkpoint.preprocessing.size,

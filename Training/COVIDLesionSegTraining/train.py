@@ -51,6 +51,7 @@ from COVIDLesionSegLib.predictor import resolve_device
 
 from .config import TrainConfig
 from .data import ManifestSliceDataset
+from .negatives import MixedSliceDataset, NegativeVolumeDataset
 from .evaluate import confusion_counts, metrics_from_counts
 from .splits import Split, make_split
 
@@ -355,8 +356,13 @@ def train_process(config: TrainConfig, resume: bool, context: DistributedContext
     split = make_split(config.split, config.data_dir)
     preprocessing = config.preprocessing()
     options = {"channels": config.channels, "preprocessing": preprocessing, "seed": config.seed}
-    train_set = ManifestSliceDataset(split.train, augment=config.augment, **options)
-    val_set = ManifestSliceDataset(split.val, **options)
+    train_set = ManifestSliceDataset(split.train, orientation=config.orientation, augment=config.augment, **options)
+    val_set = ManifestSliceDataset(split.val, orientation=config.orientation, **options)
+    if config.negatives_dir:
+        negatives = NegativeVolumeDataset(config.negatives_dir, config.negative_holdout, augment=config.augment, **options)
+        train_set = MixedSliceDataset(train_set, negatives, config.negative_fraction, config.seed)
+        if context.is_main:
+            logger.info("lesion-free slices: %d from %s, %d per epoch", len(negatives), ", ".join(negatives.cases), train_set.negative_count)
 
     torch.manual_seed(config.seed)
     model = build_model(config.model, **config.model_kwargs()).to(device, memory_format=torch.channels_last)
@@ -498,7 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
     from COVIDLesionSegLib.models import MODELS
 
     from .augment import AUGMENT_MODES
-    from .data import CHANNEL_NAMES
+    from COVIDLesionSegLib.preprocessing import FIELDS_OF_VIEW
+
+    from .data import CHANNEL_NAMES, ORIENTATIONS
     from .splits import SPLIT_KINDS
 
     defaults = TrainConfig(data_dir="", output_dir="")
@@ -542,6 +550,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--image-size", type=int, help=f"network input side in pixels (default {defaults.image_size})")
     group.add_argument("--augment", choices=AUGMENT_MODES, help=f"(default {defaults.augment})")
     group.add_argument("--seed", type=int, help=f"initialisation, sample order, augmentation (default {defaults.seed})")
+    group = parser.add_argument_group("data recipe")
+    group.add_argument("--orientation", choices=ORIENTATIONS, help=f"manifest slices as stored or all radiological (default {defaults.orientation})")
+    group.add_argument("--field-of-view", choices=FIELDS_OF_VIEW, help=f"whole slice or each volume's body box (default {defaults.field_of_view})")
+    group.add_argument("--negatives", dest="negatives_dir", help="folder of lesion-free HU volumes (chest-ct-hu-no-covid) to mix in")
+    group.add_argument("--negative-fraction", type=float, help="share of each epoch drawn from --negatives, e.g. 0.25")
+    group.add_argument("--negative-holdout", nargs="+", metavar="PATIENT", help="--negatives patients never trained on")
     group = parser.add_argument_group("split")
     group.add_argument("--split", choices=SPLIT_KINDS, help="(default paper)")
     group.add_argument("--fold", type=int, help="fold of patient-kfold or benchmark (default 0)")

@@ -1,0 +1,118 @@
+"""``covidlesionseg-montage``: look at the training data as a recipe uses it.
+
+::
+
+    covidlesionseg-montage --data ../shared/data/covid19-ct-seg-20cases-png256 \\
+        --negatives ../shared/data/chest-ct-hu-no-covid --output Training/results/data-montage
+
+writes
+
+- ``orientation.png``: the middle slice of every manifest volume, as stored (left) and in the
+  ``radiological`` orientation with its field-of-view box (right, yellow), lesion red, lung green —
+  every right-hand tile should show the spine and table at the bottom;
+- ``negatives.png``: slices of each lesion-free HU volume as the network sees them (the inference
+  preprocessing with the body crop), with the derived classical lung mask in green; tiles of slices left
+  out for a nearby tumour are crossed out in red.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import SimpleITK as sitk
+
+from COVIDLesionSegLib.checkpoints import atomic_output
+from COVIDLesionSegLib.classical_lung import classical_lung_mask
+from COVIDLesionSegLib.io import read_image, to_radiological
+from COVIDLesionSegLib.preprocessing import PreprocessingConfig, crop_slice, prepare_volume, resize_mask
+
+from .data import ManifestSliceDataset, read_manifest
+from .negatives import read_negative_cases, tumour_free_slices
+
+TILE = 192
+RED, GREEN, YELLOW = (0, 0, 255), (0, 200, 0), (0, 220, 255)
+
+
+def tile(image: np.ndarray, contours: Sequence[tuple[np.ndarray, tuple[int, int, int]]] = (), label: str = "") -> np.ndarray:
+    """uint8 ``image[H, W]`` → a ``TILE``² BGR tile with each bool mask's outline in its colour and a label."""
+    out = cv2.cvtColor(cv2.resize(image, (TILE, TILE), interpolation=cv2.INTER_AREA), cv2.COLOR_GRAY2BGR)
+    for mask, colour in contours:
+        small = cv2.resize(mask.astype(np.uint8), (TILE, TILE), interpolation=cv2.INTER_NEAREST)
+        outlines, _ = cv2.findContours(small, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(out, outlines, -1, colour, 1)
+    if label:
+        cv2.putText(out, label[:30], (3, 12), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (255, 255, 255), 1, cv2.LINE_AA)
+    return out
+
+
+def grid(tiles: list[np.ndarray], columns: int) -> np.ndarray:
+    blank = np.zeros_like(tiles[0])
+    tiles = tiles + [blank] * (-len(tiles) % columns)
+    return np.vstack([np.hstack(tiles[row : row + columns]) for row in range(0, len(tiles), columns)])
+
+
+def orientation_montage(data_dir: Path, preprocessing: PreprocessingConfig) -> np.ndarray:
+    records = read_manifest(data_dir)
+    stored = ManifestSliceDataset(records, orientation="as-stored", channels=("lesion", "lung"))
+    recipe = ManifestSliceDataset(records, orientation="radiological", channels=("lesion", "lung"), preprocessing=preprocessing)
+    tiles = []
+    for volume_id in dict.fromkeys(record.volume_id for record in records):
+        indices = [index for index, record in enumerate(records) if record.volume_id == volume_id]
+        index = indices[len(indices) // 2]
+        for dataset, label in ((stored, f"{volume_id} stored"), (recipe, "radiological")):
+            image, lesion, lung = dataset.load_slice(index)
+            contours = [(lung, GREEN), (lesion, RED)]
+            box = dataset.crop_box(index)
+            if box is not None:
+                frame = np.zeros_like(lesion)
+                frame[max(box.top, 0) : box.top + box.side, max(box.left, 0) : box.left + box.side] = True
+                contours.append((frame, YELLOW))
+            tiles.append(tile(image, contours, label))
+    return grid(tiles, 8)
+
+
+def negatives_montage(negatives_dir: Path, preprocessing: PreprocessingConfig, per_case: int = 8) -> np.ndarray:
+    rows = []
+    for case in read_negative_cases(negatives_dir):
+        image = to_radiological(read_image(case.volume))
+        hu = sitk.GetArrayFromImage(image)
+        prepared, box = prepare_volume(hu, preprocessing)
+        lung = classical_lung_mask(hu, image.GetSpacing())
+        kept = tumour_free_slices(case, len(hu))
+        tiles = []
+        for z in np.linspace(0, len(hu) - 1, per_case).round().astype(int):
+            lung_tile = resize_mask(crop_slice(lung[z], box), preprocessing)
+            one = tile(prepared[z], [(lung_tile, GREEN)], f"{case.case} z{z}" if z == 0 else f"z{z}")
+            if not kept[z]:
+                cv2.line(one, (0, 0), (TILE - 1, TILE - 1), RED, 2)
+            tiles.append(one)
+        rows.append(np.hstack(tiles))
+    return np.vstack(rows)
+
+
+def write_png(image: np.ndarray, path: Path) -> None:
+    with atomic_output(path) as temporary:
+        if not cv2.imwrite(str(temporary), image):
+            raise OSError(f"cannot write {path}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="covidlesionseg-montage", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="the covid19-ct-seg-20cases-png256 folder")
+    parser.add_argument("--negatives", type=Path, help="the chest-ct-hu-no-covid folder")
+    parser.add_argument("--field-of-view", default="body", choices=("full", "body"), help="the recipe's field of view (default body)")
+    parser.add_argument("--output", type=Path, required=True, help="folder for orientation.png (and negatives.png)")
+    args = parser.parse_args(argv)
+    preprocessing = PreprocessingConfig(field_of_view=args.field_of_view)
+    write_png(orientation_montage(args.data, preprocessing), args.output / "orientation.png")
+    if args.negatives:
+        write_png(negatives_montage(args.negatives, preprocessing), args.output / "negatives.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
