@@ -4,9 +4,10 @@
         --volume radiopaedia_27_86410_0 --output-dir Resources/Samples
 
 Writes ``<volume>.nii.gz`` (uint8 CT slices as they are in the PNGs: 8-bit, min–max + CLAHE, not HU) and
-``<volume>-reference.nii.gz`` (1 = lesion, 2 = lung without lesion). The PNGs are radiological displays
-(anterior up, patient right on the left) in z order from the lung base upward, so the identity LPS
-direction is the right one. The original spacing was lost when the source made the PNGs (README of the data): the
+``<volume>-reference.nii.gz`` (1 = lesion, 2 = lung without lesion). The slices are brought to radiological
+display (anterior up, patient right on the left: the manifest's ``posterior-up`` Radiopaedia slices are
+turned upside down) and stacked in z order from the lung base upward, so the identity LPS direction is the
+right one. The original spacing was lost when the source made the PNGs (README of the data): the
 sample gets a nominal spacing, so its millilitres are nominal too.
 """
 
@@ -21,13 +22,17 @@ import SimpleITK as sitk
 
 from COVIDLesionSegLib.checkpoints import atomic_output
 
-from .data import read_manifest
+from .data import check_orientation, read_manifest
 
 NOMINAL_SPACING_MM = (1.4, 1.4, 5.0)  # about 360 mm field of view over 256 pixels; 5 mm between kept slices
 
 
-def stack_volume(data_dir: Path, volume_id: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(ct[z, y, x] uint8, labels[z, y, x] uint8)`` of one manifest volume, slices in z order."""
+def stack_volume(data_dir: Path, volume_id: str, orientation: str = "radiological") -> tuple[np.ndarray, np.ndarray]:
+    """``(ct[z, y, x] uint8, labels[z, y, x] uint8)`` of one manifest volume, slices in z order.
+
+    ``orientation`` (``data.ORIENTATIONS``): ``"radiological"`` turns ``posterior-up`` slices upside down;
+    ``"as-stored"`` keeps the PNGs as they are."""
+    check_orientation(orientation)
     records = sorted((r for r in read_manifest(data_dir) if r.volume_id == volume_id), key=lambda r: r.position)
     if not records:
         raise ValueError(f"volume {volume_id!r} is not in {data_dir / 'manifest.csv'}")
@@ -36,7 +41,14 @@ def stack_volume(data_dir: Path, volume_id: str) -> tuple[np.ndarray, np.ndarray
     for index, record in enumerate(records):
         labels[index][cv2.imread(str(record.lung_mask), cv2.IMREAD_UNCHANGED) > 0] = 2
         labels[index][cv2.imread(str(record.lesion_mask), cv2.IMREAD_UNCHANGED) > 0] = 1
+        if orientation == "radiological" and record.orientation == "posterior-up":
+            ct[index], labels[index] = ct[index][::-1], labels[index][::-1]
     return ct, labels
+
+
+def model_orientation(checkpoint) -> str:
+    """The orientation a checkpoint's manifest slices were trained in (v1 checkpoints: ``"as-stored"``)."""
+    return checkpoint.train_config.get("orientation", "as-stored")
 
 
 def write_sample(data_dir: Path, volume_id: str, output_dir: Path) -> list[Path]:
