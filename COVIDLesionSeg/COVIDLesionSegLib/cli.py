@@ -258,6 +258,7 @@ def run_description(predictor, high_opacity_threshold_hu: float) -> dict:
         "parameters": {
             "high_opacity_threshold_hu": high_opacity_threshold_hu,
             "hu_detect_below": predictor.preprocessing.hu_detect_below,
+            "guard_rails": predictor.guard_rails.to_dict(),
         },
         "columns": {
             **{name: {"definition": meaning} for name, meaning in RUN_COLUMNS.items()},
@@ -396,6 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--report", action="store_true", help="also write <case>.report.png: slices with contours and the measures")
     segment.add_argument("--high-opacity-threshold", type=finite_float, default=DEFAULT_HIGH_OPACITY_THRESHOLD_HU, metavar="HU",
                          help=f"lesion voxels at or above this are high opacity (default {DEFAULT_HIGH_OPACITY_THRESHOLD_HU:g} HU)")
+    guard = segment.add_argument_group("guard rails against false lesions (defaults: predictor.GuardRails, chosen on the cross-validation)")
+    guard.add_argument("--lung-min-ml", type=finite_float, metavar="ML", help="keep only 3D lung components of at least ML, lesion inside them (0 = off)")
+    guard.add_argument("--lesion-min-ml", type=finite_float, metavar="ML", help="drop 3D lesion components smaller than ML (0 = off)")
+    guard.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, help="average each slice's prediction with its left-right mirror's (2x time)")
+    guard.add_argument("--hu-lung-prior", action=argparse.BooleanOptionalAction, help="HU input: lesion only inside the dilated classical lung mask")
     segment.add_argument("--debug", action="store_true", help="print the traceback of every error")
     from .measure import add_parser as add_measure_parser
 
@@ -477,15 +483,20 @@ def segment_command(args: argparse.Namespace) -> int:
     if not cases:
         print("no cases found in the given inputs", file=sys.stderr)
         return 1
-    from .predictor import Predictor
+    from .predictor import GuardRails, Predictor
 
     try:
+        guard_rails = GuardRails(**{name: getattr(args, name) for name in GuardRails.__dataclass_fields__ if getattr(args, name) is not None})
+    except ValueError as error:
+        print(f"ERROR guard rails: {error}", file=sys.stderr)
+        return 2
+    try:
         if args.weights:
-            predictor = Predictor.from_checkpoint(args.weights, args.device, args.batch_size)
+            predictor = Predictor.from_checkpoint(args.weights, args.device, args.batch_size, guard_rails)
         elif args.model:
-            predictor = Predictor.from_checkpoint(args.model, args.device, args.batch_size)
+            predictor = Predictor.from_checkpoint(args.model, args.device, args.batch_size, guard_rails)
         else:
-            predictor = Predictor.default(args.device, args.batch_size)
+            predictor = Predictor.default(args.device, args.batch_size, guard_rails)
     except Exception as error:  # a checkpoint the schema let through can still fail to build
         logger.debug("traceback", exc_info=True)
         print(f"ERROR model: {error if isinstance(error, (OSError, ValueError)) else one_line(error)}", file=sys.stderr)

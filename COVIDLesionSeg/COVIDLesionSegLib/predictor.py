@@ -10,21 +10,24 @@
 Each axial slice goes through the training preprocessing (``preprocessing``), the network runs in
 batches under ``torch.inference_mode()`` (fp16 autocast on CUDA), sigmoid probabilities are resized back
 to the slice size and thresholded at 0.5. With a lung channel, lesions are kept only inside the lung and
-the lung mask is made to include its lesions.
+the lung mask is made to include its lesions. :class:`GuardRails` (named options, recorded in the CLI's
+``summary.json``) clean the masks in 3D where the voxel size is known (``segment_image``).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import SimpleITK as sitk
 import torch
 
 from . import io
+from .classical_lung import classical_lung_mask
 from .checkpoints import Checkpoint, load_checkpoint, locate_model, sha256_of
 from .preprocessing import is_hounsfield, prepare_volume, to_network_input, uncrop_probabilities
 from .resources import default_model_name
@@ -86,6 +89,60 @@ def masks_from_probabilities(probabilities: dict[str, np.ndarray]) -> dict[str, 
     return masks
 
 
+@dataclass(frozen=True)
+class GuardRails:
+    """Inference-time checks against false lesions, each off at 0 / False.
+
+    - ``lung_min_ml``: keep only 3D connected components of the lung mask of at least this volume (a real
+      lung is hundreds of mL; stray "lung" on bowel gas or outside the chest is small), lesion inside them;
+    - ``lesion_min_ml``: drop 3D lesion components smaller than this;
+    - ``flip_tta``: average the logits of each slice and of its left–right mirror (2× network time);
+    - ``hu_lung_prior``: for HU input only, lesion only inside the classical lung mask
+      (:mod:`.classical_lung`), dilated by ``HU_PRIOR_DILATION_MM`` in-plane.
+    """
+
+    lung_min_ml: float = 0.0
+    lesion_min_ml: float = 0.0
+    flip_tta: bool = False
+    hu_lung_prior: bool = False
+
+    def __post_init__(self):
+        for name in ("lung_min_ml", "lesion_min_ml"):
+            value = getattr(self, name)
+            if not (np.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite volume ≥ 0 mL, got {value}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+HU_PRIOR_DILATION_MM = 10.0
+
+
+def components_at_least(mask: np.ndarray, voxel_ml: float, min_ml: float) -> np.ndarray:
+    """uint8 ``mask[z, y, x]`` without its 3D connected components (26-connected) below ``min_ml``."""
+    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True))
+    sizes = np.bincount(labels.ravel())
+    keep = np.flatnonzero(sizes * voxel_ml >= min_ml)
+    return (np.isin(labels, keep[keep > 0])).astype(np.uint8)
+
+
+def apply_guard_rails(masks: dict[str, np.ndarray], guard_rails: GuardRails, grid: VoxelGrid, ct_hu: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The 3D guard rails on ``masks`` (uint8 ``[z, y, x]`` from :func:`masks_from_probabilities`) of a volume on ``grid``."""
+    masks = dict(masks)
+    if guard_rails.lung_min_ml > 0 and "lung" in masks:
+        masks["lung"] = components_at_least(masks["lung"], grid.voxel_ml, guard_rails.lung_min_ml)
+        masks["lesion"] = masks["lesion"] & masks["lung"]
+    if guard_rails.hu_lung_prior and ct_hu is not None:
+        prior = classical_lung_mask(ct_hu, grid.spacing_mm).astype(np.uint8)
+        radius = max(1, round(HU_PRIOR_DILATION_MM / grid.spacing_mm[0]))
+        kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+        masks["lesion"] = masks["lesion"] & np.stack([cv2.dilate(plane, kernel) for plane in prior])
+    if guard_rails.lesion_min_ml > 0:
+        masks["lesion"] = components_at_least(masks["lesion"], grid.voxel_ml, guard_rails.lesion_min_ml)
+    return masks
+
+
 @dataclass
 class SegmentationResult:
     """Masks (uint8 0/1 ``sitk.Image`` on the input's grid, keyed by channel) and their statistics."""
@@ -97,8 +154,17 @@ class SegmentationResult:
 class Predictor:
     """A loaded network plus the preprocessing it was trained with."""
 
-    def __init__(self, checkpoint: Checkpoint, device: str = "auto", batch_size: int = 8, name: str = "", sha256: str = ""):
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        device: str = "auto",
+        batch_size: int = 8,
+        name: str = "",
+        sha256: str = "",
+        guard_rails: GuardRails | None = None,
+    ):
         self.checkpoint = checkpoint
+        self.guard_rails = guard_rails or GuardRails()
         self.channels = list(checkpoint.channels)
         self.preprocessing = checkpoint.preprocessing
         self.device = resolve_device(device)
@@ -110,15 +176,17 @@ class Predictor:
             self.network = self.network.to(memory_format=torch.channels_last)
 
     @classmethod
-    def from_checkpoint(cls, source: str | Path, device: str = "auto", batch_size: int = 8) -> Predictor:
+    def from_checkpoint(
+        cls, source: str | Path, device: str = "auto", batch_size: int = 8, guard_rails: GuardRails | None = None
+    ) -> Predictor:
         """``source`` is a registry name (``Resources/models.json``) or a checkpoint file path."""
         path, name = locate_model(source)
-        return cls(load_checkpoint(path), device, batch_size, name=name, sha256=sha256_of(path))
+        return cls(load_checkpoint(path), device, batch_size, name=name, sha256=sha256_of(path), guard_rails=guard_rails)
 
     @classmethod
-    def default(cls, device: str = "auto", batch_size: int = 8) -> Predictor:
+    def default(cls, device: str = "auto", batch_size: int = 8, guard_rails: GuardRails | None = None) -> Predictor:
         """The shipped default model of the registry."""
-        return cls.from_checkpoint(default_model_name(), device, batch_size)
+        return cls.from_checkpoint(default_model_name(), device, batch_size, guard_rails)
 
     def predict_probabilities(
         self, volume: np.ndarray, on_progress: ProgressCallback | None = None, preprocessed: bool = False
@@ -143,16 +211,29 @@ class Predictor:
                 probabilities[:, start + offset] = uncrop_probabilities(slice_probabilities, box, *volume.shape[1:])
 
         inputs = to_network_input(slices, self.preprocessing)
-        self.batch_size = predict_in_batches(self.network, inputs, self.batch_size, store, self.device, on_progress)
+        network = self.network
+        if self.guard_rails.flip_tta:
+            network = lambda batch: (self.network(batch) + torch.flip(self.network(torch.flip(batch, (3,))), (3,))) / 2  # noqa: E731
+        self.batch_size = predict_in_batches(network, inputs, self.batch_size, store, self.device, on_progress)
         return {channel: probabilities[index][0] if squeeze else probabilities[index] for index, channel in enumerate(self.channels)}
 
     def predict_masks(
-        self, volume: np.ndarray, on_progress: ProgressCallback | None = None, preprocessed: bool = False
+        self,
+        volume: np.ndarray,
+        on_progress: ProgressCallback | None = None,
+        preprocessed: bool = False,
+        grid: VoxelGrid | None = None,
     ) -> dict[str, np.ndarray]:
         """``{channel: uint8 0/1 mask}``; with a lung channel the lesion is kept inside the lung, and the lung includes it.
 
-        ``preprocessed`` as in :meth:`predict_probabilities`."""
-        return masks_from_probabilities(self.predict_probabilities(volume, on_progress, preprocessed))
+        ``preprocessed`` as in :meth:`predict_probabilities`. With the volume's ``grid`` (its voxel size) the
+        3D guard rails apply too; without it only ``flip_tta`` does."""
+        volume = np.asarray(volume)
+        masks = masks_from_probabilities(self.predict_probabilities(volume, on_progress, preprocessed))
+        if grid is None or volume.ndim != 3:
+            return masks
+        ct_hu = volume if not preprocessed and is_hounsfield(volume, self.preprocessing) else None
+        return apply_guard_rails(masks, self.guard_rails, grid, ct_hu)
 
     def predict_volume(self, volume: np.ndarray, return_probabilities: bool = False, on_progress: ProgressCallback | None = None):
         """The lesion mask (uint8 0/1, shape of ``volume``); with ``return_probabilities`` also its probabilities."""
@@ -175,8 +256,9 @@ class Predictor:
         input is in HU by the checkpoint's own test (``preprocessing.is_hounsfield``)."""
         oriented = io.to_radiological(image)
         ct = sitk.GetArrayViewFromImage(oriented)
-        masks = self.predict_masks(ct, on_progress)
+        grid = VoxelGrid.of_image(oriented)
+        masks = self.predict_masks(ct, on_progress, grid=grid)
         ct_hu = ct if is_hounsfield(ct, self.preprocessing) else None
-        statistics = lesion_statistics(masks["lesion"], VoxelGrid.of_image(oriented), masks.get("lung"), ct_hu, high_opacity_threshold_hu)
+        statistics = lesion_statistics(masks["lesion"], grid, masks.get("lung"), ct_hu, high_opacity_threshold_hu)
         written = [channel for channel in masks if include_lung or channel != "lung"]
         return SegmentationResult({channel: io.from_radiological(masks[channel], image) for channel in written}, statistics)

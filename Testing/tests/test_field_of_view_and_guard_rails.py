@@ -1,0 +1,171 @@
+"""Model v2's core pieces: the body field-of-view crop, the classical lung mask and the inference guard rails."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from COVIDLesionSegLib.classical_lung import classical_lung_mask
+from COVIDLesionSegLib.predictor import GuardRails, Predictor, apply_guard_rails, components_at_least
+from COVIDLesionSegLib.preprocessing import (
+    CropBox,
+    PreprocessingConfig,
+    body_crop_box,
+    crop_slice,
+    prepare_volume,
+    resize_mask,
+    uncrop_probabilities,
+)
+from COVIDLesionSegLib.statistics import VoxelGrid
+
+BODY = PreprocessingConfig(field_of_view="body")
+
+
+def ellipse(shape, centre, radii) -> np.ndarray:
+    rows, columns = np.ogrid[: shape[0], : shape[1]]
+    return ((rows - centre[0]) / radii[0]) ** 2 + ((columns - centre[1]) / radii[1]) ** 2 <= 1
+
+
+def chest_phantom(size: int = 200, depth: int = 12, body_fraction: float = 0.6) -> tuple[np.ndarray, np.ndarray]:
+    """HU ``[z, y, x]``: an elliptic body (40 HU) of width ``body_fraction`` of the slice, two lungs (−850 HU with
+    vessels of 40 HU), a trachea (−1000 HU) in the top four slices, bowel gas (−1000 HU) in the bottom three,
+    a table below the body, −3024 outside a circular field of view. Returns (hu, true lungs)."""
+    shape = (size, size)
+    half_width = body_fraction * size / 2
+    centre = (size / 2, size / 2)
+    body = ellipse(shape, centre, (0.7 * half_width, half_width))
+    hu = np.full((depth, size, size), -1000.0, dtype=np.float32)
+    lungs = np.zeros((depth, size, size), dtype=bool)
+    for z in range(depth):
+        plane = hu[z]
+        plane[body] = 40
+        plane[round(size / 2 + 0.75 * half_width) : round(size / 2 + 0.75 * half_width) + 3, 5:-5] = 200  # table
+        if z >= 3:
+            for side in (-1, 1):
+                lung = ellipse(shape, (size / 2, size / 2 + side * 0.48 * half_width), (0.45 * half_width, 0.3 * half_width))
+                plane[lung] = -850
+                lungs[z] |= lung
+            vessels = ellipse(shape, (size / 2, size / 2 + 0.48 * half_width), (2, 2))
+            plane[vessels] = 40
+        else:
+            plane[ellipse(shape, (size / 2 + 0.2 * half_width, size / 2), (0.15 * half_width, 0.2 * half_width))] = -1000  # gas
+        if z >= depth - 4:
+            plane[ellipse(shape, (size / 2 - 0.3 * half_width, size / 2), (4, 4))] = -1000  # trachea
+        plane[~ellipse(shape, centre, (0.49 * size, 0.49 * size))] = -3024
+    return hu, lungs
+
+
+def test_body_box_is_square_holds_the_body_with_a_margin_and_ignores_the_table():
+    hu, _ = chest_phantom()
+    box = body_crop_box(hu, BODY)
+    body_width = 0.6 * 200  # the table is wider than the body but must not widen the box
+    assert box.side == pytest.approx(body_width * (1 + 2 * BODY.body_margin), abs=4)
+    assert box.left == pytest.approx(100 - box.side / 2, abs=2) and box.top == pytest.approx(100 - box.side / 2, abs=2)
+    assert body_crop_box(hu, PreprocessingConfig()) is None  # "full": v1 checkpoints
+    assert body_crop_box(np.zeros((2, 40, 40)), BODY) is None  # no body: whole slice
+
+
+def test_body_crop_shows_a_wide_and_a_narrow_field_of_view_at_the_same_scale():
+    lung_share = {}
+    for body_fraction in (0.45, 0.8):
+        hu, lungs = chest_phantom(body_fraction=body_fraction)
+        for config in (BODY, PreprocessingConfig()):
+            _, box = prepare_volume(hu, config)
+            lung_share[body_fraction, config.field_of_view] = resize_mask(crop_slice(lungs[6], box), config).mean()
+    assert lung_share[0.45, "body"] == pytest.approx(lung_share[0.8, "body"], rel=0.1)  # the same once cropped…
+    assert lung_share[0.8, "full"] > 2.5 * lung_share[0.45, "full"]  # …though 3× apart in area as reconstructed
+
+
+def test_uncrop_puts_the_output_back_where_the_crop_took_it():
+    image = np.zeros((60, 80), np.float32)
+    image[10:20, 30:50] = 1
+    for box in (CropBox(top=5, left=25, side=30), CropBox(top=-10, left=-5, side=100)):  # inside, and beyond the edges
+        cropped = crop_slice(image, box, fill=0)
+        assert cropped.shape == (box.side, box.side)
+        back = uncrop_probabilities(cropped[None], box, 60, 80)[0]
+        np.testing.assert_allclose(back, image, atol=1e-6)
+    np.testing.assert_array_equal(crop_slice(image, None), image)
+
+
+def test_field_of_view_is_a_checked_recipe_field_and_v1_metadata_means_full():
+    v1_fields = {key: value for key, value in PreprocessingConfig().to_dict().items() if key not in ("field_of_view", "body_margin")}
+    assert PreprocessingConfig.from_dict(v1_fields).field_of_view == "full"
+    assert PreprocessingConfig.from_dict(BODY.to_dict()) == BODY
+    with pytest.raises(ValueError, match="field_of_view"):
+        PreprocessingConfig(field_of_view="lungs")
+
+
+def test_classical_lung_mask_finds_the_lungs_without_trachea_gas_or_outside_air():
+    hu, truth = chest_phantom()
+    lung = classical_lung_mask(hu, (1.5, 1.5, 5.0))
+    dice = 2 * (lung & truth).sum() / (lung.sum() + truth.sum())
+    assert dice > 0.97  # vessels (holes) filled
+    assert not lung[:3].any()  # bowel gas: pure air, rejected
+    trachea = np.zeros_like(truth)
+    trachea[-4:] = ellipse(truth.shape[1:], (100 - 0.3 * 60, 100), (4, 4))
+    assert not (lung & trachea).any()
+
+
+def test_guard_rails_drop_small_lesions_and_lesions_outside_a_plausible_lung():
+    grid = VoxelGrid((1.0, 1.0, 1.0))  # 1 mm³ voxels: 1,000 voxels = 1 mL
+    lung = np.zeros((20, 40, 40), np.uint8)
+    lung[:, 5:35, 5:20] = 1  # 9 mL
+    lung[2:4, 30:34, 30:34] = 1  # 0.032 mL of "lung" elsewhere
+    lesion = np.zeros_like(lung)
+    lesion[5:15, 10:20, 10:15] = 1  # 0.5 mL inside the lung
+    lesion[10, 10:12, 16:18] = 1  # 4 voxels: a speck
+    lesion[2:4, 31:33, 31:33] = 1  # inside the stray lung
+    masks = {"lesion": lesion & lung, "lung": lung}
+    np.testing.assert_array_equal(apply_guard_rails(masks, GuardRails(), grid, None)["lesion"], masks["lesion"])  # all off
+    cleaned = apply_guard_rails(masks, GuardRails(lung_min_ml=1.0, lesion_min_ml=0.01), grid, None)
+    expected = np.zeros_like(lesion)
+    expected[5:15, 10:20, 10:15] = 1
+    np.testing.assert_array_equal(cleaned["lesion"], expected)
+    assert not cleaned["lung"][2:4, 30:34, 30:34].any()
+    assert components_at_least(lesion, 0.001, 0.0).sum() == lesion.sum()
+    with pytest.raises(ValueError, match="lesion_min_ml"):
+        GuardRails(lesion_min_ml=float("nan"))
+
+
+def test_hu_lung_prior_keeps_lesion_only_near_the_classical_lung():
+    hu, truth = chest_phantom()
+    grid = VoxelGrid((1.5, 1.5, 5.0))
+    lesion = np.zeros(hu.shape, np.uint8)
+    lesion[6, 95:105, 125:135] = 1  # in the right-hand lung
+    lesion[6, 10:20, 95:105] = 1  # outside the body
+    masks = {"lesion": lesion, "lung": np.ones_like(lesion)}
+    kept = apply_guard_rails(masks, GuardRails(hu_lung_prior=True), grid, hu)["lesion"]
+    assert kept[6, 95:105, 125:135].all() and not kept[6, 10:20, 95:105].any()
+    assert apply_guard_rails(masks, GuardRails(hu_lung_prior=True), grid, None)["lesion"].sum() == lesion.sum()  # not HU: no prior
+
+
+class MirrorSensitiveNetwork(torch.nn.Module):
+    """Lesion logit +10 on the image's left half, −10 on its right half; lung everywhere."""
+
+    def forward(self, batch):
+        width = batch.shape[-1]
+        lesion = torch.full_like(batch[:, :1], -10.0)
+        lesion[..., : width // 2] = 10.0
+        return torch.cat([lesion, torch.full_like(lesion, 5.0)], dim=1)
+
+
+def test_flip_tta_averages_a_slice_with_its_mirror(tiny_checkpoint):
+    predictor = Predictor.from_checkpoint(tiny_checkpoint, device="cpu", guard_rails=GuardRails(flip_tta=True))
+    predictor.network = MirrorSensitiveNetwork()
+    probabilities = predictor.predict_probabilities(np.random.default_rng(0).normal(0, 1, (1, 64, 64)))
+    np.testing.assert_allclose(probabilities["lesion"], 0.5, atol=1e-6)  # +10 and −10 averaged
+    plain = replace(predictor.guard_rails, flip_tta=False)
+    predictor.guard_rails = plain
+    assert predictor.predict_probabilities(np.zeros((1, 64, 64)))["lesion"][0, :, :20].min() > 0.99
+
+
+def test_segment_image_applies_guard_rails_with_the_image_spacing(tiny_checkpoint):
+    predictor = Predictor.from_checkpoint(tiny_checkpoint, device="cpu", guard_rails=GuardRails(lesion_min_ml=1e6))
+    predictor.network = MirrorSensitiveNetwork()
+    image = sitk.GetImageFromArray(np.random.default_rng(1).normal(0, 50, (3, 32, 32)).astype(np.int16))
+    result = predictor.segment_image(image)
+    assert result.statistics.lesion_ml == 0  # every lesion component is below 10⁶ mL
+    predictor.guard_rails = GuardRails()
+    assert predictor.segment_image(image).statistics.lesion_ml > 0

@@ -1,0 +1,101 @@
+"""The v2 data recipe: radiological orientation, body field of view and lesion-free HU slices (issues 14, 16)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from COVIDLesionSegLib.io import read_image, to_radiological
+from COVIDLesionSegLib.preprocessing import PreprocessingConfig, crop_slice, prepare_volume, resize_mask, to_network_input
+from COVIDLesionSegTraining.config import TrainConfig
+from COVIDLesionSegTraining.data import ManifestSliceDataset, read_manifest
+from COVIDLesionSegTraining.negatives import MixedSliceDataset, NegativeVolumeDataset, read_negative_cases, tumour_free_slices
+
+NEGATIVES = Path(__file__).resolve().parents[3] / "shared" / "data" / "chest-ct-hu-no-covid"
+BODY = PreprocessingConfig(field_of_view="body")
+
+
+@pytest.fixture(scope="module")
+def negatives_dir() -> Path:
+    if not (NEGATIVES / "manifest.csv").is_file():
+        pytest.skip(f"lesion-free HU volumes not present at {NEGATIVES}")
+    return NEGATIVES
+
+
+def test_radiological_orientation_turns_posterior_up_slices_with_their_masks(tiny_data):
+    records = read_manifest(tiny_data)
+    assert {record.orientation for record in records} == {"radiological", "posterior-up"}
+    stored = ManifestSliceDataset(records, orientation="as-stored", channels=("lesion", "lung"))
+    turned = ManifestSliceDataset(records, orientation="radiological", channels=("lesion", "lung"))
+    for index, record in enumerate(records):
+        expected = [array[::-1] if record.orientation == "posterior-up" else array for array in stored.load_slice(index)]
+        for got, want in zip(turned.load_slice(index), expected):
+            np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="orientation"):
+        ManifestSliceDataset(records, orientation="upside-down")
+
+
+def test_body_field_of_view_is_one_box_per_volume_and_evaluation_keeps_native_targets(tiny_data):
+    records = read_manifest(tiny_data)
+    dataset = ManifestSliceDataset(records, orientation="radiological", channels=("lesion", "lung"), preprocessing=BODY)
+    assert set(dataset.boxes) == {record.volume_id for record in records}
+    index = 0
+    box = dataset.crop_box(index)
+    image, lesion, lung = dataset.load_slice(index)
+    item = dataset[index]
+    volume = np.stack([dataset.load_slice(i)[0] for i, record in enumerate(records) if record.volume_id == records[index].volume_id])
+    slices, volume_box = prepare_volume(volume, BODY, preprocessed=True)  # what inference makes of the stacked volume
+    assert volume_box == box
+    np.testing.assert_allclose(item["image"].numpy(), to_network_input(slices[:1], BODY)[0], atol=1e-6)
+    np.testing.assert_array_equal(item["target"][0].numpy() > 0, resize_mask(crop_slice(lesion, box), BODY))
+    native = ManifestSliceDataset(records, orientation="radiological", channels=("lesion",), preprocessing=BODY, native_targets=True)
+    assert native[index]["box"] == box and native[index]["target"].shape[-2:] == lesion.shape
+
+
+def test_train_config_records_the_v2_recipe_and_v1_configs_keep_their_meaning(tmp_path):
+    v1_values = TrainConfig(data_dir="d", output_dir="o").to_dict()
+    for name in ("orientation", "field_of_view", "negatives_dir", "negative_fraction", "negative_holdout"):
+        v1_values.pop(name)
+    v1 = TrainConfig.from_dict(v1_values)
+    assert (v1.orientation, v1.preprocessing().field_of_view, v1.negatives_dir) == ("as-stored", "full", None)
+    v2 = TrainConfig(data_dir="d", output_dir="o", orientation="radiological", field_of_view="body",
+                     negatives_dir="n", negative_fraction=0.25, negative_holdout=("p",))
+    assert TrainConfig.from_dict(v2.to_dict()) == v2 and v2.preprocessing().field_of_view == "body"
+    differences = "\n".join(v2.differences_from_paper())
+    assert "orientation" in differences and "field_of_view" in differences and "25%" in differences
+    with pytest.raises(ValueError, match="negative"):
+        TrainConfig(data_dir="d", output_dir="o", negatives_dir="n")  # a folder without a share
+
+
+def test_negative_slices_are_the_inference_preprocessing_with_empty_lesions(negatives_dir):
+    dataset = NegativeVolumeDataset(negatives_dir, ["pyradiomics_lung2"], channels=("lesion", "lung"), preprocessing=BODY)
+    assert "pyradiomics_lung2" not in dataset.cases and len(dataset.cases) == 5
+    case = next(case for case in read_negative_cases(negatives_dir) if case.case == "pyradiomics_lung1")
+    kept = tumour_free_slices(case, 48)
+    assert not kept[31:36].any() and kept[:30].all()  # tumour on z 32–34, one slice either side
+    assert [z for name, z in dataset.slices if name == "pyradiomics_lung1"] == list(np.flatnonzero(kept))
+    index = dataset.slices.index(("pyradiomics_lung1", 20))
+    volume = sitk.GetArrayFromImage(to_radiological(read_image(case.volume)))
+    expected = to_network_input(prepare_volume(volume, BODY)[0][20:21], BODY)[0]
+    item = dataset[index]
+    np.testing.assert_allclose(item["image"].numpy(), expected, atol=1e-6)
+    assert item["target"][0].sum() == 0 and item["target"][1].mean() > 0.1  # mid-chest: no lesion, lungs
+    no_lung = [i for i, (name, _) in enumerate(dataset.slices) if name == "totalsegmentator_example_ct_dicom"]
+    assert no_lung and all(dataset[i]["target"][1].sum() == 0 for i in no_lung[:3])  # upper abdomen only
+
+
+def test_mixed_epochs_hold_the_chosen_share_of_negatives_drawn_anew_each_epoch(tiny_data, negatives_dir):
+    positives = ManifestSliceDataset(read_manifest(tiny_data), channels=("lesion", "lung"))
+    negatives = NegativeVolumeDataset(negatives_dir, ["pyradiomics_lung2", "lung_pet_ct_dx_A0001"], channels=("lesion", "lung"))
+    mixed = MixedSliceDataset(positives, negatives, 0.25, seed=3)
+    assert len(mixed) == len(positives) + 4 and mixed.negative_count == 4  # 12 positives → 4 negatives = 25 %
+    first = mixed.negative_order.copy()
+    assert len(set(first)) == 4
+    mixed.set_epoch(1)
+    assert not np.array_equal(first, mixed.negative_order)
+    mixed.set_epoch(0)
+    np.testing.assert_array_equal(first, mixed.negative_order)
+    assert mixed[len(positives)]["target"][0].sum() == 0 and mixed[len(positives)]["index"] == len(positives)
+    with pytest.raises(ValueError, match="negative_fraction"):
+        MixedSliceDataset(positives, negatives, 1.0)
