@@ -107,7 +107,8 @@ def test_outputs_agree_and_a_rerun_trains_nothing(two_folds, recipe_checkpoint, 
 
     assert "## Inputs that look different" in markdown
     for fold in results["folds"]:
-        assert len(fold["shifted_inputs_lesion_dice"]) == 3 and fold["healthy_ct"]["file"] == "CTChest4.nrrd"
+        assert len(fold["shifted_inputs_lesion_dice"]) == 4 and fold["healthy_ct"]["file"] == "CTChest4.nrrd"
+        assert fold["held_out_lesion_free"] == []  # the recipe holds no lesion-free patients out
         assert fold["healthy_ct"]["false_lesion_ml"] >= 0
         ml = fold["healthy_ct"]["false_lesion_ml"]
         assert f"| {fold['fold']} | " in markdown and f" | {ml:.1f} | {fold['healthy_ct']['slices_with_false_lesion']} |" in markdown
@@ -164,6 +165,32 @@ def test_one_fold_with_a_changed_augmentation_is_labelled_and_kept_out_of_the_mo
     markdown = (tmp_path / "out" / "crossval.md").read_text()
     assert markdown.startswith("# Fold 1 of a patient-level 2-fold cross-validation")
     assert "**max_steps 1** (recipe: 3), **augment flip** (recipe: robust)" in markdown
-    with pytest.raises(ValueError, match="full cross-validation of the model's own recipe"):
+    with pytest.raises(ValueError, match="cross-validation of the model's own recipe"):
         crossval_section(results, "out/crossval.json")
+    results["recipe"]["changes"].pop("augment")  # one fold of the recipe itself: quoted, and said to be partial
+    assert "**Partial: fold 1 of 2 only**" in crossval_section(results, "out/crossval.json")[0]
     assert main([*arguments[:8], "--num-folds", "2", "--folds", "2"]) == 1
+
+
+def test_held_out_lesion_free_volumes_are_the_named_patients_and_are_aggregated_per_file(two_folds):
+    from pathlib import Path
+
+    from COVIDLesionSegTraining.crossval import aggregate
+    from COVIDLesionSegTraining.model_card import held_out_negative_volumes
+
+    negatives = Path(__file__).resolve().parents[3] / "shared" / "data" / "chest-ct-hu-no-covid"
+    if not negatives.is_dir():
+        pytest.skip(f"lesion-free volumes not present at {negatives}")
+    assert [path.name for path in held_out_negative_volumes(negatives, ["lung_pet_ct_dx_A0001"])] == [
+        "lpct_A0001_series2_5mm.nii.gz",
+        "lpct_A0001_series3_5mm.nii.gz",
+    ]
+    assert held_out_negative_volumes(None, []) == []
+    with pytest.raises(ValueError, match="not in"):
+        held_out_negative_volumes(negatives, ["nobody"])
+    _, results = two_folds
+    folds = json.loads(json.dumps(results["folds"]))
+    for fold, millilitres in zip(folds, (2.0, 4.0), strict=True):
+        fold["held_out_lesion_free"] = [{**fold["healthy_ct"], "file": "a.nii.gz", "false_lesion_ml": millilitres}]
+    summary = aggregate(folds)["held_out_lesion_free_false_lesion_ml"]["a.nii.gz"]
+    assert (summary["mean"], summary["n"]) == (3.0, 2)

@@ -44,7 +44,7 @@ from COVIDLesionSegLib.predictor import Predictor
 from .augment import AUGMENT_MODES
 from .config import TrainConfig
 from .evaluate import COUNT_NAMES, evaluate_checkpoint, metrics_from_counts, nan_to_none
-from .model_card import healthy_ct_check, shifted_input_scores
+from .model_card import healthy_ct_check, held_out_negative_volumes, shifted_input_scores
 from .reproduce import format_duration, format_number, markdown_table, pyplot, save_figure, train_or_resume, training_record
 from .splits import make_split
 
@@ -80,6 +80,7 @@ def fold_result(config: TrainConfig, device: str) -> dict:
     predictor = Predictor.from_checkpoint(run_dir / "best.safetensors", device)
     test_volumes = list(dict.fromkeys(record.volume_id for record in split.test))
     healthy = healthy_ct_check(predictor)
+    negatives = held_out_negative_volumes(config.negatives_dir, config.negative_holdout)
     return {
         "fold": config.split.fold,
         "test_groups": sorted({record.split_group for record in split.test}),
@@ -89,6 +90,7 @@ def fold_result(config: TrainConfig, device: str) -> dict:
         "test": evaluation["channels"],
         "shifted_inputs_lesion_dice": shifted_input_scores(predictor, Path(config.data_dir), test_volumes),
         "healthy_ct": {key: healthy[key] for key in HEALTHY_CT_FIELDS},
+        "held_out_lesion_free": [{key: check[key] for key in HEALTHY_CT_FIELDS} for check in (healthy_ct_check(predictor, p) for p in negatives)],
     }
 
 
@@ -109,6 +111,10 @@ def aggregate(folds: list[dict]) -> dict:
         for rendering in folds[0]["shifted_inputs_lesion_dice"]
     }
     result["healthy_ct_false_lesion_ml"] = summarise([fold["healthy_ct"]["false_lesion_ml"] for fold in folds])
+    result["held_out_lesion_free_false_lesion_ml"] = {
+        entry["file"]: summarise([check["false_lesion_ml"] for fold in folds for check in fold["held_out_lesion_free"] if check["file"] == entry["file"]])
+        for entry in folds[0].get("held_out_lesion_free", [])
+    }
     return result
 
 
@@ -311,6 +317,7 @@ def robustness_section(results: dict) -> list[str]:
     folds, overall = results["folds"], results["overall"]
     renderings = list(overall["shifted_inputs_lesion_dice"])
     healthy_file = folds[0]["healthy_ct"]["file"]
+    negatives = list(overall.get("held_out_lesion_free_false_lesion_ml", {}))
     rows = [
         [
             str(fold["fold"]),
@@ -318,6 +325,7 @@ def robustness_section(results: dict) -> list[str]:
             format_number(fold["healthy_ct"]["false_lesion_ml"], 1),
             str(fold["healthy_ct"]["slices_with_false_lesion"]),
             format_number(fold["healthy_ct"]["false_percent_opacity"], 2),
+            *(format_number(check["false_lesion_ml"], 1) for check in fold.get("held_out_lesion_free", [])),
         ]
         for fold in folds
     ]
@@ -329,16 +337,21 @@ def robustness_section(results: dict) -> list[str]:
             mean_sd(healthy, 1),
             "",
             "",
+            *(mean_sd(overall["held_out_lesion_free_false_lesion_ml"][name], 1) for name in negatives),
         ]
     )
     return [
         "## Inputs that look different",
         "",
         "Each fold's model through the full inference path (`Predictor.predict_masks`, as the CLI runs it): its test "
-        "patients' slices rendered three ways (pooled lesion Dice; see `model_card.py` for the renderings), and "
-        f"`{healthy_file}`, a chest CT without COVID-19 in raw HU (slicerio's test data), where every lesion voxel is false.",
+        "patients' slices re-rendered (pooled lesion Dice; see `model_card.py` for the renderings), and "
+        f"`{healthy_file}`, a chest CT without COVID-19 in raw HU (slicerio's test data), where every lesion voxel is false"
+        + (f", and the recipe's held-out lesion-free volumes ({', '.join(negatives)})." if negatives else "."),
         "",
-        *markdown_table(("fold", *renderings, f"{healthy_file} false lesion (mL)", "slices with it", "false PO (%)"), rows),
+        *markdown_table(
+            ("fold", *renderings, f"{healthy_file} false lesion (mL)", "slices with it", "false PO (%)", *(f"{n} false lesion (mL)" for n in negatives)),
+            rows,
+        ),
     ]
 
 

@@ -38,10 +38,14 @@ import torch
 
 from COVIDLesionSegLib import io
 from COVIDLesionSegLib.checkpoints import atomic_output
-from COVIDLesionSegLib.predictor import Predictor
-from COVIDLesionSegLib.resources import load_registry, resources_dir
+from COVIDLesionSegLib.predictor import GuardRails, Predictor
+from COVIDLesionSegLib.preprocessing import PreprocessingConfig, body_crop_box, crop_slice
+from COVIDLesionSegLib.resources import default_model_name, load_registry, resources_dir
+from COVIDLesionSegLib.statistics import VoxelGrid
 
-from .sample import stack_volume
+from .data import ORIENTATIONS
+from .negatives import read_negative_cases
+from .sample import NOMINAL_SPACING_MM, model_orientation, stack_volume
 
 GOLDEN_SLICE_STEP = 2
 RADIOPAEDIA_LUNG_WINDOW_HU = (-1250.0, 250.0)  # how the Radiopaedia volumes were exported to 0–255
@@ -53,12 +57,17 @@ def dice(prediction: np.ndarray, reference: np.ndarray) -> float | None:
     return None if total == 0 else 2 * int(np.logical_and(prediction, reference).sum()) / total
 
 
-def held_out_scores(predictor: Predictor, data_dir: Path, volume_ids: Sequence[str], step: int = 1) -> dict:
-    """Lesion and lung Dice on every ``step``-th held-out PNG slice: pooled and per volume."""
+def held_out_scores(
+    predictor: Predictor, data_dir: Path, volume_ids: Sequence[str], step: int = 1, orientation: str | None = None
+) -> dict:
+    """Lesion and lung Dice on every ``step``-th held-out PNG slice: pooled and per volume.
+
+    ``orientation`` of the stacked slices (``data.ORIENTATIONS``); None: the one the model trained in."""
+    orientation = orientation or model_orientation(predictor.checkpoint)
     pooled = {"lesion": [[], []], "lung": [[], []]}
     per_volume = {}
     for volume_id in volume_ids:
-        ct, labels = stack_volume(data_dir, volume_id)
+        ct, labels = stack_volume(data_dir, volume_id, orientation)
         ct, labels = ct[::step], labels[::step]
         masks = predictor.predict_masks(ct, preprocessed=True)
         references = {"lesion": labels == 1, "lung": labels > 0}
@@ -94,27 +103,59 @@ def zoomed_out(array: np.ndarray, fill: float, scale: float = 0.7) -> np.ndarray
     return out
 
 
+def zoomed_in(ct: np.ndarray, lesion: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each slice cut to the volume's body bounding box (no margin, squared) and resized back: a tight crop,
+    as many published slice sets are."""
+    box = body_crop_box(ct, PreprocessingConfig(field_of_view="body", body_margin=0.0))
+    height, width = ct.shape[-2:]
+    image = np.stack([cv2.resize(crop_slice(plane, box, 0), (width, height), interpolation=cv2.INTER_AREA) for plane in ct])
+    labels = np.stack(
+        [cv2.resize(crop_slice(plane, box, 0).astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) for plane in lesion]
+    )
+    return image, labels > 0
+
+
+SHIFTED_RENDERINGS = (
+    "8-bit as shipped (recipe re-applied)",
+    "HU, −3024 outside the FOV",
+    "field of view ×1/0.7 (zoomed out)",
+    "cropped tight to the body (zoomed in)",
+)
+
+
 def shifted_input_scores(predictor: Predictor, data_dir: Path, volume_ids: Sequence[str]) -> dict:
-    """Pooled lesion Dice of the full inference path on three renderings of the held-out volumes."""
-    variants = {"8-bit as shipped (recipe re-applied)": [], "HU, −3024 outside the FOV": [], "field of view ×1/0.7 (zoomed out)": []}
+    """Pooled lesion Dice of the full inference path on four renderings of the held-out volumes (stacked in the
+    model's training orientation), guard rails applied on the sample's nominal voxel grid."""
+    variants = {name: [] for name in SHIFTED_RENDERINGS}
+    grid = VoxelGrid(NOMINAL_SPACING_MM)
     for volume_id in volume_ids:
-        ct, labels = stack_volume(data_dir, volume_id)
+        ct, labels = stack_volume(data_dir, volume_id, model_orientation(predictor.checkpoint))
         lesion = labels == 1
-        renderings = {
-            "8-bit as shipped (recipe re-applied)": (ct, lesion),
-            "HU, −3024 outside the FOV": (as_hounsfield(ct), lesion),
-            "field of view ×1/0.7 (zoomed out)": (zoomed_out(ct, 0), zoomed_out(lesion, False)),
-        }
+        rendered = ((ct, lesion), (as_hounsfield(ct), lesion), (zoomed_out(ct, 0), zoomed_out(lesion, False)), zoomed_in(ct, lesion))
+        renderings = dict(zip(SHIFTED_RENDERINGS, rendered, strict=True))
         for name, (volume, reference) in renderings.items():
-            variants[name].append((predictor.predict_masks(volume)["lesion"].ravel() > 0, reference.ravel()))
+            variants[name].append((predictor.predict_masks(volume, grid=grid)["lesion"].ravel() > 0, reference.ravel()))
     return {name: dice(np.concatenate([p for p, _ in pairs]), np.concatenate([r for _, r in pairs])) for name, pairs in variants.items()}
 
 
-def healthy_ct_check(predictor: Predictor) -> dict:
-    """The model on ``CTChest4.nrrd`` (slicerio's test chest CT, no COVID-19): every lesion voxel is false."""
+def held_out_negative_volumes(negatives_dir: str | Path | None, patients: Sequence[str]) -> list[Path]:
+    """The volumes of the lesion-free ``patients`` in ``negatives_dir`` (chest-ct-hu-no-covid)."""
+    if not patients:
+        return []
+    if not negatives_dir:
+        raise ValueError(f"lesion-free patients {list(patients)} named but no negatives folder")
+    cases = read_negative_cases(negatives_dir)
+    unknown = sorted(set(patients) - {case.patient for case in cases})
+    if unknown:
+        raise ValueError(f"patients {unknown} are not in {Path(negatives_dir) / 'manifest.csv'}")
+    return [case.volume for case in cases if case.patient in patients]
+
+
+def healthy_ct_check(predictor: Predictor, path: Path | None = None) -> dict:
+    """The model on a CT without COVID-19 (default ``CTChest4.nrrd``, slicerio's test chest CT): every lesion voxel is false."""
     from slicerio.data_helper import get_testdata_file
 
-    path = Path(get_testdata_file("CTChest4.nrrd"))
+    path = Path(path or get_testdata_file("CTChest4.nrrd"))
     image = io.read_image(path)
     started = time.perf_counter()
     result = predictor.segment_image(image)
@@ -125,20 +166,30 @@ def healthy_ct_check(predictor: Predictor) -> dict:
             "false_percent_opacity": stats.percent_opacity, "seconds": seconds, "seconds_per_slice": seconds / image.GetSize()[2]}
 
 
-def measure(model: str, data_dir: Path, holdout: Sequence[str]) -> dict:
-    predictor = Predictor.from_checkpoint(model, device="cpu")
+def measure(
+    model: str, data_dir: Path, holdout: Sequence[str], negatives_dir: Path | None = None, negative_patients: Sequence[str] | None = None
+) -> dict:
+    predictor = Predictor.from_checkpoint(model, device="cpu", guard_rails=GuardRails())
     registry = load_registry()
     file = f"Resources/{registry[model].file}" if model in registry and registry[model].file else model
-    started = time.perf_counter()
-    held_out = held_out_scores(predictor, data_dir, holdout)
-    slices_per_second = held_out["slices"] / (time.perf_counter() - started)
+    config = predictor.checkpoint.train_config
+    negatives_dir = negatives_dir or config.get("negatives_dir")
+    negative_patients = config.get("negative_holdout", []) if negative_patients is None else negative_patients
+    by_orientation = {}
+    for orientation in ORIENTATIONS:
+        started = time.perf_counter()
+        scores = by_orientation[orientation] = held_out_scores(predictor, data_dir, holdout, orientation=orientation)
+        if orientation == model_orientation(predictor.checkpoint):
+            held_out, slices_per_second = scores, scores["slices"] / (time.perf_counter() - started)
     return {
         "model": predictor.name, "file": file, "sha256": predictor.sha256, "channels": predictor.channels,
         "train_config": predictor.checkpoint.train_config, "training_metrics": predictor.checkpoint.metrics,
-        "holdout": list(holdout), "held_out": held_out,
+        "holdout": list(holdout), "orientation": model_orientation(predictor.checkpoint), "held_out": held_out,
+        "held_out_by_orientation": by_orientation, "guard_rails": predictor.guard_rails.to_dict(),
         "golden": {"slice_step": GOLDEN_SLICE_STEP, **held_out_scores(predictor, data_dir, holdout, GOLDEN_SLICE_STEP)},
         "shifted_inputs_lesion_dice": shifted_input_scores(predictor, data_dir, holdout),
         "healthy_ct": healthy_ct_check(predictor),
+        "held_out_lesion_free": [healthy_ct_check(predictor, path) for path in held_out_negative_volumes(negatives_dir, negative_patients)],
         "cpu": {"threads": torch.get_num_threads(), "held_out_seconds_per_slice_network_path": 1 / slices_per_second},
         "date": date.today().isoformat(), "torch": torch.__version__,
     }
@@ -164,8 +215,15 @@ def crossval_section(crossval: dict | None, path: str) -> tuple[str, str]:
     recipe = crossval["recipe"]
     budget, own = recipe["changes"].get("max_steps"), recipe["train_config"].get("max_steps")
     folds = crossval["folds"]
-    if len(folds) != crossval["split"]["num_folds"] or set(recipe["changes"]) - {"max_steps"}:
-        raise ValueError("--crossval: the model card quotes a full cross-validation of the model's own recipe (only --max-steps changed)")
+    if set(recipe["changes"]) - {"max_steps"}:
+        raise ValueError("--crossval: the model card quotes a cross-validation of the model's own recipe (only --max-steps changed)")
+    num_folds = crossval["split"]["num_folds"]
+    partial = (
+        f"**Partial: fold {', '.join(str(fold['fold']) for fold in folds)} of {num_folds} only** (the others not yet run; "
+        "the same command resumes them). "
+        if len(folds) != num_folds
+        else ""
+    )
     kept = ", ".join(str(fold["training"]["best_step"]) for fold in folds)
 
     rows = "\n".join(
@@ -177,8 +235,10 @@ def crossval_section(crossval: dict | None, path: str) -> tuple[str, str]:
     false_ml = [fold["healthy_ct"]["false_lesion_ml"] for fold in folds]
     shifted = "; ".join(f"{name} {mean_sd(value)}" for name, value in overall["shifted_inputs_lesion_dice"].items())
     budget_line = "" if budget is None else f" with the step budget cut to **{budget}** (this model's: {own})"
-    section = f"""Each fold model is this recipe{budget_line}. Every patient group is tested once, by the fold model that
-never saw it ({len(folds)} folds of `patient-kfold`; checkpoints kept on each fold's own validation groups, at steps {kept}).
+    negatives = overall.get("held_out_lesion_free_false_lesion_ml", {})
+    negatives_text = "".join(f" On the held-out lesion-free `{name}`: {mean_sd(value, 1)} mL." for name, value in negatives.items())
+    section = f"""{partial}Each fold model is this recipe{budget_line}. Every patient group of a fold is tested by the fold model that
+never saw it ({len(folds)} of {num_folds} folds of `patient-kfold`; checkpoints kept on each fold's own validation groups, at steps {kept}).
 Full tables (per fold, per volume) and the validation curves: `{path.replace('.json', '.md')}`, made by
 `{crossval['command']}`.
 
@@ -188,7 +248,7 @@ Full tables (per fold, per volume) and the validation curves: `{path.replace('.j
 
 The fold models on inputs unlike their training slices (lesion Dice, mean ± SD over folds): {shifted}.
 On the healthy `{folds[0]['healthy_ct']['file']}` they mark {mean_sd(overall['healthy_ct_false_lesion_ml'], 1)} mL of
-false lesion (range {number(min(false_ml), 1)}–{number(max(false_ml), 1)} mL)."""
+false lesion (range {number(min(false_ml), 1)}–{number(max(false_ml), 1)} mL).{negatives_text}"""
     limit = (
         f"- The cross-validation trained each fold for {budget} steps, not this model's {own}: it measures the recipe at that budget."
         if budget is not None and budget != own
@@ -198,6 +258,24 @@ false lesion (range {number(min(false_ml), 1)}–{number(max(false_ml), 1)} mL).
         "`Training/README.md` lists the one-fold comparisons that were run."
     )
     return section, limit
+
+
+def training_data_lines(config: dict, orientation: str) -> str:
+    """The card's bullet lines on orientation and lesion-free slices, from the recipe."""
+    if orientation == "radiological":
+        lines = ["- Slices in radiological orientation: the 367 Radiopaedia slices stored upside down were turned the right way up."]
+    else:
+        lines = ["- Slices as stored: the 10 Radiopaedia volumes (367 slices) upside down, the coronacases ones the right way up."]
+    if config.get("negatives_dir"):
+        kept_out = ", ".join(f"`{patient}`" for patient in config.get("negative_holdout", [])) or "none"
+        lines.append(
+            f"- Lesion-free slices: the chest CT volumes in HU without COVID-19 of `{config['negatives_dir']}` through the inference "
+            f"preprocessing, with classical lung masks and tumour slices left out, {config.get('negative_fraction', 0):.0%} of each epoch; "
+            f"patients never trained on: {kept_out}."
+        )
+    else:
+        lines.append("- No lesion-free slices: every training slice shows lung and lesion.")
+    return "\n".join(lines)
 
 
 def card_markdown(card: dict, command: str, po_validation: str, crossval: dict | None = None, crossval_path: str = "") -> str:
@@ -210,6 +288,31 @@ def card_markdown(card: dict, command: str, po_validation: str, crossval: dict |
     healthy = card["healthy_ct"]
     differences = config.get("split", {})
     crossval_text, crossval_limit = crossval_section(crossval, crossval_path)
+    orientation = card.get("orientation", "as-stored")
+    orientation_rows = "\n".join(
+        f"| {name}{' (trained in)' if name == orientation else ''} | {number(scores['lesion_dice'])} | {number(scores['lung_dice'])} | "
+        + ", ".join(f"{volume} {number(v['lesion_dice'])}" for volume, v in scores["per_volume"].items() if "radiopaedia" in volume)
+        + " |"
+        for name, scores in card.get("held_out_by_orientation", {}).items()
+    )
+    lesion_free_rows = "\n".join(
+        f"| `{entry['file']}` | {entry['size'][0]}×{entry['size'][1]}×{entry['size'][2]} | {number(entry['false_lesion_ml'], 1)} | "
+        f"{entry['slices_with_false_lesion']} | {number(entry['lung_ml'], 0)} | {number(entry['false_percent_opacity'], 2)} |"
+        for entry in [healthy, *card.get("held_out_lesion_free", [])]
+    )
+    body_crop = config.get("field_of_view") == "body"
+    guard_rails = ", ".join(f"`{name}` = {value}" for name, value in card.get("guard_rails", {}).items()) or "none (predate them)"
+    if config.get("negatives_dir"):
+        false_positive_limit = (
+            "- Lesion-free training slices come from only four patients (two scanner makers); the false-lesion figures above are "
+            "on two lesion-free volumes it never trained on. Look at the visual report (`--report`) before trusting a small PO."
+        )
+    else:
+        false_positive_limit = (
+            "- No lesion-free slices in training, and every training slice shows lung: false positives on a healthy CT are\n"
+            "  measured above, not prevented. Look at the visual report (`--report`): on CTChest4 the false lesions sit in\n"
+            "  dependent (posterior) lung and on slices below or above the lungs (upper abdomen, neck)."
+        )
     return f"""# Model card — `{card['model']}`
 
 *Generated by `{command}` on {card['date']} (torch {card['torch']}); every number below comes from that command.*
@@ -219,14 +322,17 @@ Research use only. **Not a medical device**; not validated for diagnosis or trea
 ## What it is
 ResAttUnet (ResNet34 encoder + attention-gated U-Net decoder, 24.6 M parameters) with two output channels:
 **COVID-19 lesion** (ground-glass opacity and consolidation together) and **lung** (both lungs, including their
-lesions). Input: one axial slice, preprocessed by `COVIDLesionSegLib.preprocessing` (HU inputs windowed to
-[−1250, 250] HU, 256² bicubic, per-slice min–max, CLAHE clip 7). The lesion is kept only inside the predicted lung.
+lesions). Input: one axial slice in radiological orientation, preprocessed by `COVIDLesionSegLib.preprocessing`
+({'each volume cut to its body box — one square box per volume, 5 % margin — then ' if body_crop else ''}HU inputs windowed
+to [−1250, 250] HU, 256² bicubic, per-slice min–max, CLAHE clip 7). The lesion is kept only inside the predicted lung.
+Guard rails in the measurements below (the `predictor.GuardRails` defaults the CLI uses): {guard_rails}.
 File: `{card['file']}` (fp16 safetensors), SHA-256 `{card['sha256']}`.
 
 ## Training data and recipe
 - Data: COVID-19-CT-Seg (Ma et al., Zenodo 10.5281/zenodo.3757476; CC BY-NC-SA per the benchmark README) as the
   2D slice set `covid19-ct-seg-20cases-png256`: 8-bit, per-slice min–max + CLAHE (not HU), only slices with lesion,
   central 60 % of each volume.
+{training_data_lines(config, orientation)}
 - Held out (never trained or validated on): split groups {', '.join(f'`{g}`' for g in card['holdout'])}.
   The shipped sample `Resources/Samples/radiopaedia_27_86410_0.nii.gz` is one of them.
 - Recipe (from the checkpoint's `train_config`): `{config.get('model')}`, encoder weights `{config.get('encoder_weights')}`
@@ -235,14 +341,20 @@ File: `{card['file']}` (fp16 safetensors), SHA-256 `{card['sha256']}`.
   {config.get('dice_weight')} × soft Dice, Adam lr {config.get('learning_rate')}, batch {config.get('batch_size')},
   step budget {config.get('max_steps')}, validation by patient group ({differences.get('val_fraction')} of the training
   groups), best validation loss kept. Trained on 2 CPU cores.
-- The command that trained it is in `Training/README.md` ("the shipped model").
+- The command that trained it is in `Training/README.md`.
 
-## Results on the held-out patients ({held['slices']} slices, all with lesion)
+## Results on the held-out patients ({held['slices']} slices, all with lesion, {orientation} orientation)
 Pooled over all pixels: lesion Dice **{number(held['lesion_dice'])}**, lung Dice **{number(held['lung_dice'])}**.
 
 | volume | slices | lesion Dice | lung Dice |
 |---|---|---|---|
 {rows}
+
+The same held-out slices in both orientations (pooled; the Radiopaedia volumes are the ones stored upside down):
+
+| orientation of the slices | lesion Dice | lung Dice | Radiopaedia volumes, lesion Dice |
+|---|---|---|---|
+{orientation_rows}
 
 Golden figure re-checked by `Testing/tests/test_shipped_model.py`: lesion Dice {number(card['golden']['lesion_dice'])} on
 every {card['golden']['slice_step']}nd held-out slice ({card['golden']['slices']} slices).
@@ -255,10 +367,12 @@ every {card['golden']['slice_step']}nd held-out slice ({card['golden']['slices']
 |---|---|
 {shifted}
 
-## A chest CT without COVID-19
-`{healthy['file']}` (slicerio's test data; raw HU, {healthy['size'][0]}×{healthy['size'][1]}×{healthy['size'][2]}):
-predicted lesion **{number(healthy['false_lesion_ml'], 1)} mL** on {healthy['slices_with_false_lesion']} slices (all false
-positives); predicted lung {number(healthy['lung_ml'], 0)} mL; false percentage of opacity {number(healthy['false_percent_opacity'], 2)} %.
+## Chest CT without COVID-19 (never trained on; every lesion voxel is false)
+| volume | size | false lesion (mL) | slices with it | predicted lung (mL) | false PO (%) |
+|---|---|---|---|---|---|
+{lesion_free_rows}
+
+`{healthy['file']}` is slicerio's test data (raw HU); the others are the recipe's held-out lesion-free patients.
 
 ## Percentage of opacity (PO) against the reference
 {without_heading(po_validation) if po_validation else 'Not measured in this run (pass --po-validation).'}
@@ -270,9 +384,7 @@ CPU, {card['cpu']['threads']} thread(s) (while any other job shared the 2 cores)
 
 ## Known limits
 - From-scratch encoder and a short CPU schedule; far fewer patients (18 groups) than a clinical model needs.
-- No lesion-free slices in training, and every training slice shows lung: false positives on a healthy CT are
-  measured above, not prevented. Look at the visual report (`--report`): on CTChest4 the false lesions sit in
-  dependent (posterior) lung and on slices below or above the lungs (upper abdomen, neck).
+{false_positive_limit}
 - Trained on 8-bit CLAHE slices, not HU; HU volumes are windowed to the Radiopaedia lung window first.
 {crossval_limit}
 - Volumes in mL depend on the input spacing; the shipped sample has a nominal spacing (the source PNGs lost it).
@@ -286,16 +398,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--holdout", nargs="+", required=True, help="held-out volume ids")
     parser.add_argument("--po-validation", type=Path, help="po_validation.md written by covidlesionseg-validate-po")
     parser.add_argument("--crossval", type=Path, help="crossval.json written by covidlesionseg-crossval for this model's recipe")
+    parser.add_argument("--negatives", type=Path, help="lesion-free volumes folder (default: the recipe's negatives_dir)")
+    parser.add_argument("--negative-patients", nargs="*", help="its patients to test on (default: the recipe's negative_holdout)")
     parser.add_argument("--output-dir", type=Path, default=None, help="default: Resources/Models")
     args = parser.parse_args(argv)
     output_dir = args.output_dir or resources_dir() / "Models"
-    card = measure(args.model, args.data, args.holdout)
+    card = measure(args.model, args.data, args.holdout, args.negatives, args.negative_patients)
+    card_file = "MODEL_CARD.md" if card["model"] == default_model_name() else f"{card['model']}.card.md"
     command = "covidlesionseg-model-card " + " ".join(argv if argv is not None else sys.argv[1:])
     po_text = args.po_validation.read_text(encoding="utf-8") if args.po_validation else ""
     crossval = json.loads(args.crossval.read_text(encoding="utf-8")) if args.crossval else None
     with atomic_output(output_dir / f"{card['model']}.card.json") as temporary:
         temporary.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
-    with atomic_output(output_dir / "MODEL_CARD.md") as temporary:
+    with atomic_output(output_dir / card_file) as temporary:
         temporary.write_text(card_markdown(card, command, po_text, crossval, str(args.crossval or "")), encoding="utf-8")
     print(json.dumps({key: card[key] for key in ("held_out", "golden", "shifted_inputs_lesion_dice", "healthy_ct", "cpu")}, indent=2))
     return 0

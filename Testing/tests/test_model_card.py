@@ -1,0 +1,26 @@
+"""covidlesionseg-model-card on a tiny checkpoint: every section is filled from its own measurements."""
+
+import json
+
+from COVIDLesionSegTraining.data import ORIENTATIONS
+from COVIDLesionSegTraining.model_card import SHIFTED_RENDERINGS, card_markdown, main
+
+
+def test_card_measures_both_orientations_shifted_inputs_and_lesion_free_volumes(tiny_checkpoint, shared_data, tmp_path):
+    negatives = shared_data.parent / "chest-ct-hu-no-covid"
+    arguments = ["--model", str(tiny_checkpoint), "--data", str(shared_data), "--holdout", "radiopaedia_36_86526_0"]
+    if negatives.is_dir():
+        arguments += ["--negatives", str(negatives), "--negative-patients", "totalsegmentator_example_dicom"]
+    assert main([*arguments, "--output-dir", str(tmp_path)]) == 0
+    card = json.loads((tmp_path / "tiny.safetensors.card.json").read_text(encoding="utf-8"))
+    assert set(card["held_out_by_orientation"]) == set(ORIENTATIONS) and card["orientation"] == "as-stored"  # no recipe: v1's meaning
+    assert card["held_out"] == card["held_out_by_orientation"]["as-stored"]
+    assert list(card["shifted_inputs_lesion_dice"]) == list(SHIFTED_RENDERINGS)
+    assert card["guard_rails"] == {"lung_min_ml": 0.0, "lesion_min_ml": 0.0, "flip_tta": False, "hu_lung_prior": False}
+    markdown = (tmp_path / "tiny.safetensors.card.md").read_text(encoding="utf-8")  # not the registry's default: its own file
+    assert markdown == card_markdown(card, "covidlesionseg-model-card " + " ".join([*arguments, "--output-dir", str(tmp_path)]), "")
+    assert "| radiological | " in markdown and "| as-stored (trained in) | " in markdown
+    assert "No lesion-free slices" in markdown
+    if negatives.is_dir():
+        assert [entry["file"] for entry in card["held_out_lesion_free"]] == ["totalsegmentator_example_ct_dicom.nii.gz"]
+        assert "| `totalsegmentator_example_ct_dicom.nii.gz` | 512×512×20 |" in markdown
