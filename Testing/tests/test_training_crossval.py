@@ -194,3 +194,19 @@ def test_held_out_lesion_free_volumes_are_the_named_patients_and_are_aggregated_
         fold["held_out_lesion_free"] = [{**fold["healthy_ct"], "file": "a.nii.gz", "false_lesion_ml": millilitres}]
     summary = aggregate(folds)["held_out_lesion_free_false_lesion_ml"]["a.nii.gz"]
     assert (summary["mean"], summary["n"]) == (3.0, 2)
+
+
+def test_guard_rail_candidates_are_scored_on_the_fold_models_test_patients_and_lesion_free_ct(two_folds, tmp_path):
+    from COVIDLesionSegTraining.guard_rails import CANDIDATES, main as guard_rails_main
+
+    folder, results = two_folds
+    assert guard_rails_main(["--runs", str(folder / "runs" / "fold0"), "--output", str(tmp_path), "--device", "cpu"]) == 0
+    written = json.loads((tmp_path / "guard_rails.json").read_text(encoding="utf-8"))
+    run = written["runs"][0]
+    assert run["test_volumes"] == [volume["volume_id"] for volume in results["volumes"] if volume["fold"] == 0]  # never seen by it
+    assert set(written["pooled"]) == set(CANDIDATES)
+    none = written["pooled"]["none"]
+    assert none["relative_time"] == 1.0 and set(none["false_lesion_ml"]) == {"CTChest4.nrrd"}
+    assert all(entry["false_lesion_ml"]["CTChest4.nrrd"] <= none["false_lesion_ml"]["CTChest4.nrrd"] + 1e-9
+               for name, entry in written["pooled"].items() if "flip" not in name)  # removing lesion voxels never adds false lesion
+    assert (tmp_path / "guard_rails.md").read_text(encoding="utf-8").count("\n|") == len(CANDIDATES) + 2
