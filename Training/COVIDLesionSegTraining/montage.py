@@ -33,7 +33,7 @@ from COVIDLesionSegLib.preprocessing import PreprocessingConfig, crop_slice, pre
 from .data import ManifestSliceDataset, read_manifest
 from .negatives import read_negative_cases, tumour_free_slices
 
-TILE = 192
+TILE = 128
 RED, GREEN, YELLOW = (0, 0, 255), (0, 200, 0), (0, 220, 255)
 
 
