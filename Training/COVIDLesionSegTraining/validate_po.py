@@ -10,9 +10,10 @@ a named volume that the recorded split trained or validated on is refused. Repea
 fold of a cross-validation so that every volume is predicted by the model that did not see it: a Pearson
 r over PO per volume needs more than two volumes to mean anything (below three it is not computed).
 
-Per volume, the stored slices are stacked in z order (:func:`.sample.stack_volume`) and predicted with
-:class:`~COVIDLesionSegLib.predictor.Predictor` — as they are (``preprocessed``): the PNGs already are the
-preprocessing recipe's output, as in training. Both PO come from
+Per volume, the stored slices are stacked in z order, in the orientation the model trained in
+(:func:`.sample.stack_volume`), and predicted with :class:`~COVIDLesionSegLib.predictor.Predictor` — as they
+are (``preprocessed``): the PNGs already are the preprocessing recipe's output, as in training — with the
+default guard rails on the nominal grid, as the CLI would. Both PO come from
 :func:`~COVIDLesionSegLib.statistics.lesion_statistics` (PO = 100 × lesion / lung, the lung including its
 lesions; reference lung = lung mask ∪ lesion mask). The PNG set keeps only slices that hold lesion, so this
 PO is over those slices, not the whole lung: it checks agreement, not a patient's true PO.
@@ -40,7 +41,7 @@ from COVIDLesionSegLib.checkpoints import atomic_output
 from COVIDLesionSegLib.statistics import VoxelGrid, lesion_statistics
 
 from .data import read_manifest
-from .sample import NOMINAL_SPACING_MM, stack_volume
+from .sample import NOMINAL_SPACING_MM, model_orientation, stack_volume
 
 logger = logging.getLogger(__name__)
 MIN_VOLUMES_FOR_CORRELATION = 3
@@ -100,9 +101,9 @@ def validate_fold(predictor, volumes: Sequence[str], data_dir: Path, label: str)
         raise ValueError(f"{label}: the model has no lung channel, so it gives no percentage of opacity")
     results = []
     for volume_id in volumes:
-        ct, labels = stack_volume(data_dir, volume_id)
+        ct, labels = stack_volume(data_dir, volume_id, model_orientation(predictor.checkpoint))
         reference = lesion_statistics(labels == 1, GRID, labels > 0)
-        masks = predictor.predict_masks(ct, preprocessed=True)
+        masks = predictor.predict_masks(ct, preprocessed=True, grid=GRID)  # with the default guard rails, as the CLI
         predicted = lesion_statistics(masks["lesion"], GRID, masks["lung"])
         result = VolumeResult(volume_id, label, len(ct), reference.percent_opacity, predicted.percent_opacity)
         results.append(result)
