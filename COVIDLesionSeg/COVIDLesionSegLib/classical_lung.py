@@ -43,7 +43,11 @@ def classical_lung_mask(hu: np.ndarray, spacing_mm: Sequence[float]) -> np.ndarr
     count = int(labels.max())
     sizes = np.bincount(labels, minlength=count + 1)
     pure_air = np.bincount(labels, weights=(hu < PURE_AIR_BELOW_HU).ravel(), minlength=count + 1)
-    lung_labels = [label for label in range(1, count + 1) if sizes[label] * voxel_ml >= MIN_LUNG_ML and pure_air[label] < MAX_GAS_FRACTION * sizes[label]]
+    lung_labels = [
+        label
+        for label in range(1, count + 1)
+        if sizes[label] * voxel_ml >= MIN_LUNG_ML and pure_air[label] < MAX_GAS_FRACTION * sizes[label]
+    ]
     lung = np.isin(components, lung_labels)
     for z, plane in enumerate(lung):
         lung[z] = fill_holes(without_airways(plane, hu[z], pixel_mm2))
@@ -63,7 +67,8 @@ def without_airways(mask: np.ndarray, hu: np.ndarray, pixel_mm2: float) -> np.nd
     if count < 2:
         return mask
     means = np.bincount(labels.ravel(), weights=hu.ravel().astype(np.float64), minlength=count) / np.maximum(stats[:, cv2.CC_STAT_AREA], 1)
-    airways = [label for label in range(1, count) if stats[label, cv2.CC_STAT_AREA] * pixel_mm2 < MAX_AIRWAY_AREA_MM2 and means[label] < AIRWAY_MEAN_HU]
+    small = stats[:, cv2.CC_STAT_AREA] * pixel_mm2 < MAX_AIRWAY_AREA_MM2
+    airways = [label for label in range(1, count) if small[label] and means[label] < AIRWAY_MEAN_HU]
     return mask & ~np.isin(labels, airways)
 
 

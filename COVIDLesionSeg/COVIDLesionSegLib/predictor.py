@@ -27,8 +27,8 @@ import SimpleITK as sitk
 import torch
 
 from . import io
-from .classical_lung import classical_lung_mask
 from .checkpoints import Checkpoint, load_checkpoint, locate_model, sha256_of
+from .classical_lung import classical_lung_mask
 from .preprocessing import is_hounsfield, prepare_volume, to_network_input, uncrop_probabilities
 from .resources import default_model_name
 from .statistics import DEFAULT_HIGH_OPACITY_THRESHOLD_HU, LesionStatistics, VoxelGrid, lesion_statistics
@@ -127,7 +127,9 @@ def components_at_least(mask: np.ndarray, voxel_ml: float, min_ml: float) -> np.
     return (np.isin(labels, keep[keep > 0])).astype(np.uint8)
 
 
-def apply_guard_rails(masks: dict[str, np.ndarray], guard_rails: GuardRails, grid: VoxelGrid, ct_hu: np.ndarray | None) -> dict[str, np.ndarray]:
+def apply_guard_rails(
+    masks: dict[str, np.ndarray], guard_rails: GuardRails, grid: VoxelGrid, ct_hu: np.ndarray | None
+) -> dict[str, np.ndarray]:
     """The 3D guard rails on ``masks`` (uint8 ``[z, y, x]`` from :func:`masks_from_probabilities`) of a volume on ``grid``."""
     masks = dict(masks)
     if guard_rails.lung_min_ml > 0 and "lung" in masks:
@@ -145,10 +147,12 @@ def apply_guard_rails(masks: dict[str, np.ndarray], guard_rails: GuardRails, gri
 
 @dataclass
 class SegmentationResult:
-    """Masks (uint8 0/1 ``sitk.Image`` on the input's grid, keyed by channel) and their statistics."""
+    """Masks (uint8 0/1 ``sitk.Image`` on the input's grid, keyed by channel) and their statistics; with
+    ``segment_image(return_probabilities=True)`` also the lesion probability (float32, same grid; see there)."""
 
     masks: dict[str, sitk.Image]
     statistics: LesionStatistics
+    lesion_probability: sitk.Image | None = None
 
 
 class Predictor:
@@ -223,13 +227,17 @@ class Predictor:
         on_progress: ProgressCallback | None = None,
         preprocessed: bool = False,
         grid: VoxelGrid | None = None,
+        probabilities: dict[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
         """``{channel: uint8 0/1 mask}``; with a lung channel the lesion is kept inside the lung, and the lung includes it.
 
         ``preprocessed`` as in :meth:`predict_probabilities`. With the volume's ``grid`` (its voxel size) the
-        3D guard rails apply too; without it only ``flip_tta`` does."""
+        3D guard rails apply too; without it only ``flip_tta`` does. ``probabilities``: those of
+        :meth:`predict_probabilities` for ``volume``, when already computed (the network is not run again)."""
         volume = np.asarray(volume)
-        masks = masks_from_probabilities(self.predict_probabilities(volume, on_progress, preprocessed))
+        if probabilities is None:
+            probabilities = self.predict_probabilities(volume, on_progress, preprocessed)
+        masks = masks_from_probabilities(probabilities)
         if grid is None or volume.ndim != 3:
             return masks
         ct_hu = volume if not preprocessed and is_hounsfield(volume, self.preprocessing) else None
@@ -248,17 +256,26 @@ class Predictor:
         include_lung: bool = True,
         on_progress: ProgressCallback | None = None,
         high_opacity_threshold_hu: float = DEFAULT_HIGH_OPACITY_THRESHOLD_HU,
+        return_probabilities: bool = False,
     ) -> SegmentationResult:
         """Segment a validated 3D ``sitk.Image`` in radiological orientation; masks come back on its exact grid.
 
         Statistics (``statistics`` module) always use the lung channel when the model has one; ``include_lung``
         only decides whether the lung mask is returned (and so written). The HU measures are computed when the
-        input is in HU by the checkpoint's own test (``preprocessing.is_hounsfield``)."""
+        input is in HU by the checkpoint's own test (``preprocessing.is_hounsfield``). ``return_probabilities``
+        adds ``lesion_probability``: the network's lesion probability, 0 where the lung channel is below 0.5, so
+        that it is ≥ 0.5 exactly on the lesion mask before the guard rails."""
         oriented = io.to_radiological(image)
         ct = sitk.GetArrayViewFromImage(oriented)
         grid = VoxelGrid.of_image(oriented)
-        masks = self.predict_masks(ct, on_progress, grid=grid)
+        probabilities = self.predict_probabilities(ct, on_progress)
+        masks = self.predict_masks(ct, grid=grid, probabilities=probabilities)
         ct_hu = ct if is_hounsfield(ct, self.preprocessing) else None
         statistics = lesion_statistics(masks["lesion"], grid, masks.get("lung"), ct_hu, high_opacity_threshold_hu)
         written = [channel for channel in masks if include_lung or channel != "lung"]
-        return SegmentationResult({channel: io.from_radiological(masks[channel], image) for channel in written}, statistics)
+        lesion_probability = None
+        if return_probabilities:
+            lesion = probabilities["lesion"] * (probabilities["lung"] >= 0.5) if "lung" in probabilities else probabilities["lesion"]
+            lesion_probability = io.from_radiological(lesion.astype(np.float32), image)
+        return SegmentationResult({channel: io.from_radiological(masks[channel], image) for channel in written}, statistics,
+                                  lesion_probability)

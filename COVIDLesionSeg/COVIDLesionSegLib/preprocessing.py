@@ -42,7 +42,6 @@ import numpy as np
 
 from .classical_lung import fill_holes
 
-
 FIELDS_OF_VIEW = ("full", "body")
 BODY_THRESHOLD_HU = -500.0  # tissue above, air below (HU volumes)
 BODY_THRESHOLD_FRACTION = 0.45  # the same for other volumes, as a fraction of their value range

@@ -30,7 +30,7 @@ def test_radiological_orientation_turns_posterior_up_slices_with_their_masks(tin
     turned = ManifestSliceDataset(records, orientation="radiological", channels=("lesion", "lung"))
     for index, record in enumerate(records):
         expected = [array[::-1] if record.orientation == "posterior-up" else array for array in stored.load_slice(index)]
-        for got, want in zip(turned.load_slice(index), expected):
+        for got, want in zip(turned.load_slice(index), expected, strict=True):
             np.testing.assert_array_equal(got, want)
     with pytest.raises(ValueError, match="orientation"):
         ManifestSliceDataset(records, orientation="upside-down")

@@ -62,6 +62,10 @@ def fold_config(recipe: dict, data_dir: str | Path, runs_dir: str | Path, fold: 
     return TrainConfig.from_dict(values)
 
 
+def select(values: dict, keys: Sequence[str]) -> dict:
+    return {key: values[key] for key in keys}
+
+
 def summarise(values: Sequence[float | None]) -> dict:
     """Mean and sample SD of the defined ``values`` (None/NaN left out), with how many entered."""
     defined = [value for value in values if value is not None and not np.isnan(value)]
@@ -89,8 +93,8 @@ def fold_result(config: TrainConfig, device: str) -> dict:
         "training": training_record(run_dir),
         "test": evaluation["channels"],
         "shifted_inputs_lesion_dice": shifted_input_scores(predictor, Path(config.data_dir), test_volumes),
-        "healthy_ct": {key: healthy[key] for key in HEALTHY_CT_FIELDS},
-        "held_out_lesion_free": [{key: check[key] for key in HEALTHY_CT_FIELDS} for check in (healthy_ct_check(predictor, p) for p in negatives)],
+        "healthy_ct": select(healthy, HEALTHY_CT_FIELDS),
+        "held_out_lesion_free": [select(healthy_ct_check(predictor, path), HEALTHY_CT_FIELDS) for path in negatives],
     }
 
 
@@ -112,7 +116,9 @@ def aggregate(folds: list[dict]) -> dict:
     }
     result["healthy_ct_false_lesion_ml"] = summarise([fold["healthy_ct"]["false_lesion_ml"] for fold in folds])
     result["held_out_lesion_free_false_lesion_ml"] = {
-        entry["file"]: summarise([check["false_lesion_ml"] for fold in folds for check in fold["held_out_lesion_free"] if check["file"] == entry["file"]])
+        entry["file"]: summarise(
+            [check["false_lesion_ml"] for fold in folds for check in fold["held_out_lesion_free"] if check["file"] == entry["file"]]
+        )
         for entry in folds[0].get("held_out_lesion_free", [])
     }
     return result
@@ -349,7 +355,8 @@ def robustness_section(results: dict) -> list[str]:
         + (f", and the recipe's held-out lesion-free volumes ({', '.join(negatives)})." if negatives else "."),
         "",
         *markdown_table(
-            ("fold", *renderings, f"{healthy_file} false lesion (mL)", "slices with it", "false PO (%)", *(f"{n} false lesion (mL)" for n in negatives)),
+            ("fold", *renderings, f"{healthy_file} false lesion (mL)", "slices with it", "false PO (%)")
+            + tuple(f"{name} false lesion (mL)" for name in negatives),
             rows,
         ),
     ]

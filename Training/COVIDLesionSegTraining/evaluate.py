@@ -186,7 +186,7 @@ def predict_and_accumulate(
         if probabilities.shape[-2:] != targets.shape[-2:] or any(boxes):
             height, width = targets.shape[-2:]
             probabilities = torch.stack(
-                [torch.from_numpy(uncrop_probabilities(p.numpy(), box, height, width)) for p, box in zip(probabilities, boxes)]
+                [torch.from_numpy(uncrop_probabilities(p.numpy(), box, height, width)) for p, box in zip(probabilities, boxes, strict=True)]
             )
         predictions = probabilities > threshold
         volume_ids = [dataset.volume_id(item["index"]) for item in items]

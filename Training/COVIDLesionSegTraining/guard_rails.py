@@ -172,7 +172,9 @@ def render_markdown(results: dict) -> str:
             "false lesion on lesion-free CT never trained on, mean over the fold models; time relative to no guard rail "
             "(network + guard rails, CPU).",
             "",
-            *markdown_table(("guard rails", "lesion Dice 8-bit", "lesion Dice HU", *(f"{v} false lesion (mL)" for v in volumes), "time ×"), rows),
+            *markdown_table(
+                ("guard rails", "lesion Dice 8-bit", "lesion Dice HU", *(f"{v} false lesion (mL)" for v in volumes), "time ×"), rows
+            ),
         ]
     )
 

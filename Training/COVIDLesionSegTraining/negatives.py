@@ -51,13 +51,16 @@ def read_negative_cases(root: str | Path) -> list[NegativeCase]:
     root = Path(root)
     manifest = root / "manifest.csv"
     if not manifest.is_file():
-        raise FileNotFoundError(f"{manifest} not found; the negatives folder must be chest-ct-hu-no-covid (manifest.csv, volumes/, tumour_masks/)")
+        raise FileNotFoundError(
+            f"{manifest} not found; the negatives folder must be chest-ct-hu-no-covid (manifest.csv, volumes/, tumour_masks/)"
+        )
     with open(manifest, newline="") as stream:
         rows = list(csv.DictReader(stream))
     cases = []
     for row in rows:
         tumour = root / "tumour_masks" / f"{row['case']}.nii.gz"
-        cases.append(NegativeCase(row["case"], row["patient"], root / "volumes" / f"{row['case']}.nii.gz", tumour if tumour.is_file() else None))
+        volume = root / "volumes" / f"{row['case']}.nii.gz"
+        cases.append(NegativeCase(row["case"], row["patient"], volume, tumour if tumour.is_file() else None))
     return cases
 
 
