@@ -19,7 +19,9 @@ cases are kept (status ``skipped``, with their recorded row) unless ``--overwrit
 resumes it; a folder holding results of another model or threshold is refused unless ``--overwrite``, so
 one summary never mixes them. ``--num-parts N --part-id K`` processes every N-th case starting at K (to
 split a batch over machines; each part writes ``summary.partK.csv`` and ``summary.partK.json``).
-``--report`` also writes ``DIR/<case>.report.png`` (see ``report``).
+``--report`` also writes ``DIR/<case>.report.png`` (see ``report``). ``--format dicom-seg`` writes a DICOM SEG
+``DIR/<case>.seg.dcm`` of a DICOM series input and ``--sr`` its TID 1500 measurement report ``DIR/<case>.sr.dcm``
+(``dicom_outputs``, needs highdicom); ``--probabilities`` writes ``DIR/<case>.lesion-probability.nrrd``.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ TRAILING_COLUMNS = {"report": "the visual report PNG (with --report)", "seconds"
 SUMMARY_COLUMNS = [*RUN_COLUMNS, *(measure.name for measure in MEASURES), *TRAILING_COLUMNS]
 KEPT_WHEN_SKIPPED = SUMMARY_COLUMNS[len(RUN_COLUMNS):]
 RECORD_SUFFIX = ".case.json"
+DICOM_SEG = "dicom-seg"
+OUTPUT_FORMATS = (*io.OUTPUT_FORMATS, DICOM_SEG)
 logger = logging.getLogger(__name__)
 
 
@@ -140,14 +144,26 @@ def read_record(path: Path) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def finished_record(case: Case, target: Path, output_dir: Path, report: bool) -> dict | None:
+def output_target(output_dir: Path, name: str, output_format: str) -> Path:
+    """The segmentation file of case ``name``: ``<name>.seg.dcm`` for ``dicom-seg``, else ``io.output_path``."""
+    if output_format == DICOM_SEG:
+        from .dicom_outputs import SEG_SUFFIX
+
+        return Path(output_dir) / f"{name}{SEG_SUFFIX}"
+    return io.output_path(output_dir, name, output_format)
+
+
+def finished_record(case: Case, target: Path, output_dir: Path, report: bool, extras: tuple[str, ...] = ()) -> dict | None:
     """The record of ``case`` when the case is done: the record names its input and its outputs exist and match
-    (the segmentation's SHA-256; the report when one is recorded or asked for). None otherwise."""
+    (the segmentation's SHA-256; the report, and each output of ``extras`` ("sr", "probabilities"), when it is
+    recorded or asked for). None otherwise."""
     record = read_record(record_path(output_dir, case.name))
     if record is None or record.get("input") != case.label or not target.is_file():
         return None
-    if (report or record.get("report")) and not (record.get("report") and Path(record["report"]).is_file()):
-        return None
+    for key in ("report", "sr", "probabilities"):
+        wanted = report if key == "report" else key in extras
+        if (wanted or record.get(key)) and not (record.get(key) and Path(record[key]).is_file()):
+            return None
     return record if sha256_of(target) == record.get("output_sha256") else None
 
 
@@ -299,11 +315,13 @@ def write_case_report(path: Path, image: sitk.Image, result, title: str, notes: 
 
 def segment_cases(cases: list[Case], predictor, output_dir: Path, output_format: str = "seg.nrrd", overwrite: bool = False,
                   include_lung: bool = True, summary_path: Path | None = None, progress: str = "bar", report: bool = False,
-                  high_opacity_threshold_hu: float = DEFAULT_HIGH_OPACITY_THRESHOLD_HU) -> list[dict]:
+                  high_opacity_threshold_hu: float = DEFAULT_HIGH_OPACITY_THRESHOLD_HU, sr: bool = False,
+                  probabilities: bool = False) -> list[dict]:
     """Segment ``cases`` with ``predictor`` into ``output_dir``; returns this run's summary rows.
 
     Writes the ``.json`` sidecar of ``summary_path`` (CSV, default ``output_dir/summary.csv``) first and merges
-    each case's row into the CSV as soon as the case ends; ``report`` adds a ``<case>.report.png`` per case.
+    each case's row into the CSV as soon as the case ends; ``report`` adds a ``<case>.report.png`` per case,
+    ``sr`` a ``<case>.sr.dcm`` (with ``output_format`` dicom-seg), ``probabilities`` a ``<case>.lesion-probability.nrrd``.
     Raises ValueError when the folder holds results of another model or threshold and ``overwrite`` is off."""
     output_dir = Path(output_dir).absolute()
     summary_path = Path(summary_path).absolute() if summary_path else output_dir / "summary.csv"
@@ -321,9 +339,10 @@ def segment_cases(cases: list[Case], predictor, output_dir: Path, output_format:
     reporter = ProgressReporter(progress, len(cases))
     for index, case in enumerate(output_names(cases, output_dir)):
         started = time.perf_counter()
-        target = io.output_path(output_dir, case.name, output_format)
+        target = output_target(output_dir, case.name, output_format)
         row = {"input": case.label, "output": str(target), "status": "ok", "error": ""}
-        done = None if overwrite else finished_record(case, target, output_dir, report)
+        extras = tuple(key for key, wanted in (("sr", sr), ("probabilities", probabilities)) if wanted)
+        done = None if overwrite else finished_record(case, target, output_dir, report, extras)
         if done is not None:
             row.update({key: done.get(key, "") for key in KEPT_WHEN_SKIPPED})
             row.update(status="skipped", error="done before; use --overwrite to redo it")
@@ -333,7 +352,7 @@ def segment_cases(cases: list[Case], predictor, output_dir: Path, output_format:
         else:
             on_progress = functools.partial(reporter.slices, index, case.name)
             row = segment_case(case, target, predictor, output_dir, include_lung, report, high_opacity_threshold_hu, notes,
-                               on_progress, row, started)
+                               on_progress, row, started, output_format, sr, probabilities)
         rows.append(row)
         merge_summary(summary_path, row)  # after every case, so an interrupted batch keeps its record
         reporter.case_done(case.name, row["status"])
@@ -342,17 +361,26 @@ def segment_cases(cases: list[Case], predictor, output_dir: Path, output_format:
 
 
 def segment_case(case: Case, target: Path, predictor, output_dir: Path, include_lung: bool, report: bool,
-                 high_opacity_threshold_hu: float, notes: list[str], on_progress, row: dict, started: float) -> dict:
-    """Segment one case as an atomic unit (report, record, then segmentation); returns its summary row, status
-    ``failed`` with a one-line error for any exception (the traceback goes to the debug log)."""
+                 high_opacity_threshold_hu: float, notes: list[str], on_progress, row: dict, started: float,
+                 output_format: str = "seg.nrrd", sr: bool = False, probabilities: bool = False) -> dict:
+    """Segment one case as an atomic unit (report, probability map, SR, record, then segmentation); returns its summary
+    row, status ``failed`` with a one-line error for any exception (the traceback goes to the debug log)."""
     warnings: list[str] = []
     try:
+        if output_format == DICOM_SEG:
+            from .dicom_outputs import require_dicom_series
+
+            require_dicom_series(case.path)  # before any work on a case that cannot have the output
         image = io.read_image(case.path, case.series_id, warnings)
-        result = predictor.segment_image(image, on_progress=on_progress, high_opacity_threshold_hu=high_opacity_threshold_hu)
+        result = predictor.segment_image(image, on_progress=on_progress, high_opacity_threshold_hu=high_opacity_threshold_hu,
+                                         return_probabilities=probabilities)
         row.update(result.statistics.formatted(), warnings="; ".join(warnings))
         if report:
             row["report"] = str(write_case_report(output_dir / f"{case.name}.report.png", image, result, case.name, notes))
             fault_point("report written")
+        if probabilities:
+            probability_path = output_dir / f"{case.name}{io.PROBABILITY_SUFFIX}"
+            row["probabilities"] = str(io.write_probability_map(probability_path, result.lesion_probability))
         written = {channel: mask for channel, mask in result.masks.items() if include_lung or channel != "lung"}
 
         def write_record(segmentation: Path) -> None:
@@ -363,7 +391,18 @@ def segment_case(case: Case, target: Path, predictor, output_dir: Path, include_
                                                 ensure_ascii=False) + "\n", encoding="utf-8")
             fault_point("record written")
 
-        io.write_segmentation(target, written, before_commit=write_record)
+        if output_format == DICOM_SEG:
+            from . import dicom_outputs
+
+            provenance = dicom_outputs.Provenance(predictor.name, predictor.sha256)
+            sources = dicom_outputs.read_series_headers(case.path, case.series_id)
+            segmentation = dicom_outputs.build_segmentation(written, sources, provenance)
+            if sr:
+                report_dataset = dicom_outputs.build_measurement_report(result.statistics, segmentation, sources, provenance)
+                row["sr"] = str(dicom_outputs.write_dataset(output_dir / f"{case.name}{dicom_outputs.SR_SUFFIX}", report_dataset))
+            dicom_outputs.write_dataset(target, segmentation, before_commit=write_record)
+        else:
+            io.write_segmentation(target, written, before_commit=write_record)
         fault_point("case committed")
         return row
     except Exception as error:  # any failure of one case is that case's error; the batch goes on
@@ -388,7 +427,13 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--weights", type=Path, help="a .safetensors checkpoint file to use instead of a registered model")
     segment.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = CUDA when available")
     segment.add_argument("--batch-size", type=int, default=8, help="slices per network batch (default 8)")
-    segment.add_argument("--format", dest="output_format", default="seg.nrrd", choices=io.OUTPUT_FORMATS)
+    segment.add_argument("--format", dest="output_format", default="seg.nrrd", choices=OUTPUT_FORMATS,
+                         help="segmentation file: seg.nrrd (Slicer), nii.gz (labelmap), or dicom-seg (a DICOM SEG <case>.seg.dcm "
+                              "referencing the source series; DICOM series input only; needs highdicom)")
+    segment.add_argument("--sr", action="store_true", help="with --format dicom-seg: also write <case>.sr.dcm, a DICOM TID 1500 "
+                                                           "measurement report of the measures referencing the SEG's segments")
+    segment.add_argument("--probabilities", action="store_true", help="also write <case>.lesion-probability.nrrd: the lesion "
+                         "probability (uint8, 255 × p; >= 128 is the lesion before the guard rails) on the input grid")
     segment.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip those cases)")
     segment.add_argument("--no-lung", action="store_true", help="do not write the lung segment (lung %% is still reported)")
     segment.add_argument("--num-parts", type=int, default=1, help="split the cases into N parts (for several machines)")
@@ -464,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--batch-size must be at least 1")
     if args.num_parts < 1 or not 0 <= args.part_id < args.num_parts:
         parser.error("--part-id must be in 0…N-1 for --num-parts N")
+    if args.sr and args.output_format != DICOM_SEG:
+        parser.error("--sr needs --format dicom-seg (the report references the DICOM SEG's segments)")
     try:
         return segment_command(args)
     except Exception as error:  # last resort: no traceback reaches the user unless --debug
@@ -483,6 +530,14 @@ def segment_command(args: argparse.Namespace) -> int:
     if not cases:
         print("no cases found in the given inputs", file=sys.stderr)
         return 1
+    if args.output_format == DICOM_SEG:
+        from .dicom_outputs import DicomOutputError, highdicom
+
+        try:
+            highdicom()
+        except DicomOutputError as error:
+            print(f"ERROR {error}", file=sys.stderr)
+            return 1
     from .predictor import GuardRails, Predictor
 
     try:
@@ -504,7 +559,8 @@ def segment_command(args: argparse.Namespace) -> int:
     summary_name = "summary.csv" if args.num_parts == 1 else f"summary.part{args.part_id}.csv"
     try:
         rows = segment_cases(cases, predictor, args.output_dir, args.output_format, args.overwrite, not args.no_lung,
-                             args.output_dir / summary_name, args.progress, args.report, args.high_opacity_threshold)
+                             args.output_dir / summary_name, args.progress, args.report, args.high_opacity_threshold,
+                             args.sr, args.probabilities)
     except (OSError, ValueError) as error:
         logger.debug("traceback", exc_info=True)
         print(f"ERROR {error}", file=sys.stderr)

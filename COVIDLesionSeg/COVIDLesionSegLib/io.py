@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SLICE_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 OUTPUT_FORMATS = ("seg.nrrd", "nii.gz")
+PROBABILITY_SUFFIX = ".lesion-probability.nrrd"  # the lesion probability map beside the masks (--probabilities)
 UNSIGNED_CT_OFFSET = 1024  # CT stored in unsigned integers as HU + 1024
 AIR_BELOW_HU = -500.0  # air and lung are below this (the default hu_detect_below of the checkpoints)
 BODY_ABOVE_HU = -200.0  # soft tissue and bone are above this
@@ -352,4 +353,16 @@ def write_segmentation(path: str | Path, masks: dict[str, sitk.Image], before_co
         write(temporary)
         if before_commit is not None:
             before_commit(temporary)
+    return path
+
+
+def write_probability_map(path: str | Path, probability: sitk.Image) -> Path:
+    """Write a probability image (values 0…1) atomically as uint8 0–255 on its exact grid: voxel = round(255 × p)
+    (half up), so a voxel is ≥ 128 exactly where p ≥ 0.5."""
+    values = np.asarray(sitk.GetArrayViewFromImage(probability), dtype=np.float64)
+    quantized = sitk.GetImageFromArray(np.clip(np.floor(values * 255.0 + 0.5), 0, 255).astype(np.uint8))
+    quantized.CopyInformation(probability)
+    path = Path(path)
+    with atomic_output(path) as temporary:
+        sitk.WriteImage(quantized, str(temporary), useCompression=True)
     return path
