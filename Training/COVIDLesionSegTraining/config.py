@@ -19,6 +19,7 @@ from .augment import check_augment_mode
 from .data import check_channels, check_orientation
 from .splits import SplitSpec
 
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # "auto": bf16 autocast on CUDA, fp32 elsewhere
 PLAIN_ENCODER_MODELS = ("unet", "attunet")  # take ``widths``
 RESNET_ENCODER_MODELS = ("resunet", "resattunet")  # take ``encoder_weights``
 
@@ -48,6 +49,10 @@ class TrainConfig:
     negative_holdout: tuple[str, ...] = ()  # negatives_dir patients never trained on (false-positive tests)
     device: str = "auto"  # "auto" (CUDA if available), "cpu", "cuda", "cuda:1", …
     num_workers: int = 0  # DataLoader worker processes per training process
+    # Mixed precision: "fp32" (none; the default, so configs saved before this field keep their meaning), "bf16"
+    # (bf16 autocast, CUDA only), "fp16" (fp16 autocast + GradScaler, CUDA only) or "auto" (bf16 on CUDA, fp32 on
+    # CPU; what covidlesionseg-train and covidlesionseg-reproduce ask for unless told otherwise).
+    precision: str = "fp32"
 
     def __post_init__(self):
         if self.model not in MODELS:
@@ -59,6 +64,8 @@ class TrainConfig:
         object.__setattr__(self, "channels", check_channels(self.channels))
         check_augment_mode(self.augment)
         check_orientation(self.orientation)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
         object.__setattr__(self, "negative_holdout", tuple(self.negative_holdout))
         if (self.negatives_dir is None) != (self.negative_fraction == 0.0) or not 0.0 <= self.negative_fraction < 1.0:
             raise ValueError("negatives_dir and a negative_fraction in (0, 1) go together (or neither)")
@@ -70,6 +77,12 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1 (or None), got {getattr(self, name)}")
         if self.learning_rate <= 0 or self.dice_weight < 0 or self.num_workers < 0:
             raise ValueError("learning_rate must be > 0, dice_weight ≥ 0 and num_workers ≥ 0")
+
+    def effective_precision(self, device_type: str) -> str:
+        """``precision`` on a device of type ``device_type`` ("cpu", "cuda"): "auto" resolved."""
+        if self.precision == "auto":
+            return "bf16" if device_type == "cuda" else "fp32"
+        return self.precision
 
     def preprocessing(self) -> PreprocessingConfig:
         return PreprocessingConfig(size=self.image_size, field_of_view=self.field_of_view)
@@ -103,8 +116,11 @@ class TrainConfig:
     def load(cls, path: str | Path) -> TrainConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
-    def differences_from_paper(self) -> list[str]:
-        """One line per setting that departs from the paper's protocol (empty when it follows it)."""
+    def differences_from_paper(self, device_type: str | None = None) -> list[str]:
+        """One line per setting that departs from the paper's protocol (empty when it follows it).
+
+        ``device_type`` ("cpu", "cuda") resolves ``precision="auto"``; without it "auto" is not listed (run_info.json and
+        the reproduction's results, which know the device, list what it became)."""
         paper = TrainConfig(data_dir=self.data_dir, output_dir=self.output_dir)
         differences = []
         for name, paper_value in (
@@ -138,6 +154,10 @@ class TrainConfig:
             differences.append(
                 f"lesion-free HU slices from {self.negatives_dir}: {self.negative_fraction:.0%} of each epoch (paper: lesion slices only)"
             )
+        precision = self.effective_precision(device_type or "cpu")
+        if precision != "fp32":
+            meaning = {"bf16": "bf16 autocast", "fp16": "fp16 autocast with loss scaling"}
+            differences.append(f"precision: {precision!r}, {meaning[precision]} (paper: not stated; fp32 assumed)")
         if self.split.kind != "paper":
             differences.append(f"split: {self.split.describe()} (paper: 224 + 10 slices drawn by slice)")
         return differences

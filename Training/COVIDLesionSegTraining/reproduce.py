@@ -20,7 +20,13 @@ generated:
   ``fig7_predictions.png`` (CT, label and each model's prediction on the same test slices).
 
 A :class:`Profile` is a named set of :class:`~.config.TrainConfig` fields over its defaults, which are
-the paper's protocol.
+the paper's protocol. Every profile trains with ``precision="auto"`` (bf16 autocast on CUDA, fp32 on CPU) unless
+``--precision`` says otherwise.
+
+On one GPU, ``--jobs 4`` trains the four models at the same time in four processes (each step of these
+networks at batch 2 is too small to fill the GPU); ``--time-limit-minutes`` stops all training that long after
+it started (each run validates and saves, the results say which runs were stopped, and running the command
+again continues them); ``--save-every-seconds`` writes checkpoints at most that often.
 """
 
 from __future__ import annotations
@@ -29,9 +35,12 @@ import argparse
 import csv
 import json
 import logging
+import multiprocessing
 import os
 import shlex
 import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -44,11 +53,11 @@ from COVIDLesionSegLib.checkpoints import atomic_output, load_checkpoint
 from COVIDLesionSegLib.models import DISPLAY_NAMES, MODELS
 from COVIDLesionSegLib.predictor import Predictor, resolve_device
 
-from .config import PLAIN_ENCODER_MODELS, RESNET_ENCODER_MODELS, TrainConfig
+from .config import PLAIN_ENCODER_MODELS, PRECISIONS, RESNET_ENCODER_MODELS, TrainConfig
 from .data import SliceRecord, read_png
 from .evaluate import confusion_counts, evaluate_checkpoint, metrics_from_counts, write_summary
 from .splits import SPLIT_KINDS, SplitSpec, make_split
-from .train import check_resumable, train
+from .train import RunControl, check_resumable, train
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +110,7 @@ def model_config(
     """The TrainConfig of ``model`` under ``profile`` and ``overrides``, with ``RUNS/<model>`` as its run folder.
 
     A ``model_widths`` override applies only to the plain-encoder models."""
-    values = {**profile.settings, **overrides}
+    values = {"precision": "auto", **profile.settings, **overrides}
     if model not in PLAIN_ENCODER_MODELS:
         values.pop("model_widths", None)
     return TrainConfig(data_dir=str(data_dir), output_dir=str(Path(runs_dir) / model), model=model, split=split, **values)
@@ -113,11 +122,12 @@ def run_is_finished(config: TrainConfig) -> bool:
     return progress["epoch"] >= config.epochs or (config.max_steps is not None and progress["step"] >= config.max_steps)
 
 
-def train_or_resume(config: TrainConfig) -> str:
-    """Train the run, resume it if it is unfinished, or leave it if it is finished. Returns which of the three happened."""
+def train_or_resume(config: TrainConfig, control: RunControl | None = None) -> str:
+    """Train the run, resume it if it is unfinished, or leave it if it is finished. Returns which of the three happened
+    (and whether ``control``'s deadline stopped it)."""
     run_dir = Path(config.output_dir)
     if not (run_dir / "last.state.json").is_file():
-        outcome, result = "trained", train(config)
+        outcome, result = "trained", train(config, control=control)
     else:
         try:
             check_resumable(TrainConfig.load(run_dir / "config.json"), config)
@@ -125,10 +135,39 @@ def train_or_resume(config: TrainConfig) -> str:
             raise ValueError(f"{run_dir} holds a different run ({error}); choose another --runs folder") from None
         if run_is_finished(config):
             return "finished earlier"
-        outcome, result = "resumed", train(config, resume=True)
+        outcome, result = "resumed", train(config, resume=True, control=control)
     if result["stopped"] == "signal":
         raise KeyboardInterrupt(f"{run_dir}: training stopped; run the same command again to resume it")
+    if result["stopped"] == "time_limit":
+        outcome += f", stopped by the time limit at step {result['step']}"
     return outcome
+
+
+def train_worker(config: TrainConfig, control: RunControl) -> str:
+    """:func:`train_or_resume` in a worker process (``--jobs``), logging with the model's name."""
+    logging.basicConfig(level=logging.INFO, format=f"[{config.model}] %(message)s")
+    return train_or_resume(config, control)
+
+
+def train_all(configs: dict[str, TrainConfig], control: RunControl, jobs: int) -> dict[str, str]:
+    """Train (or resume, or skip) each run, ``jobs`` at a time; ``{model: error}`` for the runs that failed."""
+    failures: dict[str, str] = {}
+    if jobs <= 1:
+        for model, config in configs.items():
+            logger.info("%s: %s (%s)", DISPLAY_NAMES[model], train_or_resume(config, control), config.output_dir)
+        return failures
+    quiet = RunControl(control.deadline, control.save_every_seconds, progress_bar=False)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {model: pool.submit(train_worker, config, quiet) for model, config in configs.items()}
+        for model, future in futures.items():
+            try:
+                logger.info("%s: %s (%s)", DISPLAY_NAMES[model], future.result(), configs[model].output_dir)
+            except KeyboardInterrupt:
+                raise
+            except Exception as error:  # one model's failure (out of memory, say) leaves the others' results
+                logger.error("%s: training failed: %s: %s", DISPLAY_NAMES[model], type(error).__name__, error)
+                failures[model] = f"{type(error).__name__}: {error}"
+    return failures
 
 
 def read_log(path: Path) -> list[dict]:
@@ -156,6 +195,8 @@ def training_record(run_dir: Path) -> dict:
         "best_val_loss": progress["best_val_loss"],
         "seconds": round(sum(row["seconds"] for row in log), 1),
         "differences_from_paper": info["differences_from_paper"],
+        "precision": info.get("precision", "fp32"),  # runs made before mixed precision: fp32
+        "data_on_device": info.get("data_on_device", {"train": False, "val": False}),
         "log": log,
     }
 
@@ -271,21 +312,31 @@ def reproduce(
     overrides: dict | None = None,
     device: str = "auto",
     command: str | None = None,
+    jobs: int = 1,
+    time_limit_minutes: float | None = None,
+    save_every_seconds: float = 0.0,
 ) -> dict:
     """Train (or resume, or skip) and evaluate ``models`` on ``split``, then write results and figures to ``output_dir``.
 
     ``overrides`` are TrainConfig fields applied over the profile (e.g. ``encoder_weights``, ``max_steps``).
-    ``command`` is the command line recorded in the results. Returns the contents of ``results.json``."""
+    ``command`` is the command line recorded in the results. ``jobs`` models train at a time (processes on the same
+    device); ``time_limit_minutes`` stops all training that long after it starts (a resumable cut);
+    ``save_every_seconds`` throttles checkpoint writes (:class:`~.train.RunControl`). A model whose training fails
+    is left out of the results, which name it and the error. Returns the contents of ``results.json``."""
     overrides = overrides or {}
     configs = {
         model: model_config(model, profile, data_dir, runs_dir, split, {**overrides, "device": device})
         for model in MODELS
         if model in models
     }
-    for model, config in configs.items():
-        logger.info("%s: %s (%s)", DISPLAY_NAMES[model], train_or_resume(config), config.output_dir)
+    deadline = None if time_limit_minutes is None else time.time() + 60 * time_limit_minutes
+    failures = train_all(configs, RunControl(deadline, save_every_seconds), jobs)
+    configs = {model: config for model, config in configs.items() if model not in failures}
+    if not configs:
+        raise RuntimeError(f"every model's training failed: {failures}")
 
     made = make_split(split, data_dir)
+    device_type = resolve_device(device).type
     results = {
         "command": command or "COVIDLesionSegTraining.reproduce.reproduce(...) called from Python",
         "date": datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -293,7 +344,9 @@ def reproduce(
         "device": describe_device(resolve_device(device)),
         "data_dir": str(data_dir),
         "profile": {"name": profile.name, "summary": profile.summary, "settings": profile.settings, "overrides": overrides},
-        "differences_from_paper": shared_differences(configs.values()),
+        "execution": {"jobs": jobs, "time_limit_minutes": time_limit_minutes, "save_every_seconds": save_every_seconds},
+        "failed": failures,
+        "differences_from_paper": shared_differences(configs.values(), device_type),
         "split": made.summary(),
         "paper_table3": {"citation": PAPER_CITATION, "models": {model: PAPER_TABLE3[model] for model in configs}},
         "models": {model: model_results(config, device) for model, config in configs.items()},
@@ -313,7 +366,7 @@ def model_results(config: TrainConfig, device: str) -> dict:
     """The run's training record and its ``best.safetensors`` evaluated on the split's test slices (``RUN/test/``)."""
     run_dir = Path(config.output_dir)
     evaluation = evaluate_checkpoint(run_dir / "best.safetensors", config.data_dir, run_dir / "test", device=device)
-    return {"training": training_record(run_dir), "test": evaluation["channels"]["lesion"]}
+    return {"training": {**training_record(run_dir), "finished": run_is_finished(config)}, "test": evaluation["channels"]["lesion"]}
 
 
 def figure7_entries(chosen: Sequence[SliceRecord], labels: np.ndarray, masks: dict[str, np.ndarray]) -> list[dict]:
@@ -339,12 +392,12 @@ def write_outputs(results: dict, chosen: Sequence[SliceRecord], labels: np.ndarr
     return results
 
 
-def shared_differences(configs) -> list[str]:
+def shared_differences(configs, device_type: str | None = None) -> list[str]:
     """Each model's departures from the paper's protocol, once each and in order. Which model it is does not count:
-    Table 3 compares the four."""
+    Table 3 compares the four. ``device_type`` resolves ``precision="auto"``."""
     differences: list[str] = []
     for config in configs:
-        for line in config.differences_from_paper():
+        for line in config.differences_from_paper(device_type):
             if not line.startswith("model: ") and line not in differences:
                 differences.append(line)
     return differences
@@ -393,6 +446,7 @@ def setup_section(results: dict) -> list[str]:
             "",
         ]
     lines += cut_down_note(models)
+    lines += execution_note(results)
     lines += ["Differences from the paper's protocol (one line each):", ""]
     lines += [f"- {line}" for line in results["differences_from_paper"]] or ["- none"]
     lines += ["", f"Split: {describe_split(split)}.", ""]
@@ -412,6 +466,23 @@ def cut_down_note(models: dict) -> list[str]:
         f"{paper.image_size}². These numbers show what this schedule reaches. They are not a like-for-like test of the paper's.",
         "",
     ]
+
+
+def execution_note(results: dict) -> list[str]:
+    """How the runs were executed (parallel jobs, time limit), which runs the time limit stopped, which failed."""
+    execution = results.get("execution") or {}
+    lines = []
+    if execution.get("jobs", 1) > 1:
+        lines.append(f"- the models trained {execution['jobs']} at a time, as parallel processes on the same device")
+    if execution.get("time_limit_minutes") is not None:
+        stopped = [DISPLAY_NAMES[m] for m, result in results["models"].items() if not result["training"].get("finished", True)]
+        lines.append(
+            f"- training was limited to {execution['time_limit_minutes']:g} min of wall-clock time; "
+            + (f"stopped by it before the end of their schedule: {', '.join(stopped)}" if stopped else "every run finished within it")
+        )
+    for model, error in (results.get("failed") or {}).items():
+        lines.append(f"- **{DISPLAY_NAMES[model]} failed to train and is missing from the tables:** {error}")
+    return [*lines, ""] if lines else []
 
 
 def describe_split(split: dict) -> str:
@@ -484,9 +555,10 @@ def training_section(results: dict) -> list[str]:
                 f"{training['best_step']} ({format_number(training['best_val_loss'], 4)})",
                 format_duration(training["seconds"]),
                 training["device"],
+                training.get("precision", "fp32"),
             ]
         )
-    header = ("Method", "parameters", "steps", "epochs", "best step (val loss)", "training + validation time", "device")
+    header = ("Method", "parameters", "steps", "epochs", "best step (val loss)", "training + validation time", "device", "precision")
     return [
         "## Training",
         "",
@@ -542,6 +614,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-steps", type=int, help="override the profile's step budget (quick checks, tests)")
     parser.add_argument("--image-size", type=int, help="override the profile's input size (quick checks, tests)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, help="mixed precision (default auto: bf16 autocast on CUDA, fp32 on CPU)"
+    )
+    parser.add_argument("--jobs", type=int, default=1, help="models trained at the same time, as processes on the device (default 1)")
+    parser.add_argument(
+        "--time-limit-minutes", type=float, help="stop all training this long after it starts; the results say which runs it cut"
+    )
+    parser.add_argument(
+        "--save-every-seconds", type=float, default=0.0, help="write checkpoints at most this often (default 0: at every validation)"
+    )
     return parser
 
 
@@ -551,13 +633,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     overrides = {
         name: value
-        for name, value in (("encoder_weights", args.encoder_weights), ("max_steps", args.max_steps), ("image_size", args.image_size))
+        for name, value in (
+            ("encoder_weights", args.encoder_weights),
+            ("max_steps", args.max_steps),
+            ("image_size", args.image_size),
+            ("precision", args.precision),
+        )
         if value is not None
     }
     split = SplitSpec(args.split, fold=args.fold, holdout_groups=tuple(args.holdout_groups))
     command = shlex.join(["covidlesionseg-reproduce", *argv])
     try:
-        reproduce(args.data, args.output, args.runs, split, PROFILES[args.profile], args.models, overrides, args.device, command)
+        reproduce(
+            args.data,
+            args.output,
+            args.runs,
+            split,
+            PROFILES[args.profile],
+            args.models,
+            overrides,
+            args.device,
+            command,
+            args.jobs,
+            args.time_limit_minutes,
+            args.save_every_seconds,
+        )
     except KeyboardInterrupt as stop:
         logger.warning("%s", stop)
         return 130

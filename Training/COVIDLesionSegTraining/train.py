@@ -22,6 +22,14 @@ every log row and on SIGINT/SIGTERM (after the current step).
 Several processes (GPUs) use the same command under ``torchrun``: one process per device,
 DistributedDataParallel, a per-process batch of ``batch_size``; rank 0 writes the files.
 ``torchrun --nproc-per-node 4 -m COVIDLesionSegTraining.train --data … --output …``
+
+On CUDA (the CPU path is unchanged): ``precision`` "bf16"/"auto" trains under bf16 autocast, "fp16" under fp16
+autocast with a GradScaler (its scale is saved in ``last.state.json``); weights, optimizer and loss stay fp32.
+A training or validation set whose items are fixed (no augmentation, no lesion-free mix) and small enough is
+preprocessed once and kept on the GPU, batches gathered there; the loss is summed on the GPU and read once
+per log row, so a step makes no host round trip. :class:`RunControl` sets how a run is executed without
+changing what it learns: a wall-clock deadline (stop, validate, save: a cut run resumes), how often ``last``,
+``best`` and the curves are written, the progress bar.
 """
 
 from __future__ import annotations
@@ -34,7 +42,8 @@ import math
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -49,17 +58,36 @@ from COVIDLesionSegLib.checkpoints import Checkpoint, atomic_output, load_checkp
 from COVIDLesionSegLib.models import build_model, count_parameters
 from COVIDLesionSegLib.predictor import resolve_device
 
-from .config import TrainConfig
+from .config import PRECISIONS, TrainConfig
 from .data import ManifestSliceDataset
-from .negatives import MixedSliceDataset, NegativeVolumeDataset
 from .evaluate import confusion_counts, metrics_from_counts
+from .negatives import MixedSliceDataset, NegativeVolumeDataset
 from .splits import Split, make_split
 
 logger = logging.getLogger(__name__)
 
 LOG_COLUMNS = ("epoch", "step", "train_loss", "val_loss", "val_dice", "seconds")
 # Fields a resumed run may change; any other difference from the saved config.json is refused.
-RESUMABLE_CHANGES = ("max_steps", "epochs", "num_workers", "device", "data_dir")
+RESUMABLE_CHANGES = ("max_steps", "epochs", "num_workers", "device", "data_dir", "precision")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DEVICE_DATA_FRACTION = 0.25  # a fixed dataset is kept on the GPU when it needs at most this share of its memory
+
+
+@dataclass(frozen=True)
+class RunControl:
+    """How a run is executed, beyond its :class:`TrainConfig`; nothing here changes what is learned.
+
+    - ``deadline``: ``time.time()`` after which training stops at the next step, validates, logs and saves
+      (``stopped == "time_limit"``); the run is unfinished and ``--resume`` continues it. None: no limit.
+    - ``save_every_seconds``: write ``last``, ``best`` and ``loss_curves.png`` at a log row only when this long has
+      passed since they were last written (and always when training stops); a better validation loss in between is
+      kept as a copy in memory until then. 0: at every log row (each epoch at 200 epochs: hundreds of MB each time).
+    - ``progress_bar``: the tqdm bar (off in parallel workers).
+    """
+
+    deadline: float | None = None
+    save_every_seconds: float = 0.0
+    progress_bar: bool = True
 
 
 @dataclass
@@ -159,6 +187,40 @@ def sum_over_processes(values: list[float], device: torch.device, context: Distr
     return tensor.tolist()
 
 
+class DeviceSlices:
+    """Every item of a fixed dataset (no augmentation), preprocessed once and stacked on ``device``; batches are
+    gathered there by index, so no step reads, preprocesses or copies a slice."""
+
+    def __init__(self, dataset, device: torch.device):
+        items = [dataset[index] for index in range(len(dataset))]
+        self.device = device
+        self.images = torch.stack([item["image"] for item in items]).to(device, memory_format=torch.channels_last)
+        self.targets = torch.stack([item["target"] for item in items]).to(device)
+
+    @staticmethod
+    def fits(dataset, device: torch.device, image_channels: int, size: int) -> bool:
+        """Whether ``dataset`` is fixed (augmentation "none", lesion slices only) and needs at most
+        ``DEVICE_DATA_FRACTION`` of the GPU's memory."""
+        if device.type != "cuda" or not isinstance(dataset, ManifestSliceDataset) or dataset.augment != "none":
+            return False
+        needed = len(dataset) * (image_channels + len(dataset.channels)) * size * size * 4
+        return needed <= DEVICE_DATA_FRACTION * torch.cuda.get_device_properties(device).total_memory
+
+    def batches(self, order: Sequence[int], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(images, targets)`` batches in ``order``; the order goes to the GPU once."""
+        index = torch.as_tensor(list(order), dtype=torch.int64).to(self.device)
+        for start in range(0, len(index), batch_size):
+            chosen = index[start : start + batch_size]
+            images = self.images.index_select(0, chosen).contiguous(memory_format=torch.channels_last)
+            yield images, self.targets.index_select(0, chosen)
+
+
+def loader_batches(loader: DataLoader, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for batch in loader:
+        images = batch["image"].to(device, non_blocking=True, memory_format=torch.channels_last)
+        yield images, batch["target"].to(device, non_blocking=True)
+
+
 @torch.no_grad()
 def validate(
     model: nn.Module,
@@ -167,22 +229,38 @@ def validate(
     device: torch.device,
     batch_size: int,
     context: DistributedContext,
+    autocast=None,
+    cached: DeviceSlices | None = None,
 ) -> tuple[float, float]:
-    """Mean validation loss per slice and pooled Dice of the first channel, over all processes' shards."""
+    """Mean validation loss per slice and pooled Dice of the first channel, over all processes' shards.
+
+    Sums stay on ``device`` until the end (one host round trip); ``autocast`` (a context) wraps the forward pass;
+    ``cached`` holds ``dataset`` on the GPU."""
     model.eval()
-    loss_sum, slices, counts = 0.0, 0, torch.zeros(4, dtype=torch.int64)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    slices, counts = 0, torch.zeros(4, dtype=torch.int64, device=device)
     indices = list(range(context.rank, len(dataset), context.world_size))
-    for start in range(0, len(indices), batch_size):
-        items = [dataset[index] for index in indices[start : start + batch_size]]
-        images = torch.stack([item["image"] for item in items]).to(device, memory_format=torch.channels_last)
-        targets = torch.stack([item["target"] for item in items]).to(device)
-        logits = model(images)
-        loss_sum += loss_function(logits, targets).item() * len(items)
-        slices += len(items)
-        counts += confusion_counts(logits[:, 0] > 0, targets[:, 0] > 0.5).sum(0).cpu()
-    loss_sum, slices, *summed_counts = sum_over_processes([loss_sum, slices, *counts.tolist()], device, context)
+    batches = (
+        cached.batches(indices, batch_size)
+        if cached is not None
+        else loader_batches(
+            (collate([dataset[index] for index in indices[start : start + batch_size]]) for start in range(0, len(indices), batch_size)), device
+        )
+    )
+    for images, targets in batches:
+        with autocast or nullcontext():
+            logits = model(images)
+        logits = logits.float()
+        loss_sum += loss_function(logits, targets).double() * len(images)
+        slices += len(images)
+        counts += confusion_counts(logits[:, 0] > 0, targets[:, 0] > 0.5).sum(0)
+    loss_sum, slices, *summed_counts = sum_over_processes([loss_sum.item(), slices, *counts.tolist()], device, context)
     model.train()
     return loss_sum / slices, metrics_from_counts(summed_counts)["F1"]
+
+
+def collate(items: list[dict]) -> dict:
+    return {"image": torch.stack([item["image"] for item in items]), "target": torch.stack([item["target"] for item in items])}
 
 
 class StopRequest:
@@ -207,8 +285,9 @@ class StopRequest:
             signal.signal(signal_number, handler)
 
 
-def save_training_state(run_dir: Path, optimizer: torch.optim.Optimizer, progress: TrainingProgress) -> None:
-    """``last.state.safetensors`` (optimizer tensors, RNG states) and ``last.state.json`` (the rest)."""
+def save_training_state(run_dir: Path, optimizer: torch.optim.Optimizer, progress: TrainingProgress, scaler=None) -> None:
+    """``last.state.safetensors`` (optimizer tensors, RNG states) and ``last.state.json`` (the rest, with the fp16
+    GradScaler's state if any)."""
     from safetensors.torch import save_file
 
     state = optimizer.state_dict()
@@ -225,12 +304,14 @@ def save_training_state(run_dir: Path, optimizer: torch.optim.Optimizer, progres
     with atomic_output(run_dir / "last.state.safetensors") as temporary:
         save_file(tensors, str(temporary))
     document = {"progress": asdict(progress), "param_groups": state["param_groups"], "optimizer_scalars": scalars}
+    if scaler is not None:
+        document["grad_scaler"] = scaler.state_dict()
     with atomic_output(run_dir / "last.state.json") as temporary:
         temporary.write_text(json.dumps(document, indent=1))
 
 
-def load_training_state(run_dir: Path, optimizer: torch.optim.Optimizer) -> TrainingProgress:
-    """Restore the optimizer and RNG states written by :func:`save_training_state`; returns the progress."""
+def load_training_state(run_dir: Path, optimizer: torch.optim.Optimizer, scaler=None) -> TrainingProgress:
+    """Restore the optimizer, RNG (and GradScaler) states written by :func:`save_training_state`; returns the progress."""
     from safetensors.torch import load_file
 
     document = json.loads((run_dir / "last.state.json").read_text())
@@ -248,7 +329,22 @@ def load_training_state(run_dir: Path, optimizer: torch.optim.Optimizer) -> Trai
     cuda_states = [tensors[name] for name in sorted(name for name in tensors if name.startswith("rng.cuda."))]
     if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda_states)
+    if scaler is not None and document.get("grad_scaler"):
+        scaler.load_state_dict(document["grad_scaler"])
     return TrainingProgress(**document["progress"])
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Drop ``log.csv`` rows after ``step`` (written after the last save of a run that then crashed)."""
+    if not path.is_file():
+        return
+    with open(path, newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    kept = [row for row in rows if int(row["step"]) <= step]
+    if len(kept) < len(rows):
+        path.unlink()
+        for row in kept:
+            append_log_row(path, row)
 
 
 def append_log_row(path: Path, row: dict) -> None:
@@ -291,17 +387,18 @@ def check_resumable(saved: TrainConfig, requested: TrainConfig) -> None:
         raise ValueError(f"cannot resume with a different configuration ({details}); only {', '.join(RESUMABLE_CHANGES)} may change")
 
 
-def train(config: TrainConfig, resume: bool = False) -> dict:
+def train(config: TrainConfig, resume: bool = False, control: RunControl | None = None) -> dict:
     """Train as ``config`` says (resuming from ``output_dir/last`` if ``resume``); returns the final progress.
 
     Returns ``{"run_dir", "step", "epoch", "best_val_loss", "best_step", "stopped"}`` where ``stopped`` is
-    ``"epochs"``, ``"max_steps"`` or ``"signal"``.
+    ``"epochs"``, ``"max_steps"``, ``"time_limit"`` (``control.deadline``) or ``"signal"``.
     """
+    control = control or RunControl()
     context, device = start_distributed(config.device)
     if not context.distributed:
-        return train_process(config, resume, context, device)
+        return train_process(config, resume, context, device, control)
     try:
-        result = train_process(config, resume, context, device)
+        result = train_process(config, resume, context, device, control)
         dist.barrier()  # leave together: a gloo group torn down while a peer still runs aborts that peer
         return result
     finally:
@@ -316,6 +413,7 @@ def record_run_start(
     device: torch.device,
     context: DistributedContext,
     resumed_at_step: int | None,
+    execution: dict | None = None,
 ) -> None:
     """Write ``config.json`` and ``run_info.json`` (updated on resume) and log the split's warnings and the
     departures from the paper."""
@@ -325,7 +423,7 @@ def record_run_start(
     info_path = run_dir / "run_info.json"
     if resumed_at_step is None:
         info = {
-            "differences_from_paper": config.differences_from_paper(),
+            "differences_from_paper": config.differences_from_paper(device.type),
             "split": split.summary(),
             "parameters": parameters,
             "steps_per_epoch": steps_per_epoch,
@@ -334,18 +432,25 @@ def record_run_start(
     else:
         info = json.loads(info_path.read_text())
         info["resumed_at_steps"].append(resumed_at_step)
-    info.update(device=str(device), processes=context.world_size, torch=torch.__version__)
+    info.update(device=str(device), processes=context.world_size, torch=torch.__version__, **(execution or {}))
     info_path.write_text(json.dumps(info, indent=2) + "\n")
     for warning in split.warnings:
         logger.warning("warning: %s", warning)
-    for difference in config.differences_from_paper():
+    for difference in config.differences_from_paper(device.type):
         logger.info("differs from the paper: %s", difference)
 
 
-def train_process(config: TrainConfig, resume: bool, context: DistributedContext, device: torch.device) -> dict:
+def train_process(config: TrainConfig, resume: bool, context: DistributedContext, device: torch.device, control: RunControl) -> dict:
     run_dir = Path(config.output_dir)
     if device.type == "cpu":
         set_cpu_threads(context)
+    precision = config.effective_precision(device.type)
+    if precision != "fp32" and device.type != "cuda":
+        raise ValueError(f"precision {precision!r} is for CUDA; on {device.type} train in fp32 (precision 'fp32' or 'auto')")
+    autocast = torch.autocast("cuda", dtype=AUTOCAST_DTYPES[precision]) if precision in AUTOCAST_DTYPES else None
+    scaler = grad_scaler() if precision == "fp16" else None
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     if resume:
         if not (run_dir / "last.state.json").is_file():
             raise FileNotFoundError(f"{run_dir}: nothing to resume (no last.state.json); start without --resume")
@@ -366,12 +471,13 @@ def train_process(config: TrainConfig, resume: bool, context: DistributedContext
 
     torch.manual_seed(config.seed)
     model = build_model(config.model, **config.model_kwargs()).to(device, memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, **({"fused": True} if device.type == "cuda" else {}))
     progress = TrainingProgress()
     if resume:
         last = load_checkpoint(run_dir / "last.safetensors")
         model.load_state_dict(last.state_dict)
-        progress = load_training_state(run_dir, optimizer)
+        progress = load_training_state(run_dir, optimizer, scaler)
+        trim_log(run_dir / "log.csv", progress.step)
         if progress.batches_done and progress.processes != context.world_size:
             raise ValueError(
                 f"{run_dir}: stopped inside an epoch with {progress.processes} process(es); "
@@ -388,9 +494,15 @@ def train_process(config: TrainConfig, resume: bool, context: DistributedContext
     loss_function = SegmentationLoss(config.dice_weight)
     steps_per_epoch = math.ceil(len(epoch_order(len(train_set), 0, config.seed, context)) / config.batch_size)
     total_steps = min(config.epochs * steps_per_epoch, config.max_steps or math.inf)
+    image_channels = preprocessing.input_channels
+    train_cache = DeviceSlices(train_set, device) if DeviceSlices.fits(train_set, device, image_channels, config.image_size) else None
+    val_cache = DeviceSlices(val_set, device) if DeviceSlices.fits(val_set, device, image_channels, config.image_size) else None
+    execution = {"precision": precision, "data_on_device": {"train": train_cache is not None, "val": val_cache is not None}}
 
     if context.is_main:
-        record_run_start(config, split, count_parameters(model), steps_per_epoch, device, context, progress.step if resume else None)
+        record_run_start(
+            config, split, count_parameters(model), steps_per_epoch, device, context, progress.step if resume else None, execution
+        )
         logger.info(
             "%s on %s ×%d: %d train / %d val slices, %d steps per epoch, %d steps to go",
             config.model,
@@ -402,13 +514,31 @@ def train_process(config: TrainConfig, resume: bool, context: DistributedContext
             max(0, total_steps - progress.step),
         )
 
+    pending_best: list = []  # (state dict copy, metrics) of a best model not yet written (RunControl.save_every_seconds)
+    last_saved = time.monotonic()
+
     def save_last(metrics: dict) -> None:
-        save_training_state(run_dir, optimizer, progress)
+        nonlocal last_saved
+        if pending_best:
+            state_dict, best_metrics = pending_best.pop()
+            save_checkpoint(checkpoint_of(model, config, best_metrics, state_dict), run_dir / "best.safetensors")
+        save_training_state(run_dir, optimizer, progress, scaler)
         save_checkpoint(checkpoint_of(model, config, metrics), run_dir / "last.safetensors")
+        last_saved = time.monotonic()
+
+    def past_deadline() -> float:
+        return float(control.deadline is not None and time.time() >= control.deadline)
 
     stopped = "epochs"
-    loss_sum, batches, started = 0.0, 0, time.perf_counter()  # since the previous log row
-    bar = tqdm(total=total_steps, initial=min(progress.step, total_steps), unit="step", disable=not context.is_main, dynamic_ncols=True)
+    # training loss summed since the previous log row, on the device: read once per row, not at every step
+    loss_sum, batches, started = torch.zeros((), dtype=torch.float64, device=device), 0, time.perf_counter()
+    bar = tqdm(
+        total=total_steps,
+        initial=min(progress.step, total_steps),
+        unit="step",
+        disable=not (context.is_main and control.progress_bar),
+        dynamic_ncols=True,
+    )
     with StopRequest() as stop:
         while progress.epoch < config.epochs:
             if progress.step >= total_steps:
@@ -416,25 +546,38 @@ def train_process(config: TrainConfig, resume: bool, context: DistributedContext
                 break
             train_set.set_epoch(progress.epoch)
             order = epoch_order(len(train_set), progress.epoch, config.seed, context)[progress.batches_done * config.batch_size :]
-            loader = DataLoader(
-                train_set, batch_size=config.batch_size, sampler=order, num_workers=config.num_workers, pin_memory=device.type == "cuda"
-            )
+            if train_cache is not None:
+                batches_of_epoch = train_cache.batches(order, config.batch_size)
+            else:
+                loader = DataLoader(
+                    train_set, batch_size=config.batch_size, sampler=order, num_workers=config.num_workers, pin_memory=device.type == "cuda"
+                )
+                batches_of_epoch = loader_batches(loader, device)
             network.train()
-            for batch in loader:
-                images = batch["image"].to(device, non_blocking=True, memory_format=torch.channels_last)
-                targets = batch["target"].to(device, non_blocking=True)
-                loss = loss_function(network(images), targets)
+            for images, targets in batches_of_epoch:
+                with autocast or nullcontext():
+                    logits = network(images)
+                loss = loss_function(logits.float(), targets)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    optimizer.step()
                 progress.step += 1
                 progress.batches_done += 1
-                loss_value = loss.item()
-                loss_sum, batches = loss_sum + loss_value, batches + 1
+                loss_sum, batches = loss_sum + loss.detach().double(), batches + 1
                 bar.update(1)
-                bar.set_postfix(epoch=progress.epoch + 1, loss=f"{loss_value:.4f}")
-                if sum_over_processes([float(stop.requested)], device, context)[0]:
+                if device.type == "cpu":  # reading the loss would wait for the GPU at every step
+                    bar.set_postfix(epoch=progress.epoch + 1, loss=f"{loss.item():.4f}")
+                signal_stop, time_stop = sum_over_processes([float(stop.requested), past_deadline()], device, context)
+                if signal_stop:
                     stopped = "signal"
+                    break
+                if time_stop:
+                    stopped = "time_limit"
                     break
                 if progress.step >= total_steps:
                     stopped = "max_steps"
@@ -450,8 +593,8 @@ def train_process(config: TrainConfig, resume: bool, context: DistributedContext
             between_validations = config.validate_every_steps and progress.step % config.validate_every_steps
             if between_validations and stopped == "epochs" and progress.epoch < config.epochs:
                 continue  # an epoch ended between two validations
-            loss_sum, batches = sum_over_processes([loss_sum, batches], device, context)
-            val_loss, val_dice = validate(model, val_set, loss_function, device, config.batch_size, context)
+            loss_sum, batches = sum_over_processes([loss_sum.item(), batches], device, context)
+            val_loss, val_dice = validate(model, val_set, loss_function, device, config.batch_size, context, autocast, val_cache)
             row = {
                 "epoch": round(progress.epoch + progress.batches_done / steps_per_epoch, 4),
                 "step": progress.step,
@@ -463,17 +606,22 @@ def train_process(config: TrainConfig, resume: bool, context: DistributedContext
             metrics = {name: row[name] for name in LOG_COLUMNS if name != "seconds"}
             if val_loss < progress.best_val_loss:
                 progress.best_val_loss, progress.best_step = val_loss, progress.step
-                if context.is_main:
+                if context.is_main and control.save_every_seconds > 0:
+                    pending_best[:] = [({name: value.detach().clone() for name, value in model.state_dict().items()}, metrics)]
+                elif context.is_main:
                     save_checkpoint(checkpoint_of(model, config, metrics), run_dir / "best.safetensors")
             if context.is_main:
                 append_log_row(run_dir / "log.csv", row)
-                plot_loss_curves(run_dir / "log.csv", run_dir / "loss_curves.png")
-                save_last(metrics)
+                final = stopped != "epochs" or progress.epoch >= config.epochs
+                if final or time.monotonic() - last_saved >= control.save_every_seconds:
+                    plot_loss_curves(run_dir / "log.csv", run_dir / "loss_curves.png")
+                    save_last(metrics)
+                bar.set_postfix(epoch=row["epoch"], loss=f"{row['train_loss']:.4f}")
                 bar.write(
                     f"epoch {row['epoch']:g} step {row['step']}: train {row['train_loss']:.4f}, val {val_loss:.4f}, val Dice {val_dice:.3f}"
                 )
-            loss_sum, batches, started = 0.0, 0, time.perf_counter()
-            if stopped == "max_steps":
+            loss_sum, batches, started = torch.zeros((), dtype=torch.float64, device=device), 0, time.perf_counter()
+            if stopped in ("max_steps", "time_limit"):
                 break
     bar.close()
     if context.is_main:
@@ -488,11 +636,18 @@ def train_process(config: TrainConfig, resume: bool, context: DistributedContext
     return {"run_dir": str(run_dir), "stopped": stopped, **asdict(progress)}
 
 
-def checkpoint_of(model: nn.Module, config: TrainConfig, metrics: dict) -> Checkpoint:
+def grad_scaler():
+    """The fp16 loss scaler (``torch.amp.GradScaler`` since torch 2.3, ``torch.cuda.amp`` before)."""
+    if hasattr(torch.amp, "GradScaler"):
+        return torch.amp.GradScaler("cuda")
+    return torch.cuda.amp.GradScaler()
+
+
+def checkpoint_of(model: nn.Module, config: TrainConfig, metrics: dict, state_dict: dict | None = None) -> Checkpoint:
     return Checkpoint(
         model_name=config.model,
         model_kwargs=config.model_kwargs(for_checkpoint=True),
-        state_dict=model.state_dict(),
+        state_dict=model.state_dict() if state_dict is None else state_dict,
         channels=list(config.channels),
         preprocessing=config.preprocessing(),
         train_config=config.to_dict(),
@@ -502,10 +657,9 @@ def checkpoint_of(model: nn.Module, config: TrainConfig, metrics: dict) -> Check
 
 def build_parser() -> argparse.ArgumentParser:
     from COVIDLesionSegLib.models import MODELS
-
-    from .augment import AUGMENT_MODES
     from COVIDLesionSegLib.preprocessing import FIELDS_OF_VIEW
 
+    from .augment import AUGMENT_MODES
     from .data import CHANNEL_NAMES, ORIENTATIONS
     from .splits import SPLIT_KINDS
 
@@ -566,6 +720,23 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("machine")
     group.add_argument("--device", help="auto (CUDA if available), cpu, cuda, cuda:N (default auto)")
     group.add_argument("--num-workers", type=int, help=f"data loader processes per training process (default {defaults.num_workers})")
+    group.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="mixed precision: auto (bf16 autocast on CUDA, fp32 on CPU; the default of a new run), fp32, bf16, fp16 "
+        "(fp16 autocast + loss scaling); bf16/fp16 need CUDA. A resumed run keeps its own unless given",
+    )
+    group = parser.add_argument_group("execution (not part of the run's configuration)")
+    group.add_argument(
+        "--time-limit-minutes",
+        type=float,
+        help="stop after this much wall-clock time (validate, log, save); --resume continues the run",
+    )
+    group.add_argument(
+        "--save-every-seconds",
+        type=float,
+        help="write last/best/curves at most this often (and when training stops); default 0: at every log row",
+    )
     return parser
 
 
@@ -595,6 +766,13 @@ def config_from_arguments(arguments: dict, base: TrainConfig | None = None) -> T
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = vars(build_parser().parse_args(argv))
     resume = arguments.pop("resume")
+    time_limit = arguments.pop("time_limit_minutes", None)
+    control = RunControl(
+        deadline=None if time_limit is None else time.time() + 60 * time_limit,
+        save_every_seconds=arguments.pop("save_every_seconds", 0.0),
+    )
+    if not resume:
+        arguments.setdefault("precision", "auto")
     logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING, format="%(message)s")
     base = None
     if resume:
@@ -602,7 +780,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not saved.is_file():
             raise SystemExit(f"--resume: {saved} not found; is --output the folder of an earlier run?")
         base = TrainConfig.load(saved)
-    result = train(config_from_arguments(arguments, base), resume=resume)
+    result = train(config_from_arguments(arguments, base), resume=resume, control=control)
     return 130 if result["stopped"] == "signal" else 0
 
 
