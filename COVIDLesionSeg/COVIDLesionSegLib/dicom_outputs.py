@@ -251,10 +251,17 @@ def build_measurement_report(statistics: LesionStatistics, segmentation, sources
             uid=hd.UID(), name=provenance.software, manufacturer_name=MANUFACTURER, model_name=provenance.model_name[:64]))
     report = hd.sr.MeasurementReport(observation_context=hd.sr.ObservationContext(observer_device_context=device),
                                      procedure_reported=concept(*PROCEDURE), imaging_measurements=groups)
-    return hd.sr.Comprehensive3DSR(
+    document = hd.sr.Comprehensive3DSR(
         evidence=[segmentation, *sources], content=report[0], series_instance_uid=hd.UID(), series_number=series_number,
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer=MANUFACTURER, is_complete=True,
         series_description=f"COVIDLesionSeg measurements, {provenance.model_name}"[:64])
+    from pydicom.dataset import Dataset
+
+    scheme = Dataset()  # the private coding scheme, identified as PS3.3 C.12.1.1.2 asks
+    scheme.CodingSchemeDesignator, scheme.CodingSchemeName = PRIVATE_SCHEME, "COVIDLesionSeg measures"
+    scheme.CodingSchemeResponsibleOrganization = MANUFACTURER
+    document.CodingSchemeIdentificationSequence = [scheme]
+    return document
 
 
 def read_measurement_report(path: str | Path) -> dict:

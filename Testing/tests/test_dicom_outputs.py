@@ -5,6 +5,7 @@ import json
 import math
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -305,3 +306,14 @@ def test_sr_needs_dicom_seg(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli.main(["segment", str(tmp_path), "-o", str(tmp_path / "o"), "--sr"])
     assert "--sr needs --format dicom-seg" in capsys.readouterr().err
+
+
+def test_core_works_without_highdicom_and_dicom_seg_says_how_to_get_it(tmp_path, monkeypatch, capsys):
+    imported = subprocess.run([sys.executable, "-c", "import sys, COVIDLesionSegLib.cli, COVIDLesionSegLib.predictor, "
+                               "COVIDLesionSegLib.dicom_outputs; print('highdicom' in sys.modules)"], capture_output=True, text=True, check=True)
+    assert imported.stdout.strip() == "False"  # imported lazily, only when a DICOM output is written
+    folder = write_series(tmp_path / "chest", ct_image("axial"))
+    monkeypatch.setitem(sys.modules, "highdicom", None)  # as if not installed
+    assert cli.main(["segment", str(folder), "-o", str(tmp_path / "out"), "--format", "dicom-seg", "--progress", "none"]) == 1
+    assert 'pip install "covidlesionseg[dicom]"' in capsys.readouterr().err
+    assert not (tmp_path / "out" / "summary.json").exists()  # refused before the model is loaded
