@@ -268,8 +268,8 @@ class Predictor:
         oriented = io.to_radiological(image)
         ct = sitk.GetArrayViewFromImage(oriented)
         grid = VoxelGrid.of_image(oriented)
-        probabilities = self.predict_probabilities(ct, on_progress)
-        masks = self.predict_masks(ct, grid=grid, probabilities=probabilities)
+        probabilities = self.predict_probabilities(ct, on_progress) if return_probabilities else None
+        masks = self.predict_masks(ct, on_progress, grid=grid, probabilities=probabilities)
         ct_hu = ct if is_hounsfield(ct, self.preprocessing) else None
         statistics = lesion_statistics(masks["lesion"], grid, masks.get("lung"), ct_hu, high_opacity_threshold_hu)
         written = [channel for channel in masks if include_lung or channel != "lung"]

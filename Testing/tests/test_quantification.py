@@ -101,7 +101,7 @@ class MasksFromValues:
         self.lesion_values = [values["high"], values["low"]]
         self.lung_values = [values["lung"], *self.lesion_values]
 
-    def __call__(self, volume, on_progress=None):
+    def __call__(self, volume, on_progress=None, **options):  # options of Predictor.predict_masks (grid, …): not needed here
         return {"lesion": np.isin(volume, self.lesion_values).astype(np.uint8),
                 "lung": np.isin(volume, self.lung_values).astype(np.uint8)}
 
