@@ -26,7 +26,7 @@ import SimpleITK as sitk
 
 from COVIDLesionSegLib import cli, io
 from COVIDLesionSegLib.checkpoints import sha256_of, sweep_stale_temporaries
-from COVIDLesionSegLib.predictor import SegmentationResult
+from COVIDLesionSegLib.predictor import GuardRails, SegmentationResult
 from COVIDLesionSegLib.preprocessing import PreprocessingConfig, is_hounsfield
 from COVIDLesionSegLib.statistics import VoxelGrid, lesion_statistics
 
@@ -67,6 +67,7 @@ class ThresholdPredictor:
 
     name, sha256, channels = "threshold", "0" * 64, ["lesion", "lung"]
     preprocessing = PreprocessingConfig()
+    guard_rails = GuardRails()  # recorded in summary.json like the real predictor's
 
     def segment_image(self, image, on_progress=None, high_opacity_threshold_hu=-200.0, **_):
         oriented = io.to_radiological(image)
