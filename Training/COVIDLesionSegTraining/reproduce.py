@@ -145,7 +145,7 @@ def train_or_resume(config: TrainConfig, control: RunControl | None = None) -> s
 
 def train_worker(config: TrainConfig, control: RunControl) -> str:
     """:func:`train_or_resume` in a worker process (``--jobs``), logging with the model's name."""
-    logging.basicConfig(level=logging.INFO, format=f"[{config.model}] %(message)s")
+    logging.basicConfig(level=logging.INFO, format=f"[{config.model}] %(message)s", force=True)  # a worker trains several
     return train_or_resume(config, control)
 
 
