@@ -156,6 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     report = {"model": model_name + (" (tiny)" if args.tiny else ""), "parameters": sum(p.numel() for p in network_cpu.parameters()),
               "torch": torch.__version__, "gpu": cuda_name, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "rows": []}  # fmt: skip
     cli_ok = not args.no_cli and not getattr(sitk, "STUB", False)
+
+    def add(row: dict) -> None:
+        """Record a row and rewrite the outputs, so a run cut off by a time limit keeps the rows measured."""
+        report["rows"].append(row)
+        print(row, flush=True)
+        if args.markdown:
+            args.markdown.write_text(markdown(report))
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=1) + "\n")
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         checkpoint = save_checkpoint(Checkpoint(model_name, kwargs, network_cpu.state_dict()), folder / "model.safetensors")
@@ -176,10 +185,9 @@ def main(argv: list[str] | None = None) -> int:
                        "batch": args.batch_size}  # fmt: skip
                 row.update(cli_speed(checkpoint, volume, folder / f"out-{device_name}", device_name, args.batch_size, args.slices))
                 row["note"] = f"{row['seconds']} s, peak RSS {row['peak_rss_mb']} MB"
-                report["rows"].append(row)
-                print(row, flush=True)
+                add(row)
             elif not args.no_cli:
-                report["rows"].append({**base, "what": "CLI", "precision": "—", "batch": args.batch_size, "note": "skipped: " + sitk.REASON})
+                add({**base, "what": "CLI", "precision": "—", "batch": args.batch_size, "note": "skipped: " + sitk.REASON})
             network = build_model(model_name, **kwargs).to(device).eval()
             network.load_state_dict(network_cpu.state_dict())
             configurations = [
@@ -191,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             for precision, batch, channels_last in configurations:
                 row = {**base, "what": "network", "precision": precision, "batch": batch, "channels_last": channels_last}
                 if over_budget():
-                    report["rows"].append({**row, "note": "skipped: time budget spent"})
+                    add({**row, "note": "skipped: time budget spent"})
                     continue
                 network = network.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
                 try:
@@ -199,13 +207,12 @@ def main(argv: list[str] | None = None) -> int:
                 except torch.cuda.OutOfMemoryError:
                     row["note"] = "out of GPU memory"
                     torch.cuda.empty_cache()
-                report["rows"].append(row)
-                print(row, flush=True)
+                add(row)
             if args.compile and device.type == "cuda":
                 precision, batch = args.precisions[-1], (args.batch_sizes or [args.batch_size])[-1]
                 row = {**base, "what": "network", "precision": precision, "batch": batch, "compiled": True}
                 if over_budget():
-                    report["rows"].append({**row, "note": "skipped: time budget spent"})
+                    add({**row, "note": "skipped: time budget spent"})
                 else:
                     compiled = torch.compile(network.to(memory_format=torch.channels_last))
                     try:
@@ -213,14 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                         row["note"] = f"compilation + warm-up {row['warm_up_s']} s"
                     except Exception as error:  # compilation can fail on an image without a compiler; say so
                         row["note"] = f"torch.compile failed: {type(error).__name__}: {str(error)[:120]}"
-                    report["rows"].append(row)
-                    print(row, flush=True)
-    table = markdown(report)
-    print("\n" + table)
-    if args.markdown:
-        args.markdown.write_text(table)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1) + "\n")
+                    add(row)
+    print("\n" + markdown(report))
     return 0
 
 

@@ -172,7 +172,7 @@ if [[ " $STAGES " == *" speed "* ]]; then
     if [ $DRY = 1 ]; then
         SPEED_ARGS=(--tiny --devices cpu --slices 4 --batch-sizes 2 --seconds 1 --time-budget 20)
     else
-        SPEED_ARGS=(--devices cuda --slices 300 --batch-sizes 8 32 --precisions fp32 fp16 bf16 --both-formats --compile --seconds 4 --time-budget 75)
+        SPEED_ARGS=(--devices cuda --slices 300 --batch-sizes 8 32 --precisions fp32 fp16 bf16 --both-formats --compile --seconds 2 --time-budget 80)
     fi
     stage speed 110 "Testing/gpu/last-run/speed.md, speed.json" \
         "$PY" Testing/benchmarks/benchmark_inference.py "${SPEED_ARGS[@]}" --markdown "$LAST/speed.md" --json "$LAST/speed.json"

@@ -162,3 +162,27 @@ def test_the_gpu_suite_dry_run_runs_every_stage(tmp_path):
     assert set(results["models"]) == {"unet", "resunet", "attunet", "resattunet"} and not results["failed"]
     markdown = (work / "report" / "Training" / "results" / "paper-profile-paper-split" / "results.md").read_text()
     assert "trained 2 at a time" in markdown and "every run finished within it" in markdown
+
+
+def test_prepare_carry_hides_large_tracked_files_for_the_call_and_restores_them(tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prepare_carry", ROOT / "Testing" / "gpu" / "prepare_carry.py")
+    prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)
+    repository = tmp_path / "repository"
+    (repository / "Resources").mkdir(parents=True)
+    model = repository / "Resources" / "model.safetensors"
+    model.write_bytes(os.urandom(6 * 2**20))
+    (repository / "small.txt").write_text("small")
+    (repository / ".gitignore").write_text("/runs/\n")
+    for command in (["init", "-q"], ["add", "."], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "x"]):
+        subprocess.run(["git", *command], cwd=repository, check=True)
+    monkeypatch.setattr(prepare, "ROOT", repository)
+    before, _ = prepare.travelling_bytes()
+    prepare.hide_models(restore=False)
+    assert model.stat().st_size == 0 and (repository / "runs" / "gpu-hold" / "Resources" / "model.safetensors").is_file()
+    assert subprocess.run(["git", "status", "--porcelain"], cwd=repository, capture_output=True, text=True).stdout == ""
+    assert prepare.travelling_bytes()[0] == before - 6 * 2**20
+    prepare.hide_models(restore=True)
+    assert model.stat().st_size == 6 * 2**20 and "S " not in prepare.git("ls-files", "-t")
