@@ -33,9 +33,9 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 
-import SimpleITK as sitk
 from COVIDLesionSegLib import cli
 from COVIDLesionSegLib.checkpoints import Checkpoint, save_checkpoint
 from COVIDLesionSegLib.models import build_model
@@ -94,7 +94,8 @@ def network_speed(network, device: torch.device, batch_size: int, size: int, cha
         synchronize(device)
     elapsed = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return {"slices_per_s": done / elapsed, "slices": done, "seconds": round(elapsed, 3), "warm_up_s": round(warm_up, 2), "peak_gpu_mb": peak}
+    return {"slices_per_s": done / elapsed, "slices": done, "seconds": round(elapsed, 3), "warm_up_s": round(warm_up, 2),
+            "peak_gpu_mb": peak}  # fmt: skip
 
 
 def cli_speed(checkpoint: Path, volume: Path, output: Path, device: str, batch_size: int, slices: int) -> dict:

@@ -52,7 +52,8 @@ def make(folder: Path, volumes: int = 20, slices_per_volume: int = 12, size: int
         writer = csv.DictWriter(stream, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    folds = [{"train": volume_ids[4 * k : 4 * k + 4], "test": [v for v in volume_ids if v not in volume_ids[4 * k : 4 * k + 4]]} for k in range(5)]
+    groups = [volume_ids[4 * k : 4 * k + 4] for k in range(len(volume_ids) // 4)]
+    folds = [{"train": group, "test": [volume for volume in volume_ids if volume not in group]} for group in groups]
     (folder / "benchmark_task1_folds.json").write_text(json.dumps({"source": "synthetic", "folds": folds}, indent=1))
     return folder
 

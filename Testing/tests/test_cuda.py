@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 from torch import nn
 
-import SimpleITK as sitk
 from COVIDLesionSegLib.checkpoints import load_checkpoint
 from COVIDLesionSegLib.models import build_model
 from COVIDLesionSegLib.predictor import predict_in_batches
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_WIDTHS = ["4", "8", "16", "32", "64"]
-CUDA = torch.device("cuda")
+CUDA = torch.device("cuda", 0)
 
 
 def synthetic_data(folder: Path) -> Path:
@@ -72,7 +72,7 @@ def test_inference_autocast_matches_fp32():
     assert predict_in_batches(network.to(CUDA), inputs, 4, consume, CUDA) == 4
     difference = np.abs(probabilities - reference)
     assert difference.max() < 2e-2 and difference.mean() < 2e-3, (difference.max(), difference.mean())
-    assert ((probabilities >= 0.5) == (reference >= 0.5)).mean() > 0.995
+    assert ((probabilities >= 0.5) == (reference >= 0.5)).mean() > 0.99
 
 
 class Greedy(nn.Module):
@@ -137,7 +137,8 @@ def test_device_slices_give_the_data_loaders_batches(tmp_path):
         assert images.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_training_on_cuda_in_bf16_with_the_data_on_the_gpu_and_resume(tmp_path):
+def test_training_on_cuda_in_bf16_with_the_data_on_the_gpu_resume_and_evaluate(tmp_path):
+    from COVIDLesionSegTraining.evaluate import main as evaluate_main
     from COVIDLesionSegTraining.train import main as train_main
 
     data, run = synthetic_data(tmp_path / "data"), tmp_path / "run"
@@ -152,6 +153,8 @@ def test_training_on_cuda_in_bf16_with_the_data_on_the_gpu_and_resume(tmp_path):
     best = load_checkpoint(run / "best.safetensors")
     assert all(tensor.dtype == torch.float32 for tensor in best.state_dict.values() if tensor.is_floating_point())
     assert best.metrics["step"] in (3, 5) and (run / "loss_curves.png").is_file()
+    assert evaluate_main(["--checkpoint", str(run / "best.safetensors"), "--output", str(tmp_path / "test"), "--device", "cuda"]) == 0
+    assert json.loads((tmp_path / "test" / "summary.json").read_text())["channels"]["lesion"]["slices"] == 6
 
 
 def test_training_on_cuda_in_fp16_keeps_the_loss_scale(tmp_path):
@@ -171,6 +174,7 @@ def test_ddp_over_nccl_in_one_process(tmp_path):
     """One rank of a NCCL process group: DistributedDataParallel's broadcast and gradient all-reduce on the GPU."""
     import torch.distributed as dist
 
+    torch.cuda.set_device(CUDA)
     store = dist.FileStore(str(tmp_path / "store"), 1)
     dist.init_process_group("nccl", store=store, rank=0, world_size=1)
     try:
@@ -183,7 +187,7 @@ def test_ddp_over_nccl_in_one_process(tmp_path):
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason=f"DDP over NCCL needs one GPU per process; this machine has {torch.cuda.device_count()}")
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason=f"NCCL needs one GPU per process; this machine has {torch.cuda.device_count()}")
 def test_torchrun_two_processes_over_nccl(tmp_path):
     data, run = synthetic_data(tmp_path / "data"), tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "COVIDLesionSegTraining.train"]

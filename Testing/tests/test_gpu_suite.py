@@ -18,7 +18,8 @@ from COVIDLesionSegLib.checkpoints import load_checkpoint
 from COVIDLesionSegTraining import train as train_module
 from COVIDLesionSegTraining.config import TrainConfig
 from COVIDLesionSegTraining.splits import SplitSpec
-from COVIDLesionSegTraining.train import RunControl, main as train_main, train, trim_log
+from COVIDLesionSegTraining.train import RunControl, train, trim_log
+from COVIDLesionSegTraining.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_WIDTHS = (4, 8, 16, 32, 64)

@@ -240,13 +240,11 @@ def validate(
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     slices, counts = 0, torch.zeros(4, dtype=torch.int64, device=device)
     indices = list(range(context.rank, len(dataset), context.world_size))
-    batches = (
-        cached.batches(indices, batch_size)
-        if cached is not None
-        else loader_batches(
-            (collate([dataset[index] for index in indices[start : start + batch_size]]) for start in range(0, len(indices), batch_size)), device
-        )
-    )
+    if cached is not None:
+        batches = cached.batches(indices, batch_size)
+    else:
+        chunks = (indices[start : start + batch_size] for start in range(0, len(indices), batch_size))
+        batches = loader_batches((collate([dataset[index] for index in chunk]) for chunk in chunks), device)
     for images, targets in batches:
         with autocast or nullcontext():
             logits = model(images)
