@@ -185,7 +185,7 @@ reproduce_stage() {  # reproduce_stage NAME SPLIT_ARGS... : time limit from what
     local reserve limit_s minutes gpu_log=""
     if [ $DRY = 1 ]; then
         reserve=40
-        EXTRA=(--device cpu --jobs 2 --max-steps 2 --image-size 64)
+        EXTRA=(--device cpu --jobs 2 --max-steps 2 --image-size 64 --widths 4 8 16 32 64)
     else
         reserve=75  # evaluation, Figure 7, packing after the time limit
         EXTRA=(--device cuda --jobs 4 --save-every-seconds 60)

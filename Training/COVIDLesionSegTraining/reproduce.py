@@ -613,6 +613,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--encoder-weights", help="resnet encoders: none, imagenet or a resnet34 weights file (default: the profile's)")
     parser.add_argument("--max-steps", type=int, help="override the profile's step budget (quick checks, tests)")
     parser.add_argument("--image-size", type=int, help="override the profile's input size (quick checks, tests)")
+    parser.add_argument(
+        "--widths", type=int, nargs="+", help="plain-encoder widths of Unet and Attention-Unet instead of 64…1024 (quick checks, dry runs)"
+    )
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     parser.add_argument(
         "--precision", choices=PRECISIONS, help="mixed precision (default auto: bf16 autocast on CUDA, fp32 on CPU)"
@@ -638,6 +641,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ("max_steps", args.max_steps),
             ("image_size", args.image_size),
             ("precision", args.precision),
+            ("model_widths", tuple(args.widths) if args.widths else None),
         )
         if value is not None
     }
