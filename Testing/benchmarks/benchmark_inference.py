@@ -112,6 +112,21 @@ def cli_speed(checkpoint: Path, volume: Path, output: Path, device: str, batch_s
     return {"slices_per_s": slices / seconds, "seconds": round(seconds, 2), "peak_rss_mb": round(peak_rss_mb()), "peak_gpu_mb": peak}
 
 
+def measure_compiled(network, device, precision, batch, size, channels, args, base, add, over_budget) -> None:
+    """One row: the ``torch.compile``d network (channels_last), compilation in its warm-up."""
+    row = {**base, "what": "network", "precision": precision, "batch": batch, "compiled": True}
+    if over_budget():
+        add({**row, "note": "skipped: time budget spent"})
+        return
+    compiled = torch.compile(network.to(memory_format=torch.channels_last))
+    try:
+        row.update(network_speed(compiled, device, batch, size, channels, args.network_slices, precision, True, args.seconds))
+        row["note"] = f"compilation + warm-up {row['warm_up_s']} s"
+    except Exception as error:  # compilation can fail on an image without a compiler; say so
+        row["note"] = f"torch.compile failed: {type(error).__name__}: {str(error)[:120]}"
+    add(row)
+
+
 def markdown(report: dict) -> str:
     lines = [
         f"Model `{report['model']}` ({report['parameters']:,} parameters, random weights), input {report['size']}², "
@@ -144,10 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cli", action="store_true", help="skip the end-to-end CLI rows")
     parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"])
     parser.add_argument("--seconds", type=float, default=5.0, help="at most this long per network measurement (default 5)")
+    parser.add_argument("--network-slices", type=int, help="at most this many slices per network measurement (default --slices)")
     parser.add_argument("--time-budget", type=float, help="start no measurement after this many seconds")
     parser.add_argument("--markdown", type=Path, help="write the table here")
     parser.add_argument("--json", type=Path, help="write every number here")
     args = parser.parse_args(argv)
+    args.network_slices = args.network_slices or args.slices
     began = time.perf_counter()
     over_budget = lambda: args.time_budget is not None and time.perf_counter() - began > args.time_budget  # noqa: E731
     cuda_name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
@@ -191,37 +208,35 @@ def main(argv: list[str] | None = None) -> int:
                 add({**base, "what": "CLI", "precision": "—", "batch": args.batch_size, "note": "skipped: " + sitk.REASON})
             network = build_model(model_name, **kwargs).to(device).eval()
             network.load_state_dict(network_cpu.state_dict())
+            batches = args.batch_sizes or [args.batch_size]
             configurations = [
                 (precision, batch, channels_last)
                 for precision in (args.precisions if device.type == "cuda" else ["fp32"])
-                for batch in args.batch_sizes or [args.batch_size]
+                for batch in batches
                 for channels_last in ((True, False) if args.both_formats else (True,))
             ]
-            for precision, batch, channels_last in configurations:
+            # the largest batch in channels_last first, then the compiled network, then the rest: a budget cut drops the rest
+            first = [item for item in configurations if item[1] == max(batches) and item[2]]
+            compile_at = len(first) if args.compile and device.type == "cuda" else None
+            ordered = first + [item for item in configurations if item not in first]
+            for position in range(len(ordered) + 1):
+                if position == compile_at:
+                    measure_compiled(network, device, args.precisions[-1], max(batches), size, channels, args, base, add, over_budget)
+                if position == len(ordered):
+                    break
+                precision, batch, channels_last = ordered[position]
                 row = {**base, "what": "network", "precision": precision, "batch": batch, "channels_last": channels_last}
                 if over_budget():
                     add({**row, "note": "skipped: time budget spent"})
                     continue
                 network = network.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
                 try:
-                    row.update(network_speed(network, device, batch, size, channels, args.slices, precision, channels_last, args.seconds))
+                    settings = (precision, channels_last, args.seconds)
+                    row.update(network_speed(network, device, batch, size, channels, args.network_slices, *settings))
                 except torch.cuda.OutOfMemoryError:
                     row["note"] = "out of GPU memory"
                     torch.cuda.empty_cache()
                 add(row)
-            if args.compile and device.type == "cuda":
-                precision, batch = args.precisions[-1], (args.batch_sizes or [args.batch_size])[-1]
-                row = {**base, "what": "network", "precision": precision, "batch": batch, "compiled": True}
-                if over_budget():
-                    add({**row, "note": "skipped: time budget spent"})
-                else:
-                    compiled = torch.compile(network.to(memory_format=torch.channels_last))
-                    try:
-                        row.update(network_speed(compiled, device, batch, size, channels, args.slices, precision, True, args.seconds))
-                        row["note"] = f"compilation + warm-up {row['warm_up_s']} s"
-                    except Exception as error:  # compilation can fail on an image without a compiler; say so
-                        row["note"] = f"torch.compile failed: {type(error).__name__}: {str(error)[:120]}"
-                    add(row)
     print("\n" + markdown(report))
     return 0
 

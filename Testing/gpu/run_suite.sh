@@ -64,10 +64,11 @@ pack() {  # everything so far into OUT (3 files: the device call returns at most
 }
 
 summary() {
-    echo "# GPU suite run $( [ $DRY = 1 ] && echo '(DRY RUN on the CPU: tiny sizes, synthetic data; no number here means anything)' )"
+    echo "# GPU suite run $( [ $DRY = 1 ] && echo '(DRY RUN on the CPU: tiny sizes and steps; no number here means anything)' )"
     echo
     echo "- started $(date -u -d @"$T0" '+%Y-%m-%d %H:%M:%S UTC'), budget ${BUDGET} s, $(elapsed) s so far; device: $DEVICE"
     echo "- $(cat "$LAST/env-short.txt" 2>/dev/null)"
+    [ -f "$LAST/mps.txt" ] && sed 's/^/- /' "$LAST/mps.txt"
     echo
     echo "| stage | status | seconds | limit (s) | outputs |"
     echo "|---|---|---|---|---|"
@@ -172,17 +173,40 @@ if [[ " $STAGES " == *" speed "* ]]; then
     if [ $DRY = 1 ]; then
         SPEED_ARGS=(--tiny --devices cpu --slices 4 --batch-sizes 2 --seconds 1 --time-budget 20)
     else
-        SPEED_ARGS=(--devices cuda --slices 300 --batch-sizes 8 32 --precisions fp32 fp16 bf16 --both-formats --compile --seconds 2 --time-budget 80)
+        SPEED_ARGS=(--devices cuda --slices 300 --network-slices 4000 --batch-sizes 8 32 --precisions fp32 fp16 bf16 --both-formats --compile --seconds 1.5 --time-budget 90)
     fi
-    stage speed 110 "Testing/gpu/last-run/speed.md, speed.json" \
+    stage speed 120 "Testing/gpu/last-run/speed.md, speed.json" \
         "$PY" Testing/benchmarks/benchmark_inference.py "${SPEED_ARGS[@]}" --markdown "$LAST/speed.md" --json "$LAST/speed.json"
 fi
 
 # ---- stages: the paper's protocol for the four models
+start_mps() {  # CUDA MPS: the training processes' kernels run side by side instead of time-sliced (SUITE_MPS=0: off)
+    if ! command -v nvidia-cuda-mps-control >/dev/null; then
+        echo "MPS off: nvidia-cuda-mps-control not found" | tee -a "$LAST/mps.txt"
+        return 1
+    fi
+    export CUDA_MPS_PIPE_DIRECTORY=$WORK/mps-pipe CUDA_MPS_LOG_DIRECTORY=$WORK/mps-log
+    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+    if nvidia-cuda-mps-control -d && timeout 60 "$PY" -c "import torch; assert torch.ones(2, device='cuda').sum().item() == 2"; then
+        echo "MPS on for $1" | tee -a "$LAST/mps.txt"
+        return 0
+    fi
+    stop_mps
+    echo "MPS off for $1: the daemon did not start or a client could not use it (suite.log)" | tee -a "$LAST/mps.txt"
+    return 1
+}
+stop_mps() {
+    echo quit | timeout 15 nvidia-cuda-mps-control
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+}
+
 reproduce_stage() {  # reproduce_stage NAME SPLIT_ARGS... : time limit from what is left of the budget
     local name=$1 share=$2 results=$3
     shift 3
-    local reserve limit_s minutes gpu_log=""
+    local reserve limit_s minutes gpu_log="" mps=off
+    if [ $DRY = 0 ] && [ "${SUITE_MPS:-1}" = 1 ] && start_mps "$name"; then
+        mps=on
+    fi
     if [ $DRY = 1 ]; then
         reserve=40
         EXTRA=(--device cpu --jobs 2 --max-steps 2 --image-size 64 --widths 4 8 16 32 64)
@@ -192,6 +216,7 @@ reproduce_stage() {  # reproduce_stage NAME SPLIT_ARGS... : time limit from what
     fi
     limit_s=$(( ($(remaining) - reserve) * share / 100 ))
     if [ "$limit_s" -lt 30 ]; then
+        [ $mps = on ] && stop_mps
         skip "$name" "under 30 s of the budget left for training"
         return
     fi
@@ -204,6 +229,7 @@ reproduce_stage() {  # reproduce_stage NAME SPLIT_ARGS... : time limit from what
         "$PY" -m COVIDLesionSegTraining.reproduce --data "$DATA" --profile paper "$@" --encoder-weights "$ENCODER" \
         --runs "$WORK/runs/$name" --output "$REPORT/Training/results/$results" --time-limit-minutes "$minutes" "${EXTRA[@]}"
     [ -n "$gpu_log" ] && kill "$gpu_log" 2>/dev/null
+    [ $mps = on ] && stop_mps
     for run in "$WORK/runs/$name"/*/; do  # each run's log and info beside the results (no checkpoints)
         [ -f "$run/log.csv" ] || continue
         mkdir -p "$REPORT/Training/results/$results/training/$(basename "$run")"
