@@ -27,7 +27,7 @@ On CUDA (the CPU path is unchanged): ``precision`` "bf16"/"auto" trains under bf
 autocast with a GradScaler (its scale is saved in ``last.state.json``); weights, optimizer and loss stay fp32.
 A training or validation set whose items are fixed (no augmentation, no lesion-free mix) and small enough is
 preprocessed once and kept on the GPU, batches gathered there; the loss is summed on the GPU and read once
-per log row, so a step makes no host round trip. :class:`RunControl` sets how a run is executed without
+per log row, so a bf16 step makes no host round trip (fp16's GradScaler reads its overflow check at each step). :class:`RunControl` sets how a run is executed without
 changing what it learns: a wall-clock deadline (stop, validate, save: a cut run resumes), how often ``last``,
 ``best`` and the curves are written, the progress bar.
 """
