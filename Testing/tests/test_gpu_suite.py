@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -77,6 +78,18 @@ def test_a_new_command_line_run_asks_for_auto_precision_and_trains_fp32_on_the_c
     assert not any("precision" in line for line in info["differences_from_paper"])
 
 
+def test_command_line_time_limit_and_checkpoint_interval(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    arguments = ["--data", str(tiny_data), "--output", str(run), "--model", "unet", "--widths", *map(str, TINY_WIDTHS), "--device", "cpu"]
+    arguments += ["--image-size", "64", "--max-steps", "3", "--split", "holdout", "--holdout-groups", "radiopaedia_7_85703_0"]
+    assert train_main([*arguments, "--time-limit-minutes", "0", "--save-every-seconds", "3600"]) == 0
+    assert [row["step"] for row in log_rows(run)] == ["1"] and (run / "best.safetensors").is_file()
+    saved = set(json.loads((run / "config.json").read_text()))
+    assert not saved & {"deadline", "time_limit_minutes", "save_every_seconds"}  # how a run is executed is not its configuration
+    assert train_main(["--output", str(run), "--resume"]) == 0
+    assert [row["step"] for row in log_rows(run)] == ["1", "3"]
+
+
 def test_a_deadline_stops_validates_saves_and_the_run_resumes_exactly(tiny_data, tmp_path):
     straight = tmp_path / "straight"
     train(tiny_config(tiny_data, straight, max_steps=4))
@@ -138,7 +151,7 @@ def test_the_gpu_code_paths_run_on_the_cpu_and_learn_the_same(tiny_data, tmp_pat
 def test_the_gpu_suite_dry_run_runs_every_stage(tmp_path):
     """``run_suite.sh --dry-run``: every stage on the CPU with synthetic data; the archive holds each stage's outputs."""
     out, work = tmp_path / "out", tmp_path / "work"
-    environment = {**os.environ, "SUITE_WORK": str(work), "OMP_NUM_THREADS": "1"}
+    environment = {**os.environ, "SUITE_WORK": str(work), "SUITE_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
     completed = subprocess.run(["bash", str(ROOT / "Testing" / "gpu" / "run_suite.sh"), "--dry-run", str(out)],
                                capture_output=True, text=True, timeout=600, env=environment)  # fmt: skip
     assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-2000:]
