@@ -209,4 +209,18 @@ def test_guard_rail_candidates_are_scored_on_the_fold_models_test_patients_and_l
     assert none["relative_time"] == 1.0 and set(none["false_lesion_ml"]) == {"CTChest4.nrrd"}
     assert all(entry["false_lesion_ml"]["CTChest4.nrrd"] <= none["false_lesion_ml"]["CTChest4.nrrd"] + 1e-9
                for name, entry in written["pooled"].items() if "flip" not in name)  # removing lesion voxels never adds false lesion
-    assert (tmp_path / "guard_rails.md").read_text(encoding="utf-8").count("\n|") == len(CANDIDATES) + 2
+    markdown = (tmp_path / "guard_rails.md").read_text(encoding="utf-8")
+    assert markdown.count("\n|") == len(CANDIDATES) + 2 and f"**{written['recommended']}**" in markdown
+    assert written["pooled"][written["recommended"]]["relative_time"] <= 1.2
+
+
+def test_recommended_guard_rails_remove_the_most_false_lesion_at_no_dice_or_time_cost():
+    from COVIDLesionSegTraining.guard_rails import recommend
+
+    def entry(dice, millilitres, time):
+        return {"lesion_dice_8bit": dice, "lesion_dice_hu": dice, "false_lesion_ml": {"a": millilitres}, "relative_time": time}
+
+    summary = {"none": entry(0.70, 50, 1.0), "cheap": entry(0.695, 10, 1.05), "slow": entry(0.72, 0, 2.0), "lossy": entry(0.6, 0, 1.0)}
+    assert recommend(summary) == "cheap"
+    summary["cheaper"] = entry(0.70, 10, 1.01)
+    assert recommend(summary) == "cheaper"

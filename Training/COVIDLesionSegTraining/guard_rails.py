@@ -15,8 +15,10 @@ candidate :class:`~COVIDLesionSegLib.predictor.GuardRails` setting is applied to
   patients — in HU: false lesion in mL;
 - **cost**: seconds per slice of the network and guard rails, relative to no guard rail.
 
-Writes ``guard_rails.json`` and ``guard_rails.md`` (rendered from it). A setting is worth keeping when it
-removes false lesion without costing lesion Dice (within 0.01) or more than 20 % time.
+Writes ``guard_rails.json`` and ``guard_rails.md`` (rendered from it), with the recommended setting
+(:func:`recommend`): among the settings that lose at most ``MAX_DICE_LOSS`` lesion Dice on either rendering
+and cost at most ``MAX_RELATIVE_TIME`` of the time, the one with the least false lesion in total (the
+cheaper on a tie). ``predictor.GuardRails``' defaults are meant to be that setting.
 """
 
 from __future__ import annotations
@@ -147,6 +149,27 @@ def pooled(runs: list[dict]) -> dict:
     return result
 
 
+MAX_DICE_LOSS = 0.01
+MAX_RELATIVE_TIME = 1.2
+
+
+def recommend(summary: dict) -> str:
+    """The name of the recommended candidate of a :func:`pooled` summary (see the module docstring)."""
+    none = summary["none"]
+
+    def acceptable(entry: dict) -> bool:
+        return (
+            entry["lesion_dice_8bit"] >= none["lesion_dice_8bit"] - MAX_DICE_LOSS
+            and entry["lesion_dice_hu"] >= none["lesion_dice_hu"] - MAX_DICE_LOSS
+            and entry["relative_time"] <= MAX_RELATIVE_TIME
+        )
+
+    return min(
+        (name for name, entry in summary.items() if acceptable(entry)),
+        key=lambda name: (round(sum(summary[name]["false_lesion_ml"].values()), 1), summary[name]["relative_time"]),
+    )
+
+
 def render_markdown(results: dict) -> str:
     summary = results["pooled"]
     volumes = list(next(iter(summary.values()))["false_lesion_ml"])
@@ -175,6 +198,8 @@ def render_markdown(results: dict) -> str:
             *markdown_table(
                 ("guard rails", "lesion Dice 8-bit", "lesion Dice HU", *(f"{v} false lesion (mL)" for v in volumes), "time ×"), rows
             ),
+            f"Recommended (least false lesion among the settings losing ≤ {MAX_DICE_LOSS} Dice and costing ≤ "
+            f"{MAX_RELATIVE_TIME:.1f}× the time): **{results['recommended']}** = `{summary[results['recommended']]['guard_rails']}`.",
         ]
     )
 
@@ -187,7 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     runs = [evaluate_run(run_dir, args.device) for run_dir in args.runs]
     command = shlex.join(["covidlesionseg-guard-rails", *(argv if argv is not None else sys.argv[1:])])
-    results = {"command": command, "date": datetime.now().isoformat(timespec="seconds"), "runs": runs, "pooled": pooled(runs)}
+    summary = pooled(runs)
+    results = {"command": command, "date": datetime.now().isoformat(timespec="seconds"), "runs": runs, "pooled": summary}
+    results["recommended"] = recommend(summary)
     with atomic_output(args.output / "guard_rails.json") as temporary:
         temporary.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     with atomic_output(args.output / "guard_rails.md") as temporary:
