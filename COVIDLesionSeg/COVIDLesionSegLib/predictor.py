@@ -91,7 +91,9 @@ def masks_from_probabilities(probabilities: dict[str, np.ndarray]) -> dict[str, 
 
 @dataclass(frozen=True)
 class GuardRails:
-    """Inference-time checks against false lesions, each off at 0 / False.
+    """Inference-time checks against false lesions, each off at 0 / False. The defaults (what the CLI, the API
+    and the Slicer module use) are the setting ``covidlesionseg-guard-rails`` recommended on the v2 recipe's
+    fold models: see ``Training/results/guard-rails-v2/guard_rails.md``.
 
     - ``lung_min_ml``: keep only 3D connected components of the lung mask of at least this volume (a real
       lung is hundreds of mL; stray "lung" on bowel gas or outside the chest is small), lesion inside them;
@@ -102,7 +104,7 @@ class GuardRails:
     """
 
     lung_min_ml: float = 0.0
-    lesion_min_ml: float = 0.0
+    lesion_min_ml: float = 0.5  # the recommendation of Training/results/guard-rails-v2 (covidlesionseg-guard-rails)
     flip_tta: bool = False
     hu_lung_prior: bool = False
 

@@ -1,6 +1,8 @@
 """Model v2's core pieces: the body field-of-view crop, the classical lung mask and the inference guard rails."""
 
+import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +23,13 @@ from COVIDLesionSegLib.preprocessing import (
 from COVIDLesionSegLib.statistics import VoxelGrid
 
 BODY = PreprocessingConfig(field_of_view="body")
+OFF = GuardRails(lung_min_ml=0.0, lesion_min_ml=0.0, flip_tta=False, hu_lung_prior=False)
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+
+def test_default_guard_rails_are_the_ones_recommended_on_the_fold_models():
+    results = json.loads((REPOSITORY / "Training" / "results" / "guard-rails-v2" / "guard_rails.json").read_text(encoding="utf-8"))
+    assert GuardRails().to_dict() == results["pooled"][results["recommended"]]["guard_rails"]
 
 
 def ellipse(shape, centre, radii) -> np.ndarray:
@@ -118,7 +127,7 @@ def test_guard_rails_drop_small_lesions_and_lesions_outside_a_plausible_lung():
     lesion[10, 10:12, 16:18] = 1  # 4 voxels: a speck
     lesion[2:4, 31:33, 31:33] = 1  # inside the stray lung
     masks = {"lesion": lesion & lung, "lung": lung}
-    np.testing.assert_array_equal(apply_guard_rails(masks, GuardRails(), grid, None)["lesion"], masks["lesion"])  # all off
+    np.testing.assert_array_equal(apply_guard_rails(masks, OFF, grid, None)["lesion"], masks["lesion"])
     cleaned = apply_guard_rails(masks, GuardRails(lung_min_ml=1.0, lesion_min_ml=0.01), grid, None)
     expected = np.zeros_like(lesion)
     expected[5:15, 10:20, 10:15] = 1
@@ -167,5 +176,5 @@ def test_segment_image_applies_guard_rails_with_the_image_spacing(tiny_checkpoin
     image = sitk.GetImageFromArray(np.random.default_rng(1).normal(0, 50, (3, 32, 32)).astype(np.int16))
     result = predictor.segment_image(image)
     assert result.statistics.lesion_ml == 0  # every lesion component is below 10⁶ mL
-    predictor.guard_rails = GuardRails()
+    predictor.guard_rails = OFF
     assert predictor.segment_image(image).statistics.lesion_ml > 0

@@ -2,6 +2,7 @@
 
 import json
 
+from COVIDLesionSegLib.predictor import GuardRails
 from COVIDLesionSegTraining.data import ORIENTATIONS
 from COVIDLesionSegTraining.model_card import SHIFTED_RENDERINGS, card_markdown, main
 
@@ -16,7 +17,7 @@ def test_card_measures_both_orientations_shifted_inputs_and_lesion_free_volumes(
     assert set(card["held_out_by_orientation"]) == set(ORIENTATIONS) and card["orientation"] == "as-stored"  # no recipe: v1's meaning
     assert card["held_out"] == card["held_out_by_orientation"]["as-stored"]
     assert list(card["shifted_inputs_lesion_dice"]) == list(SHIFTED_RENDERINGS)
-    assert card["guard_rails"] == {"lung_min_ml": 0.0, "lesion_min_ml": 0.0, "flip_tta": False, "hu_lung_prior": False}
+    assert card["guard_rails"] == GuardRails().to_dict()  # what the CLI uses
     markdown = (tmp_path / "tiny.safetensors.card.md").read_text(encoding="utf-8")  # not the registry's default: its own file
     assert markdown == card_markdown(card, "covidlesionseg-model-card " + " ".join([*arguments, "--output-dir", str(tmp_path)]), "")
     assert "| radiological | " in markdown and "| as-stored (trained in) | " in markdown
