@@ -47,16 +47,17 @@ def test_readme_quotes_the_generated_card_and_cross_validation(shipped):
     _, _, card = shipped
     repository = resources_dir().parent
     readme = " ".join((repository / "README.md").read_text(encoding="utf-8").split())
-    held_out, healthy = card["held_out"], card["healthy_ct"]
+    held_out = card["held_out"]
     assert f"pooled lesion Dice of {held_out['lesion_dice']:.3f} and a lung Dice of {held_out['lung_dice']:.3f}" in readme
-    assert f"it marks {healthy['false_lesion_ml']:.1f} mL of false lesion" in readme
-    crossval = json.loads((repository / "Training" / "results" / "crossval-shipped-recipe" / "crossval.json").read_text(encoding="utf-8"))
+    for entry in [card["healthy_ct"], *card["held_out_lesion_free"]]:
+        assert f"{entry['false_lesion_ml']:.1f} mL (`{entry['file']}`)" in readme
+    crossval = json.loads((repository / "Training" / "results" / "crossval-v2" / "crossval.json").read_text(encoding="utf-8"))
     lesion, lung = crossval["overall"]["channels"]["lesion"], crossval["overall"]["channels"]["lung"]
-    folds, false_ml = lesion["fold_pooled"]["F1"], crossval["overall"]["healthy_ct_false_lesion_ml"]
+    folds = crossval["split"]["folds_run"]
     assert (
-        f"a lesion Dice of {lesion['pooled_over_folds']['F1']:.3f} pooled over all {lesion['per_volume']['F1']['n']} volumes "
-        f"({folds['mean']:.3f} ± {folds['sd']:.3f} over folds) and a lung Dice of {lung['pooled_over_folds']['F1']:.3f}"
+        f"a lesion Dice of {lesion['pooled_over_folds']['F1']:.3f} pooled over its {lesion['per_volume']['F1']['n']} test volumes "
+        f"and a lung Dice of {lung['pooled_over_folds']['F1']:.3f}"
     ) in readme
-    assert f"mark {false_ml['mean']:.1f} ± {false_ml['sd']:.1f} mL of false lesion" in readme
+    assert f"{len(folds)} of the {crossval['split']['num_folds']} folds" in readme
     budget, own = crossval["recipe"]["changes"]["max_steps"], crossval["recipe"]["train_config"]["max_steps"]
     assert f"cut to {budget:,} of its {own:,} steps" in readme

@@ -372,7 +372,7 @@ every {card['golden']['slice_step']}nd held-out slice ({card['golden']['slices']
 |---|---|---|---|---|---|
 {lesion_free_rows}
 
-`{healthy['file']}` is slicerio's test data (raw HU); the others are the recipe's held-out lesion-free patients.
+`{healthy['file']}` is slicerio's test data (raw HU); the others are lesion-free patients it never trained on.
 
 ## Percentage of opacity (PO) against the reference
 {without_heading(po_validation) if po_validation else 'Not measured in this run (pass --po-validation).'}
