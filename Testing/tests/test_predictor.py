@@ -3,7 +3,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from COVIDLesionSegLib.predictor import Predictor, predict_in_batches, resolve_device
+from COVIDLesionSegLib.predictor import GuardRails, Predictor, predict_in_batches, resolve_device
 
 
 class ThresholdNetwork(torch.nn.Module):
@@ -76,6 +76,7 @@ def test_lesion_is_kept_inside_the_lung(predictor):
 
 def test_segment_image_keeps_grid_and_reports_statistics(predictor):
     predictor.network = ThresholdNetwork()
+    predictor.guard_rails = GuardRails(lesion_min_ml=0.0)  # the 0.12 mL lesion would fall under the default minimum
     array = np.zeros((4, 30, 20), np.int16) - 1000
     array[1:3, 5:15, 5:10] = 0
     image = sitk.GetImageFromArray(array)
