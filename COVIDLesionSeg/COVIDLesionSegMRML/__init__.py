@@ -57,6 +57,7 @@ VOLUME_RUN_OUTPUT = "output"  # the sub-folder of a volume run's work folder tha
 STATISTICS_TABLE_NAME = f"{LESION.name} statistics"  # the table of the last run; its Case column names the volumes
 SOURCE_COLUMN = "Computed from"  # the statistics table's column saying which segmentation state a row measures
 REPORT_COLUMN = "Report"  # the statistics table's column of visual report paths (present when a row has a report)
+WARNINGS_COLUMN = "Warnings"  # notes on the input from summary.csv (present when a row has one)
 REPORT_SUFFIX = ".report.png"
 # statistics.DEFAULT_HIGH_OPACITY_THRESHOLD_HU, repeated here because importing statistics loads SimpleITK, which
 # the module must not do at Slicer's start-up; a test keeps the two equal.
@@ -414,6 +415,10 @@ def update_statistics_table(table_node, rows: list[dict[str, str]], include_lung
             table_node.SetColumnUnitLabel(title, MEASURES_BY_NAME[key].unit)
         table_node.AddColumn(_string_column("Status", [row["status"] for row in rows]))
         table_node.AddColumn(_string_column("Error", [row.get("error") or "" for row in rows]))
+        warnings = [row.get("warnings") or "" for row in rows]
+        if any(warnings):
+            table_node.AddColumn(_string_column(WARNINGS_COLUMN, warnings))
+            table_node.SetColumnDescription(WARNINGS_COLUMN, "notes on the input: a conversion made, or why it may not be a chest CT")
         table_node.AddColumn(_string_column(SOURCE_COLUMN, sources or [""] * len(rows)))
         table_node.SetColumnDescription(SOURCE_COLUMN, "the segmentation the measures were computed from: the model's output, "
                                                        "or the segments as edited when recomputed (Recompute from segments)")

@@ -180,6 +180,16 @@ def test_statistics_table_has_one_row_per_case_with_numeric_measure_columns(scen
     assert table.GetUseColumnTitleAsColumnHeader()
 
 
+def test_statistics_table_shows_input_warnings_only_when_a_case_has_one(scene):
+    table = scene.AddNewNodeByClass("vtkMRMLTableNode")
+    rows = [dict(SUMMARY[0], warnings="read as CT stored as HU + 1024; converted to HU"), SUMMARY[1]]
+    mrml.update_statistics_table(table, rows)
+    column = table.GetColumnIndex(mrml.WARNINGS_COLUMN)
+    assert [table.GetCellText(row, column) for row in range(2)] == [rows[0]["warnings"], ""]
+    mrml.update_statistics_table(table, SUMMARY)
+    assert table.GetColumnIndex(mrml.WARNINGS_COLUMN) < 0
+
+
 def test_statistics_table_without_lung_keeps_the_lesion_measures_and_is_refilled_in_place(scene):
     table = scene.AddNewNodeByClass("vtkMRMLTableNode")
     mrml.update_statistics_table(table, SUMMARY)
