@@ -42,7 +42,7 @@ from COVIDLesionSegLib.preprocessing import is_hounsfield
 from COVIDLesionSegLib.statistics import VoxelGrid
 
 from .config import TrainConfig
-from .model_card import as_hounsfield, held_out_negative_volumes
+from .model_card import as_hounsfield, ctchest4, held_out_negative_volumes
 from .reproduce import markdown_table
 from .sample import NOMINAL_SPACING_MM, stack_volume
 from .splits import make_split
@@ -58,12 +58,6 @@ CANDIDATES = {
     "flip TTA, lung ≥ 100 mL, lesion ≥ 0.1 mL": GuardRails(flip_tta=True, lung_min_ml=100.0, lesion_min_ml=0.1),
     "all": GuardRails(flip_tta=True, lung_min_ml=100.0, lesion_min_ml=0.1, hu_lung_prior=True),
 }
-
-
-def ctchest4() -> Path:
-    from slicerio.data_helper import get_testdata_file
-
-    return Path(get_testdata_file("CTChest4.nrrd"))
 
 
 class TimedInputs:

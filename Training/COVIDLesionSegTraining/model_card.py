@@ -38,7 +38,7 @@ import torch
 
 from COVIDLesionSegLib import io
 from COVIDLesionSegLib.checkpoints import atomic_output
-from COVIDLesionSegLib.predictor import GuardRails, Predictor
+from COVIDLesionSegLib.predictor import Predictor
 from COVIDLesionSegLib.preprocessing import PreprocessingConfig, body_crop_box, crop_slice
 from COVIDLesionSegLib.resources import default_model_name, load_registry, resources_dir
 from COVIDLesionSegLib.statistics import VoxelGrid
@@ -151,11 +151,16 @@ def held_out_negative_volumes(negatives_dir: str | Path | None, patients: Sequen
     return [case.volume for case in cases if case.patient in patients]
 
 
-def healthy_ct_check(predictor: Predictor, path: Path | None = None) -> dict:
-    """The model on a CT without COVID-19 (default ``CTChest4.nrrd``, slicerio's test chest CT): every lesion voxel is false."""
+def ctchest4() -> Path:
+    """``CTChest4.nrrd``, slicerio's test chest CT without COVID-19 (raw HU)."""
     from slicerio.data_helper import get_testdata_file
 
-    path = Path(path or get_testdata_file("CTChest4.nrrd"))
+    return Path(get_testdata_file("CTChest4.nrrd"))
+
+
+def healthy_ct_check(predictor: Predictor, path: Path | None = None) -> dict:
+    """The model on a CT without COVID-19 (default :func:`ctchest4`): every lesion voxel is false."""
+    path = Path(path or ctchest4())
     image = io.read_image(path)
     started = time.perf_counter()
     result = predictor.segment_image(image)
@@ -169,7 +174,7 @@ def healthy_ct_check(predictor: Predictor, path: Path | None = None) -> dict:
 def measure(
     model: str, data_dir: Path, holdout: Sequence[str], negatives_dir: Path | None = None, negative_patients: Sequence[str] | None = None
 ) -> dict:
-    predictor = Predictor.from_checkpoint(model, device="cpu", guard_rails=GuardRails())
+    predictor = Predictor.from_checkpoint(model, device="cpu")  # the default guard rails, as the CLI
     registry = load_registry()
     file = f"Resources/{registry[model].file}" if model in registry and registry[model].file else model
     config = predictor.checkpoint.train_config

@@ -23,15 +23,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import SimpleITK as sitk
 
 from COVIDLesionSegLib.checkpoints import atomic_output
-from COVIDLesionSegLib.classical_lung import classical_lung_mask
-from COVIDLesionSegLib.io import read_image, to_radiological
-from COVIDLesionSegLib.preprocessing import PreprocessingConfig, crop_slice, prepare_volume, resize_mask
+from COVIDLesionSegLib.preprocessing import PreprocessingConfig
 
 from .data import ManifestSliceDataset, read_manifest
-from .negatives import read_negative_cases, tumour_free_slices
+from .negatives import prepare_negative_case, read_negative_cases, tumour_free_slices
 
 TILE = 128
 RED, GREEN, YELLOW = (0, 0, 255), (0, 200, 0), (0, 220, 255)
@@ -78,15 +75,11 @@ def orientation_montage(data_dir: Path, preprocessing: PreprocessingConfig) -> n
 def negatives_montage(negatives_dir: Path, preprocessing: PreprocessingConfig, per_case: int = 8) -> np.ndarray:
     rows = []
     for case in read_negative_cases(negatives_dir):
-        image = to_radiological(read_image(case.volume))
-        hu = sitk.GetArrayFromImage(image)
-        prepared, box = prepare_volume(hu, preprocessing)
-        lung = classical_lung_mask(hu, image.GetSpacing())
-        kept = tumour_free_slices(case, len(hu))
+        prepared, lung = prepare_negative_case(case, preprocessing)
+        kept = tumour_free_slices(case, len(prepared))
         tiles = []
-        for z in np.linspace(0, len(hu) - 1, per_case).round().astype(int):
-            lung_tile = resize_mask(crop_slice(lung[z], box), preprocessing)
-            one = tile(prepared[z], [(lung_tile, GREEN)], f"{case.case} z{z}" if z == 0 else f"z{z}")
+        for z in np.linspace(0, len(prepared) - 1, per_case).round().astype(int):
+            one = tile(prepared[z], [(lung[z], GREEN)], f"{case.case} z{z}" if z == 0 else f"z{z}")
             if not kept[z]:
                 cv2.line(one, (0, 0), (TILE - 1, TILE - 1), RED, 2)
             tiles.append(one)

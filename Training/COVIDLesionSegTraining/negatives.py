@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from COVIDLesionSegLib.classical_lung import classical_lung_mask
 from COVIDLesionSegLib.io import read_image, to_radiological
-from COVIDLesionSegLib.preprocessing import crop_slice, prepare_volume, resize_mask
+from COVIDLesionSegLib.preprocessing import PreprocessingConfig, crop_slice, prepare_volume, resize_mask
 
 from .data import SliceDataset
 
@@ -75,6 +75,16 @@ def tumour_free_slices(case: NegativeCase, depth: int) -> np.ndarray:
     return ~near
 
 
+def prepare_negative_case(case: NegativeCase, preprocessing: PreprocessingConfig) -> tuple[np.ndarray, np.ndarray]:
+    """One lesion-free volume as the network sees it: ``(uint8 [z, size, size]`` from the inference preprocessing,
+    ``bool [z, size, size]`` classical lung mask cut and resized like it), radiologically oriented."""
+    image = to_radiological(read_image(case.volume))
+    hu = sitk.GetArrayFromImage(image)
+    prepared, box = prepare_volume(hu, preprocessing)
+    lung = classical_lung_mask(hu, image.GetSpacing())
+    return prepared, np.stack([resize_mask(crop_slice(plane, box), preprocessing) for plane in lung])
+
+
 class NegativeVolumeDataset(SliceDataset):
     """Every tumour-free axial slice of the lesion-free volumes in ``root``, patients in ``exclude_patients`` left out.
 
@@ -93,13 +103,10 @@ class NegativeVolumeDataset(SliceDataset):
         for case in cases:
             if case.patient in exclude_patients:
                 continue
-            image = to_radiological(read_image(case.volume))
-            hu = sitk.GetArrayFromImage(image)
-            prepared, box = prepare_volume(hu, self.preprocessing)
-            lung = classical_lung_mask(hu, image.GetSpacing())
-            for z in np.flatnonzero(tumour_free_slices(case, len(hu))):
+            prepared, lung = prepare_negative_case(case, self.preprocessing)
+            for z in np.flatnonzero(tumour_free_slices(case, len(prepared))):
                 self.images.append(prepared[z])
-                self.lungs.append(resize_mask(crop_slice(lung[z], box), self.preprocessing))
+                self.lungs.append(lung[z])
                 self.slices.append((case.case, int(z)))
         self.cases = list(dict.fromkeys(case for case, _ in self.slices))
 
