@@ -110,6 +110,13 @@ def check_orientation(orientation: str) -> str:
     return orientation
 
 
+def oriented(record: SliceRecord, array: np.ndarray, orientation: str) -> np.ndarray:
+    """``array[H, W]`` (the record's image or a mask) in ``orientation``: a ``posterior-up`` record is turned
+    upside down for ``"radiological"``; anything else is returned as it is."""
+    upside_down = orientation == "radiological" and record.orientation == "posterior-up"
+    return np.ascontiguousarray(array[::-1]) if upside_down else array
+
+
 def read_png(path: Path) -> np.ndarray:
     image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
     if image is None:
@@ -199,21 +206,17 @@ class ManifestSliceDataset(SliceDataset):
         self.boxes: dict[str, CropBox | None] = {}
         if self.preprocessing.field_of_view != "full":
             for volume_id in dict.fromkeys(record.volume_id for record in self.records):
-                images = [self.oriented(record, read_png(record.image)) for record in self.records if record.volume_id == volume_id]
+                images = [oriented(r, read_png(r.image), orientation) for r in self.records if r.volume_id == volume_id]
                 self.boxes[volume_id] = body_crop_box(np.stack(images), self.preprocessing)
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def oriented(self, record: SliceRecord, array: np.ndarray) -> np.ndarray:
-        upside_down = self.orientation == "radiological" and record.orientation == "posterior-up"
-        return np.ascontiguousarray(array[::-1]) if upside_down else array
-
     def load_slice(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         record = self.records[index]
-        image = self.oriented(record, read_png(record.image))
-        lesion = self.oriented(record, read_png(record.lesion_mask) > 0)
-        lung = self.oriented(record, read_png(record.lung_mask) > 0) if "lung" in self.channels else np.zeros_like(lesion)
+        image = oriented(record, read_png(record.image), self.orientation)
+        lesion = oriented(record, read_png(record.lesion_mask) > 0, self.orientation)
+        lung = oriented(record, read_png(record.lung_mask) > 0, self.orientation) if "lung" in self.channels else np.zeros_like(lesion)
         return image, lesion, lung
 
     def crop_box(self, index: int) -> CropBox | None:

@@ -22,7 +22,7 @@ import SimpleITK as sitk
 
 from COVIDLesionSegLib.checkpoints import atomic_output
 
-from .data import check_orientation, read_manifest
+from .data import check_orientation, oriented, read_manifest
 
 NOMINAL_SPACING_MM = (1.4, 1.4, 5.0)  # about 360 mm field of view over 256 pixels; 5 mm between kept slices
 
@@ -41,8 +41,7 @@ def stack_volume(data_dir: Path, volume_id: str, orientation: str = "radiologica
     for index, record in enumerate(records):
         labels[index][cv2.imread(str(record.lung_mask), cv2.IMREAD_UNCHANGED) > 0] = 2
         labels[index][cv2.imread(str(record.lesion_mask), cv2.IMREAD_UNCHANGED) > 0] = 1
-        if orientation == "radiological" and record.orientation == "posterior-up":
-            ct[index], labels[index] = ct[index][::-1], labels[index][::-1]
+        ct[index], labels[index] = oriented(record, ct[index], orientation), oriented(record, labels[index], orientation)
     return ct, labels
 
 
