@@ -99,3 +99,53 @@ def test_mixed_epochs_hold_the_chosen_share_of_negatives_drawn_anew_each_epoch(t
     assert mixed[len(positives)]["target"][0].sum() == 0 and mixed[len(positives)]["index"] == len(positives)
     with pytest.raises(ValueError, match="negative_fraction"):
         MixedSliceDataset(positives, negatives, 1.0)
+
+
+def test_lesion_free_validation_patients_fine_tuning_and_the_run_comparison(tiny_data, negatives_dir, tmp_path):
+    import json
+
+    import torch
+
+    from COVIDLesionSegLib.checkpoints import load_checkpoint
+    from COVIDLesionSegTraining.compare_runs import main as compare_main
+    from COVIDLesionSegTraining.splits import SplitSpec
+    from COVIDLesionSegTraining.train import train
+
+    recipe = {"model": "unet", "model_widths": (4, 8, 16, 32, 64), "channels": ("lesion", "lung"), "image_size": 64, "device": "cpu",
+              "split": SplitSpec("holdout", holdout_groups=("radiopaedia_7_85703_0",)), "negatives_dir": str(negatives_dir),
+              "negative_fraction": 0.25, "negative_holdout": ("pyradiomics_lung2", "lung_pet_ct_dx_A0001", "pyradiomics_lung1"),
+              "negative_validation": ("totalsegmentator_example",), "encoder_weights": "none"}
+    with pytest.raises(ValueError, match="both held out and validated"):
+        TrainConfig(data_dir="d", output_dir="o", **{**recipe, "negative_validation": ("pyradiomics_lung2",)})
+    with pytest.raises(ValueError, match="needs negatives_dir"):
+        TrainConfig(data_dir="d", output_dir="o", negative_validation=("p",))
+    base = TrainConfig(data_dir=str(tiny_data), output_dir=str(tmp_path / "base"), max_steps=2, **recipe)
+    train(base)
+    trained_negatives = NegativeVolumeDataset(negatives_dir, exclude_patients=(*base.negative_holdout, *base.negative_validation))
+    assert trained_negatives.cases == ["totalsegmentator_example_ct_dicom"]  # the validation patient's volume is not trained on
+    validation = NegativeVolumeDataset(negatives_dir, only_patients=base.negative_validation)
+    assert validation.cases == ["totalsegmentator_example_ct"]
+
+    # fine-tuning starts from the base run's weights (a learning rate of 1e-12 leaves them where they were)
+    tuned = TrainConfig(data_dir=str(tiny_data), output_dir=str(tmp_path / "tuned"), max_steps=1, learning_rate=1e-12,
+                        init_from=str(tmp_path / "base" / "last.safetensors"), **recipe)
+    train(tuned)
+    before = load_checkpoint(tmp_path / "base" / "last.safetensors").state_dict
+    after = load_checkpoint(tmp_path / "tuned" / "last.safetensors").state_dict
+    for name, tensor in before.items():
+        if tensor.is_floating_point() and "running" not in name:
+            torch.testing.assert_close(after[name], tensor, atol=1e-6, rtol=0)
+    other = TrainConfig.from_dict({**tuned.to_dict(), "model_widths": (8, 16, 32, 64, 128), "output_dir": str(tmp_path / "other")})
+    with pytest.raises(ValueError, match="cannot start from this checkpoint.*model arguments"):
+        train(other)
+
+    assert compare_main(["--runs", str(tmp_path / "base"), str(tmp_path / "tuned"), "--checkpoint", "last",
+                         "--output", str(tmp_path / "compare"), "--device", "cpu"]) == 0
+    results = json.loads((tmp_path / "compare" / "compare.json").read_text())
+    assert results["differing_settings"] == ["learning_rate", "max_steps", "init_from"]
+    for run in results["runs"]:
+        assert 0.0 <= run["validation_groups"]["lesion_dice"] <= 1.0
+        assert [entry["file"] for entry in run["lesion_free_validation"]] == ["totalsegmentator_example_ct.nii.gz"]
+        assert run["lesion_free_validation"][0]["false_lesion_ml"] >= 0.0
+    markdown = (tmp_path / "compare" / "compare.md").read_text()
+    assert "totalsegmentator_example_ct.nii.gz false lesion mL" in markdown and "`1e-12`" in markdown

@@ -47,6 +47,8 @@ class TrainConfig:
     negatives_dir: str | None = None  # lesion-free HU volumes (chest-ct-hu-no-covid); None = lesion slices only
     negative_fraction: float = 0.0  # share of each epoch drawn from negatives_dir
     negative_holdout: tuple[str, ...] = ()  # negatives_dir patients never trained on (false-positive tests)
+    negative_validation: tuple[str, ...] = ()  # negatives_dir patients validated on (checkpoint choice sees false lesion), never trained on
+    init_from: str | None = None  # checkpoint (file or registry name) whose weights start the run (fine-tuning); None = fresh
     device: str = "auto"  # "auto" (CUDA if available), "cpu", "cuda", "cuda:1", …
     num_workers: int = 0  # DataLoader worker processes per training process
     # Mixed precision: "fp32" (none; the default, so configs saved before this field keep their meaning), "bf16"
@@ -67,6 +69,11 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
         object.__setattr__(self, "negative_holdout", tuple(self.negative_holdout))
+        object.__setattr__(self, "negative_validation", tuple(self.negative_validation))
+        if self.negative_validation and not self.negatives_dir:
+            raise ValueError("negative_validation needs negatives_dir")
+        if set(self.negative_validation) & set(self.negative_holdout):
+            raise ValueError(f"patients both held out and validated on: {sorted(set(self.negative_validation) & set(self.negative_holdout))}")
         if (self.negatives_dir is None) != (self.negative_fraction == 0.0) or not 0.0 <= self.negative_fraction < 1.0:
             raise ValueError("negatives_dir and a negative_fraction in (0, 1) go together (or neither)")
         for name in ("image_size", "batch_size", "epochs"):

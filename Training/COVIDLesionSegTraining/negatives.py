@@ -11,7 +11,8 @@ network trained on it alone has never seen a healthy lung, an apex or base, or a
   (:func:`~COVIDLesionSegLib.classical_lung.classical_lung_mask`), cut and resized like the image;
 - slices holding a lung tumour (the folder's ``tumour_masks/``), and one slice on either side, are left
   out: a tumour is an opacity but not COVID-19, so it must not be taught as "no lesion";
-- ``exclude_patients`` keeps patients out (the held-out false-positive test patients).
+- ``exclude_patients`` keeps patients out (the held-out false-positive test patients); ``only_patients``
+  keeps only those (lesion-free validation patients).
 
 :class:`MixedSliceDataset` puts them beside the lesion slices at a chosen share of every epoch.
 """
@@ -86,17 +87,20 @@ def prepare_negative_case(case: NegativeCase, preprocessing: PreprocessingConfig
 
 
 class NegativeVolumeDataset(SliceDataset):
-    """Every tumour-free axial slice of the lesion-free volumes in ``root``, patients in ``exclude_patients`` left out.
+    """Every tumour-free axial slice of the lesion-free volumes in ``root``: patients in ``exclude_patients`` left
+    out; if ``only_patients`` is given, only those.
 
     Items are those of :class:`~.data.SliceDataset` with an all-zero lesion target.
     """
 
-    def __init__(self, root: str | Path, exclude_patients: Sequence[str] = (), **options):
+    def __init__(self, root: str | Path, exclude_patients: Sequence[str] = (), only_patients: Sequence[str] | None = None, **options):
         super().__init__(**options)
         cases = read_negative_cases(root)
-        unknown = sorted(set(exclude_patients) - {case.patient for case in cases})
+        unknown = sorted(set(exclude_patients).union(only_patients or ()) - {case.patient for case in cases})
         if unknown:
             raise ValueError(f"patients {unknown} are not in {Path(root) / 'manifest.csv'}")
+        if only_patients is not None:
+            cases = [case for case in cases if case.patient in only_patients]
         self.images: list[np.ndarray] = []  # per kept slice: uint8 [size, size]
         self.lungs: list[np.ndarray] = []  # per kept slice: bool [size, size]
         self.slices: list[tuple[str, int]] = []  # (case, z)

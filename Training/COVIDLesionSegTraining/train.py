@@ -51,10 +51,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from COVIDLesionSegLib.checkpoints import Checkpoint, atomic_output, load_checkpoint, save_checkpoint
+from COVIDLesionSegLib.checkpoints import Checkpoint, atomic_output, load_checkpoint, locate_model, save_checkpoint
 from COVIDLesionSegLib.models import build_model, count_parameters
 from COVIDLesionSegLib.predictor import resolve_device
 
@@ -377,6 +377,23 @@ def plot_loss_curves(log_path: Path, image_path: Path) -> None:
     plt.close(figure)
 
 
+def start_from_weights(model: nn.Module, config: TrainConfig) -> None:
+    """Load ``config.init_from``'s weights (a checkpoint file or registry name) into ``model``: fine-tuning.
+
+    The checkpoint must hold the same network, output channels and preprocessing as ``config``."""
+    path, _ = locate_model(config.init_from)
+    checkpoint = load_checkpoint(path)
+    expected = {"network": config.model, "model arguments": config.model_kwargs(for_checkpoint=True), "channels": list(config.channels),
+                "preprocessing": config.preprocessing()}
+    found = {"network": checkpoint.model_name, "model arguments": checkpoint.model_kwargs, "channels": list(checkpoint.channels),
+             "preprocessing": checkpoint.preprocessing}
+    differing = [f"{name}: {found[name]!r} (this run: {expected[name]!r})" for name in expected if found[name] != expected[name]]
+    if differing:
+        raise ValueError(f"{path}: cannot start from this checkpoint; " + "; ".join(differing))
+    model.load_state_dict({name: tensor.float() for name, tensor in checkpoint.state_dict.items()})
+    logger.info("starting from the weights of %s", path)
+
+
 def check_resumable(saved: TrainConfig, requested: TrainConfig) -> None:
     saved_values, requested_values = saved.to_dict(), requested.to_dict()
     changed = [name for name in saved_values if name not in RESUMABLE_CHANGES and saved_values[name] != requested_values[name]]
@@ -458,13 +475,21 @@ def train_process(config: TrainConfig, resume: bool, context: DistributedContext
     train_set = ManifestSliceDataset(split.train, orientation=config.orientation, augment=config.augment, **options)
     val_set = ManifestSliceDataset(split.val, orientation=config.orientation, **options)
     if config.negatives_dir:
-        negatives = NegativeVolumeDataset(config.negatives_dir, config.negative_holdout, augment=config.augment, **options)
+        not_trained = (*config.negative_holdout, *config.negative_validation)
+        negatives = NegativeVolumeDataset(config.negatives_dir, exclude_patients=not_trained, augment=config.augment, **options)
         train_set = MixedSliceDataset(train_set, negatives, config.negative_fraction, config.seed)
         if context.is_main:
             logger.info("lesion-free slices: %d from %s, %d per epoch", len(negatives), ", ".join(negatives.cases), train_set.negative_count)
+    if config.negative_validation:
+        val_negatives = NegativeVolumeDataset(config.negatives_dir, only_patients=config.negative_validation, **options)
+        val_set = ConcatDataset([val_set, val_negatives])
+        if context.is_main:
+            logger.info("validation: %d lesion-free slices from %s", len(val_negatives), ", ".join(val_negatives.cases))
 
     torch.manual_seed(config.seed)
     model = build_model(config.model, **config.model_kwargs()).to(device, memory_format=torch.channels_last)
+    if config.init_from and not resume:
+        start_from_weights(model, config)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, **({"fused": True} if device.type == "cuda" else {}))
     progress = TrainingProgress()
     if resume:
@@ -711,6 +736,15 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--negatives", dest="negatives_dir", help="folder of lesion-free HU volumes (chest-ct-hu-no-covid) to mix in")
     group.add_argument("--negative-fraction", type=float, help="share of each epoch drawn from --negatives, e.g. 0.25")
     group.add_argument("--negative-holdout", nargs="+", metavar="PATIENT", help="--negatives patients never trained on")
+    group.add_argument(
+        "--negative-validation",
+        nargs="+",
+        metavar="PATIENT",
+        help="--negatives patients added to the validation slices (so the kept checkpoint is judged on false lesion too), never trained on",
+    )
+    group.add_argument(
+        "--init-from", metavar="CHECKPOINT", help="start from this checkpoint's weights (file or registry name): fine-tuning; same network"
+    )
     group = parser.add_argument_group("split")
     group.add_argument("--split", choices=SPLIT_KINDS, help="(default paper)")
     group.add_argument("--fold", type=int, help="fold of patient-kfold or benchmark (default 0)")
