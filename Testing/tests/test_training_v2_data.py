@@ -147,5 +147,8 @@ def test_lesion_free_validation_patients_fine_tuning_and_the_run_comparison(tiny
         assert 0.0 <= run["validation_groups"]["lesion_dice"] <= 1.0
         assert [entry["file"] for entry in run["lesion_free_validation"]] == ["totalsegmentator_example_ct.nii.gz"]
         assert run["lesion_free_validation"][0]["false_lesion_ml"] >= 0.0
+    with pytest.raises(ValueError, match="trained on the lesion-free patients"):
+        compare_main(["--runs", str(tmp_path / "base"), "--lesion-free-patients", "totalsegmentator_example_dicom",
+                      "--output", str(tmp_path / "refused"), "--device", "cpu"])
     markdown = (tmp_path / "compare" / "compare.md").read_text()
     assert "totalsegmentator_example_ct.nii.gz false lesion mL" in markdown and "`1e-12`" in markdown

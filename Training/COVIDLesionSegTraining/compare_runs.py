@@ -36,14 +36,19 @@ from .model_card import healthy_ct_check, held_out_negative_volumes
 from .reproduce import markdown_table
 
 
-def score_run(run_dir: Path, checkpoint: str, device: str) -> dict:
-    """One run's validation scores (see the module docstring)."""
+def score_run(run_dir: Path, checkpoint: str, device: str, lesion_free_patients: Sequence[str] | None = None) -> dict:
+    """One run's validation scores (see the module docstring); ``lesion_free_patients`` replaces the recipe's
+    ``negative_validation`` (each must be one the run never trained on)."""
     config = TrainConfig.load(run_dir / "config.json")
+    patients = config.negative_validation if lesion_free_patients is None else tuple(lesion_free_patients)
+    trained_on = sorted(set(patients) - set(config.negative_validation) - set(config.negative_holdout))
+    if trained_on:
+        raise ValueError(f"{run_dir}: trained on the lesion-free patients {trained_on}; they cannot validate it")
     path = run_dir / f"{checkpoint}.safetensors"
     with tempfile.TemporaryDirectory() as scratch:
         channels = evaluate_checkpoint(path, config.data_dir, scratch, subset="val", device=device)["channels"]
     predictor = Predictor.from_checkpoint(path, device)
-    lesion_free = [healthy_ct_check(predictor, volume) for volume in held_out_negative_volumes(config.negatives_dir, config.negative_validation)]
+    lesion_free = [healthy_ct_check(predictor, volume) for volume in held_out_negative_volumes(config.negatives_dir, patients)]
     return {
         "run": str(run_dir),
         "checkpoint": checkpoint,
@@ -121,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs", type=Path, nargs="+", required=True, help="run folders (config.json + checkpoints)")
     parser.add_argument("--checkpoint", choices=("best", "last"), default="best", help="which checkpoint of each run (default best)")
     parser.add_argument("--output", type=Path, required=True, help="folder for compare.json and compare.md")
+    parser.add_argument(
+        "--lesion-free-patients", nargs="+", metavar="PATIENT", help="score on these lesion-free patients instead of each recipe's "
+        "negative_validation (each must be held out or validated on by every run)"
+    )
     parser.add_argument("--device", default="auto")
     return parser
 
@@ -129,7 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     runs = []
     for run_dir in arguments.runs:
-        runs.append(score_run(run_dir, arguments.checkpoint, arguments.device))
+        runs.append(score_run(run_dir, arguments.checkpoint, arguments.device, arguments.lesion_free_patients))
         print(f"{run_dir}: {runs[-1]['validation_groups']} {runs[-1]['lesion_free_validation']}", flush=True)
     command = shlex.join(["covidlesionseg-compare-runs", *(sys.argv[1:] if argv is None else argv)])
     results = {"command": command, "date": datetime.now().isoformat(timespec="seconds"), "runs": runs,
