@@ -224,3 +224,23 @@ def test_recommended_guard_rails_remove_the_most_false_lesion_at_no_dice_or_time
     assert recommend(summary) == "cheap"
     summary["cheaper"] = entry(0.70, 10, 1.01)
     assert recommend(summary) == "cheaper"
+
+
+def test_a_fine_tuning_recipe_trains_its_first_stage_then_fine_tunes_within_the_budget(recipe_checkpoint, tiny_data, tmp_path):
+    tuned_dir = tmp_path / "tuned"
+    train(TrainConfig(data_dir=str(tiny_data), output_dir=str(tuned_dir), **{**RECIPE, "max_steps": 1, "learning_rate": 1e-4},
+                      init_from=str(recipe_checkpoint)))
+    recipe = TrainConfig.load(tuned_dir / "config.json")
+    assert recipe.init_recipe["max_steps"] == 3 and recipe.init_recipe["learning_rate"] == 3e-4  # the first stage, recorded
+    runs = tmp_path / "runs"
+    results = crossval(str(tuned_dir / "best.safetensors"), tiny_data, runs, tmp_path / "out", num_folds=2,
+                       changes={"max_steps": 3}, folds=[1], device="cpu", command="test")
+    stage1 = TrainConfig.load(runs / "stage1" / "fold1" / "config.json")
+    tuning = TrainConfig.load(runs / "fold1" / "config.json")
+    assert (stage1.max_steps, stage1.learning_rate, stage1.init_from) == (2, 3e-4, None)  # budget 3 = 2 + 1 fine-tuning step
+    assert (tuning.max_steps, tuning.learning_rate) == (1, 1e-4)
+    assert tuning.init_from == str(runs / "stage1" / "fold1" / "best.safetensors") and tuning.init_recipe["max_steps"] == 2
+    assert stage1.split.fold == tuning.split.fold == 1 and results["split"]["folds_run"] == [1]
+    with pytest.raises(ValueError, match="leaves nothing before"):
+        crossval(str(tuned_dir / "best.safetensors"), tiny_data, runs, tmp_path / "out", num_folds=2, changes={"max_steps": 1},
+                 folds=[1], device="cpu")

@@ -68,8 +68,8 @@ def score_run(run_dir: Path, checkpoint: str, device: str, lesion_free_patients:
 
 
 def differing_settings(runs: list[dict]) -> list[str]:
-    """The ``TrainConfig`` fields whose values differ between the runs (output folder and data paths aside)."""
-    ignored = {"output_dir", "data_dir", "negatives_dir"}
+    """The ``TrainConfig`` fields whose values differ between the runs (output folder, data paths and init_recipe aside)."""
+    ignored = {"output_dir", "data_dir", "negatives_dir", "init_recipe"}  # init_recipe follows init_from
     names = runs[0]["config"].keys()
     return [name for name in names if name not in ignored and len({json.dumps(run["config"][name]) for run in runs}) > 1]
 

@@ -49,6 +49,7 @@ class TrainConfig:
     negative_holdout: tuple[str, ...] = ()  # negatives_dir patients never trained on (false-positive tests)
     negative_validation: tuple[str, ...] = ()  # negatives_dir patients validated on (checkpoint choice sees false lesion), never trained on
     init_from: str | None = None  # checkpoint (file or registry name) whose weights start the run (fine-tuning); None = fresh
+    init_recipe: dict | None = None  # that checkpoint's train_config (recorded by training): the stage this run fine-tunes
     device: str = "auto"  # "auto" (CUDA if available), "cpu", "cuda", "cuda:1", …
     num_workers: int = 0  # DataLoader worker processes per training process
     # Mixed precision: "fp32" (none; the default, so configs saved before this field keep their meaning), "bf16"

@@ -62,6 +62,26 @@ def fold_config(recipe: dict, data_dir: str | Path, runs_dir: str | Path, fold: 
     return TrainConfig.from_dict(values)
 
 
+def fold_stages(recipe: dict, data_dir: str | Path, runs_dir: str | Path, fold: int, num_folds: int, changes: dict) -> list[TrainConfig]:
+    """The training runs of fold ``fold``, in order. A fine-tuning recipe (``init_from``, with the first stage's
+    ``init_recipe``) gives two: its first stage in ``RUNS/stage1/fold<k>`` with the step budget less the
+    fine-tuning steps, then the fine-tuning from that stage's best checkpoint in ``RUNS/fold<k>``."""
+    if not recipe.get("init_from"):
+        return [fold_config(recipe, data_dir, runs_dir, fold, num_folds, changes)]
+    if not recipe.get("init_recipe"):
+        raise ValueError("the recipe fine-tunes a checkpoint but does not record that checkpoint's recipe (init_recipe)")
+    if recipe["init_recipe"].get("init_from"):
+        raise ValueError("recipes of more than two stages are not supported")
+    stage1_changes = {**changes}
+    if "max_steps" in changes:
+        stage1_changes["max_steps"] = changes["max_steps"] - recipe["max_steps"]
+        if stage1_changes["max_steps"] < 1:
+            raise ValueError(f"a budget of {changes['max_steps']} steps leaves nothing before the {recipe['max_steps']} fine-tuning steps")
+    stage1 = fold_config(recipe["init_recipe"], data_dir, Path(runs_dir) / "stage1", fold, num_folds, stage1_changes)
+    tuning = {**recipe, "init_from": str(Path(stage1.output_dir) / "best.safetensors"), "init_recipe": None}
+    return [stage1, fold_config(tuning, data_dir, runs_dir, fold, num_folds, {k: v for k, v in changes.items() if k != "max_steps"})]
+
+
 def select(values: dict, keys: Sequence[str]) -> dict:
     return {key: values[key] for key in keys}
 
@@ -180,9 +200,11 @@ def crossval(
     recipe = load_checkpoint(path).train_config
     if not recipe:
         raise ValueError(f"{path}: the checkpoint records no train_config, so it has no recipe to cross-validate")
-    configs = [fold_config(recipe, data_dir, runs_dir, fold, num_folds, changes) for fold in folds]
-    for config in configs:
-        logger.info("fold %d: %s (%s)", config.split.fold, train_or_resume(config), config.output_dir)
+    configs = []
+    for fold in folds:
+        for config in fold_stages(recipe, data_dir, runs_dir, fold, num_folds, changes):
+            logger.info("fold %d: %s (%s)", fold, train_or_resume(config), config.output_dir)
+        configs.append(config)
     fold_results = [fold_result(config, device) for config in configs]
     results = nan_to_none(
         {

@@ -44,7 +44,7 @@ import signal
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -68,7 +68,7 @@ logger = logging.getLogger(__name__)
 
 LOG_COLUMNS = ("epoch", "step", "train_loss", "val_loss", "val_dice", "seconds")
 # Fields a resumed run may change; any other difference from the saved config.json is refused.
-RESUMABLE_CHANGES = ("max_steps", "epochs", "num_workers", "device", "data_dir", "precision")
+RESUMABLE_CHANGES = ("max_steps", "epochs", "num_workers", "device", "data_dir", "precision", "init_recipe")  # init_recipe: kept
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICE_DATA_FRACTION = 0.25  # a fixed dataset is kept on the GPU when it needs at most this share of its memory
 
@@ -377,8 +377,9 @@ def plot_loss_curves(log_path: Path, image_path: Path) -> None:
     plt.close(figure)
 
 
-def start_from_weights(model: nn.Module, config: TrainConfig) -> None:
+def start_from_weights(model: nn.Module, config: TrainConfig) -> TrainConfig:
     """Load ``config.init_from``'s weights (a checkpoint file or registry name) into ``model``: fine-tuning.
+    Returns ``config`` with ``init_recipe``, the checkpoint's own ``train_config``, recorded.
 
     The checkpoint must hold the same network, output channels and preprocessing as ``config``."""
     path, _ = locate_model(config.init_from)
@@ -392,6 +393,7 @@ def start_from_weights(model: nn.Module, config: TrainConfig) -> None:
         raise ValueError(f"{path}: cannot start from this checkpoint; " + "; ".join(differing))
     model.load_state_dict({name: tensor.float() for name, tensor in checkpoint.state_dict.items()})
     logger.info("starting from the weights of %s", path)
+    return replace(config, init_recipe=checkpoint.train_config or None)
 
 
 def check_resumable(saved: TrainConfig, requested: TrainConfig) -> None:
@@ -465,7 +467,10 @@ def train_process(config: TrainConfig, resume: bool, context: DistributedContext
     if resume:
         if not (run_dir / "last.state.json").is_file():
             raise FileNotFoundError(f"{run_dir}: nothing to resume (no last.state.json); start without --resume")
-        check_resumable(TrainConfig.load(run_dir / "config.json"), config)
+        saved = TrainConfig.load(run_dir / "config.json")
+        check_resumable(saved, config)
+        if config.init_recipe is None:
+            config = replace(config, init_recipe=saved.init_recipe)
     elif (run_dir / "last.safetensors").exists():
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --output")
 
@@ -489,7 +494,7 @@ def train_process(config: TrainConfig, resume: bool, context: DistributedContext
     torch.manual_seed(config.seed)
     model = build_model(config.model, **config.model_kwargs()).to(device, memory_format=torch.channels_last)
     if config.init_from and not resume:
-        start_from_weights(model, config)
+        config = start_from_weights(model, config)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, **({"fused": True} if device.type == "cuda" else {}))
     progress = TrainingProgress()
     if resume:
