@@ -58,6 +58,17 @@ lesion voxels at or above it count as high opacity.
 there, exactly like the <code>covidlesionseg segment</code> command. Cases already done are skipped and keep their
 earlier row; a failed case is reported and the batch goes on. An output folder made with another model or
 high-opacity threshold is refused: choose a new one.</p>
+<p><b>Review and export</b>: with <i>Probability map</i> on (Outputs), Apply also loads the lesion probability map and
+shows it over the CT, coloured by probability and hidden below the <i>Lesion threshold</i>: lower the threshold to widen
+the lesion where ground glass is borderline, raise it to narrow it (0.50 is the model's own lesion before its guard
+rails), then <b>Apply threshold to lesion segment</b> replaces the lesion segment by what the overlay shows (no guard
+rail: small components are kept) and <i>Recompute from segments</i> updates the measures. A
+<i>.lesion-probability.nrrd</i> written by the CLI can be added with Add Data and chosen as the map.
+<b>Export segmentation to DICOM database</b> writes the output segmentation, as edited, as a DICOM Segmentation (SEG)
+of its CT into Slicer's DICOM database with Slicer's DICOM SEG plugin (built into Slicer 5.12; the QuantitativeReporting
+extension in 5.6 to 5.10), as the DICOM module's export does; the CT must have been loaded from the DICOM database.
+Model output is written as AUTOMATIC, edited or re-thresholded segments as SEMIAUTOMATIC. Send it to PACS from the DICOM
+module.</p>
 """
 # Where the measures' definitions go. They are quoted from COVIDLesionSegLib.statistics by fullHelpText() when the module
 # is opened (the module panel reads the help after the widget's setup): importing statistics loads SimpleITK, which
@@ -108,7 +119,9 @@ class COVIDLesionSegParameterNode:
     model: registry name; weightsFile: a checkpoint used instead of it. device, batchSize: inference settings.
     computeLung: add the lung segment and % of lung. visualReport: also write each case's report PNG.
     highOpacityThreshold: HU at or above which lesion voxels are high opacity. statisticsTable: the last run's
-    statistics (and report paths). batchInputFolder, batchOutputFolder: the batch run's folders."""
+    statistics (and report paths). batchInputFolder, batchOutputFolder: the batch run's folders. probabilityMap: also load
+    the lesion probability map of a run. probabilityVolume: the map shown as overlay; probabilityThreshold: the lowest
+    lesion probability shown and re-thresholded into the lesion; overlayOpacity: the overlay's opacity."""
 
     inputVolume: vtkMRMLScalarVolumeNode
     outputSegmentation: vtkMRMLSegmentationNode
@@ -122,6 +135,10 @@ class COVIDLesionSegParameterNode:
     statisticsTable: vtkMRMLTableNode
     batchInputFolder: pathlib.Path
     batchOutputFolder: pathlib.Path
+    probabilityMap: bool = False
+    probabilityVolume: vtkMRMLScalarVolumeNode
+    probabilityThreshold: Annotated[float, WithinRange(0.01, 1.0)] = mrml.DEFAULT_PROBABILITY_THRESHOLD
+    overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = mrml.DEFAULT_OVERLAY_OPACITY
 
 
 class COVIDLesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -156,6 +173,12 @@ class COVIDLesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.recomputeButton.clicked.connect(self.onRecomputeButton)
         self.ui.exportCsvButton.clicked.connect(self.onExportCsvButton)
         self.ui.showReportButton.clicked.connect(self.onShowReportButton)
+        # These handlers take the new value from the signal: they may run before connectGui has put it into the parameter node.
+        self.ui.probabilityVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onProbabilityVolumeChanged)
+        self.ui.probabilityThresholdSlider.valueChanged.connect(self.onProbabilityThresholdChanged)
+        self.ui.overlayOpacitySlider.valueChanged.connect(self.onOverlayOpacityChanged)
+        self.ui.applyThresholdButton.clicked.connect(self.onApplyThresholdButton)
+        self.ui.exportDicomButton.clicked.connect(self.onExportDicomButton)
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
@@ -215,6 +238,11 @@ class COVIDLesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                ("measure", self.ui.recomputeButton, "Recompute from segments", canMeasure)):
             button.text = "Cancel" if self._runningKind == kind else idleText
             button.enabled = self._runningKind == kind or (self._runningKind is None and ready)
+        idle = self._runningKind is None
+        hasMap = bool(parameters and parameters.probabilityVolume)
+        self.ui.probabilityThresholdSlider.enabled = self.ui.overlayOpacitySlider.enabled = hasMap
+        self.ui.applyThresholdButton.enabled = idle and hasMap
+        self.ui.exportDicomButton.enabled = idle and bool(parameters and parameters.outputSegmentation)
         table = parameters.statisticsTable if parameters else None
         self.ui.statisticsTableView.setMRMLTableNode(table)
         self.ui.exportCsvButton.enabled = bool(table and table.GetNumberOfRows())
@@ -275,6 +303,34 @@ class COVIDLesionSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if path:
             with slicer.util.tryWithErrorDisplay("Could not export the statistics.", waitCursor=True):
                 mrml.write_table_csv(table, path)
+
+    def onProbabilityVolumeChanged(self, node) -> None:
+        if self._parameterNode and node:
+            self.logic.showProbabilityOverlay(node, self.ui.probabilityThresholdSlider.value, self.ui.overlayOpacitySlider.value,
+                                              self._parameterNode.inputVolume)
+
+    def onProbabilityThresholdChanged(self, threshold: float) -> None:
+        if self._parameterNode and self._parameterNode.probabilityVolume:
+            mrml.set_overlay_threshold(self._parameterNode.probabilityVolume, threshold)
+
+    def onOverlayOpacityChanged(self, opacity: float) -> None:
+        if self._parameterNode and self._parameterNode.probabilityVolume:
+            self.logic.showProbabilityOverlay(self._parameterNode.probabilityVolume, self.ui.probabilityThresholdSlider.value, opacity,
+                                              self._parameterNode.inputVolume)
+
+    def onApplyThresholdButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Could not apply the threshold to the lesion segment.", waitCursor=True):
+            self.onLog(self.logic.applyProbabilityThreshold(self._parameterNode))
+        self.updateGUI()
+
+    def onExportDicomButton(self) -> None:
+        with slicer.util.tryWithErrorDisplay("Could not export the segmentation to the DICOM database.", waitCursor=True):
+            segmentation = self._parameterNode.outputSegmentation
+            files = self.logic.exportToDicomDatabase(segmentation)
+            message = (f"'{segmentation.GetName()}' was exported as a DICOM SEG ({len(files)} file(s)) into the DICOM database; "
+                       "it is in the CT's study in the DICOM module.")
+            self.onLog(message)
+            slicer.util.infoDisplay(message, windowTitle="Export successful")
 
     def onShowReportButton(self) -> None:
         """Open the last run's visual report PNG in the system's image viewer."""
@@ -359,16 +415,27 @@ class COVIDLesionSegLogic(ScriptedLoadableModuleLogic):
         if not volume:
             raise ValueError("Select an input CT volume.")
         workDir = pathlib.Path(slicer.util.tempDirectory("COVIDLesionSeg"))
-        command = mrml.volume_run_command(volume, workDir, self._cliOptions(parameters))
+        options = self._cliOptions(parameters)
+        command = mrml.volume_run_command(volume, workDir, options)
 
         def loadResult() -> str:
             self.loadTerminology()
             segmentation, table, row = mrml.load_volume_result(workDir, volume, parameters.outputSegmentation,
                                                                parameters.statisticsTable, parameters.computeLung,
-                                                               report_dir=self.reportFolder())
+                                                               report_dir=self.reportFolder(), algorithm_name=options.algorithm_name)
             parameters.outputSegmentation, parameters.statisticsTable = segmentation, table
             report = f" Report: {row['report']}" if row.get("report") else ""
-            return f"Done: lesion volume {row['lesion_ml']} mL in {row['lesion_slices']} slices.{report}"
+            overlay = ""
+            if options.probabilities:
+                # The map this volume got from an earlier run is refilled; any other map is left as it is.
+                previous = parameters.probabilityVolume
+                same = previous if previous and previous.GetName() == f"{volume.GetName()} {mrml.PROBABILITY_NAME_SUFFIX}" else None
+                probability = mrml.load_probability_result(workDir, volume, same)
+                if probability:
+                    parameters.probabilityVolume = probability
+                    self.showProbabilityOverlay(probability, parameters.probabilityThreshold, parameters.overlayOpacity, volume)
+                    overlay = f" Probability map '{probability.GetName()}' shown over the CT (Review and export)."
+            return f"Done: lesion volume {row['lesion_ml']} mL in {row['lesion_slices']} slices.{report}{overlay}"
 
         self._start(command, parameters.device, onProgress, onLog, onFinished, loadResult, workDir)
 
@@ -412,6 +479,52 @@ class COVIDLesionSegLogic(ScriptedLoadableModuleLogic):
         self._start(command, parameters.device, onProgress, onLog, onFinished, loadResults)
 
     @staticmethod
+    def showProbabilityOverlay(probabilityVolume, threshold: float, opacity: float, ctVolume=None) -> None:
+        """Show a lesion probability map over ``ctVolume`` in the slice views, hidden below ``threshold``."""
+        mrml.show_probability_overlay(probabilityVolume, threshold, opacity, background_node=ctVolume)
+
+    @staticmethod
+    def applyProbabilityThreshold(parameters) -> str:
+        """Replace the lesion segment of ``parameters.outputSegmentation`` (created on the map's grid when None) by the voxels
+        of ``parameters.probabilityVolume`` at or above ``parameters.probabilityThreshold``; returns what was done, in words."""
+        probability = parameters.probabilityVolume
+        if not probability:
+            raise ValueError("Select a lesion probability map: tick Probability map (Outputs) before Apply, or add a "
+                             "*.lesion-probability.nrrd written by the CLI with Add Data.")
+        segmentation = parameters.outputSegmentation
+        if not segmentation:
+            reference = parameters.inputVolume or probability
+            segmentation = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{reference.GetName()} {LESION.name}")
+            segmentation.SetAndObserveTransformNodeID(reference.GetTransformNodeID())
+            segmentation.CreateDefaultDisplayNodes()
+            segmentation.SetReferenceImageGeometryParameterFromVolumeNode(reference)
+            mrml.place_in_study(segmentation, reference)
+            parameters.outputSegmentation = segmentation
+        voxels = mrml.threshold_probability_into_segment(probability, segmentation, parameters.probabilityThreshold)
+        spacing = probability.GetSpacing()
+        return (f"Lesion of '{segmentation.GetName()}' re-thresholded at probability {parameters.probabilityThreshold:.2f}: "
+                f"{voxels} voxels, {voxels * spacing[0] * spacing[1] * spacing[2] / 1000:.2f} mL. "
+                "Recompute from segments updates the measures.")
+
+    @staticmethod
+    def exportToDicomDatabase(segmentationNode) -> list:
+        """Export ``segmentationNode`` as a DICOM SEG into Slicer's DICOM database as the DICOM module's export dialog does
+        (``mrml.export_segmentation_to_dicom_database``): the DICOM SEG plugin writes it into a temporary folder, which is
+        imported into the database with copies of its files, then removed. Returns the names of the files imported."""
+        if not slicer.dicomDatabase or not slicer.dicomDatabase.isOpen:
+            raise RuntimeError("No DICOM database is open: open the DICOM module, load the CT from its database and try again.")
+        from DICOMLib import DICOMUtils  # the DICOM module's library; importDicom is the same in Slicer 5.6 to 5.12
+
+        exportDir = pathlib.Path(slicer.app.temporaryPath) / f"DICOMExportTemp_{time.strftime('%Y%m%d_%H%M%S')}"
+        try:
+            files = mrml.export_segmentation_to_dicom_database(
+                segmentationNode, getattr(slicer.modules, "dicomPlugins", {}),
+                lambda folder: DICOMUtils.importDicom(folder, copyFiles=True), exportDir)
+            return [path.name for path in files]
+        finally:
+            shutil.rmtree(exportDir, ignore_errors=True)
+
+    @staticmethod
     def reportFolder() -> pathlib.Path:
         """Where the visual reports of scene volumes are kept (Slicer's temporary folder; batch reports stay in the batch's
         output folder)."""
@@ -436,7 +549,8 @@ class COVIDLesionSegLogic(ScriptedLoadableModuleLogic):
     def _cliOptions(parameters) -> "mrml.CLIOptions":
         return mrml.CLIOptions(python=pythonSlicerExecutable(), model=parameters.model, weights=mrml.optional_path(parameters.weightsFile),
                                device=parameters.device, batch_size=parameters.batchSize, include_lung=parameters.computeLung,
-                               report=parameters.visualReport, high_opacity_threshold_hu=parameters.highOpacityThreshold)
+                               report=parameters.visualReport, high_opacity_threshold_hu=parameters.highOpacityThreshold,
+                               probabilities=parameters.probabilityMap)
 
     def _start(self, command, device: str, onProgress, onLog, onFinished, loadResults, workDir=None) -> None:
         """Run ``command``; ``workDir`` (temporary files) is removed when it ends, whether it succeeded, failed or was cancelled."""
@@ -484,14 +598,46 @@ def pythonSlicerExecutable() -> str:
 
 
 class COVIDLesionSegTest(ScriptedLoadableModuleTest):
-    """Segments a synthetic CT with a tiny CPU model through the same child process as the GUI."""
+    """Segments a synthetic CT with a tiny CPU model through the same child process as the GUI; shows a probability map as
+    overlay and re-thresholds it into the lesion segment."""
 
     def setUp(self) -> None:
         slicer.mrmlScene.Clear()
 
     def runTest(self) -> None:
         self.setUp()
+        self.test_ProbabilityOverlayAndThreshold()
+        self.setUp()
         self.test_SegmentSyntheticVolume()
+
+    def test_ProbabilityOverlayAndThreshold(self) -> None:
+        """In the application: the overlay in the slice views with Slicer's colour table, Apply threshold into a new
+        segmentation, and the DICOM export's refusal of a CT that is not from the DICOM database (no torch needed)."""
+        import numpy as np
+
+        self.delayDisplay("Showing a probability map over a CT and re-thresholding it")
+        ijkToRas = np.diag([-0.8, -0.7, 2.5, 1.0])
+        volume = slicer.util.addVolumeFromArray(np.full((6, 20, 16), -800, dtype=np.int16), ijkToRAS=ijkToRas, name="Synthetic chest CT")
+        ramp = np.broadcast_to(np.round(np.linspace(0, 255, 16)).astype(np.uint8), (6, 20, 16)).copy()  # p rises along x
+        probability = slicer.util.addVolumeFromArray(ramp, ijkToRAS=ijkToRas, name=f"Synthetic chest CT {mrml.PROBABILITY_NAME_SUFFIX}")
+        logic = COVIDLesionSegLogic()
+        parameters = logic.getParameterNode()
+        parameters.inputVolume, parameters.probabilityVolume, parameters.probabilityThreshold = volume, probability, 0.3
+
+        logic.showProbabilityOverlay(probability, 0.3, 0.4, volume)
+        self.assertIsNotNone(slicer.mrmlScene.GetNodeByID(mrml.PROBABILITY_COLOR_NODE_ID))  # this Slicer has the colour table
+        self.assertEqual(probability.GetDisplayNode().GetLowerThreshold(), 77)  # floor(0.3 × 255 + 0.5)
+        for composite in slicer.util.getNodesByClass("vtkMRMLSliceCompositeNode"):  # none without a main window
+            self.assertEqual((composite.GetForegroundVolumeID(), composite.GetBackgroundVolumeID()), (probability.GetID(), volume.GetID()))
+            self.assertAlmostEqual(composite.GetForegroundOpacity(), 0.4)
+
+        logic.applyProbabilityThreshold(parameters)
+        lesion = slicer.util.arrayFromSegmentBinaryLabelmap(parameters.outputSegmentation, LESION.channel, volume)
+        np.testing.assert_array_equal(lesion, ramp >= 77)
+        with self.assertRaisesRegex(ValueError, "not loaded from Slicer's DICOM database"):
+            mrml.export_segmentation_to_dicom_database(parameters.outputSegmentation, getattr(slicer.modules, "dicomPlugins", {}),
+                                                       lambda folder: False, pathlib.Path(slicer.app.temporaryPath) / "unused")
+        self.delayDisplay("Test passed")
 
     def test_SegmentSyntheticVolume(self) -> None:
         import numpy as np

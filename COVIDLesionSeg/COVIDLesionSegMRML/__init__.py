@@ -15,6 +15,12 @@
 - :func:`measures_help_html`: the definitions of ``statistics`` (every measure, the severity categories, the
   left/right and not-available rules) quoted as HTML for the module's help.
 - :func:`load_terminology`: the shipped terminology context into Slicer's terminology logic.
+- :func:`load_probability_result`, :func:`show_probability_overlay`, :func:`set_overlay_threshold`,
+  :func:`threshold_probability_into_segment`: the CLI's lesion probability map (``--probabilities``) as a coloured
+  overlay whose threshold the reader moves, and re-thresholded into the lesion segment.
+- :func:`mark_model_output`, :func:`dicom_seg_export_problem`, :func:`export_segmentation_to_dicom_database`: the
+  segmentation (as edited) exported as a DICOM SEG into Slicer's DICOM database through the DICOM SEG plugin, the way
+  the DICOM module's export dialog does it, with each segment's algorithm type (AUTOMATIC, or SEMIAUTOMATIC once edited).
 - :func:`requirement_lines`, :func:`missing_requirements`, :func:`write_constraints`: what to pip-install into Slicer's
   Python, without ever replacing the packages Slicer ships (:data:`SLICER_PACKAGES`).
 - :func:`resource_path`, :func:`registered_models`: files shipped in ``Resources/`` (found by the core's torch-free
@@ -140,16 +146,23 @@ class CLIOptions:
     include_lung: bool = True
     report: bool = False
     high_opacity_threshold_hu: float | None = None
+    probabilities: bool = False
 
     def command(self, inputs: list[Path], output_dir: Path, overwrite: bool) -> list[str]:
         if self.weights and not Path(self.weights).is_file():
             raise ValueError(f"Weights file not found: {self.weights}")
         if not self.weights and not self.model:
             raise ValueError("Choose a registered model or a weights file (.safetensors).")
-        return child_process.segment_command(inputs, output_dir, python=self.python, model=self.model or None, weights=self.weights,
-                                             device=self.device, batch_size=self.batch_size, include_lung=self.include_lung,
-                                             overwrite=overwrite, report=self.report,
-                                             high_opacity_threshold_hu=self.high_opacity_threshold_hu)
+        command = child_process.segment_command(inputs, output_dir, python=self.python, model=self.model or None, weights=self.weights,
+                                                device=self.device, batch_size=self.batch_size, include_lung=self.include_lung,
+                                                overwrite=overwrite, report=self.report,
+                                                high_opacity_threshold_hu=self.high_opacity_threshold_hu)
+        return command + (["--probabilities"] if self.probabilities else [])
+
+    @property
+    def algorithm_name(self) -> str:
+        """What a DICOM SEG names as the algorithm of the model's segments (Segment Algorithm Name, at most 64 characters)."""
+        return f"COVIDLesionSeg {Path(self.weights).name if self.weights else self.model}"[:64]
 
 
 def volume_run_command(volume_node, work_dir: str | Path, options: CLIOptions) -> list[str]:
@@ -160,10 +173,11 @@ def volume_run_command(volume_node, work_dir: str | Path, options: CLIOptions) -
 
 
 def load_volume_result(work_dir: str | Path, volume_node, segmentation_node=None, table_node=None, include_lung: bool = True,
-                       report_dir: str | Path | None = None):
+                       report_dir: str | Path | None = None, algorithm_name: str = "COVIDLesionSeg"):
     """Load what the process of :func:`volume_run_command` wrote: segments into ``segmentation_node`` and statistics into
     ``table_node`` (each created in the volume's scene when None). Returns ``(segmentation_node, table_node, row)``.
 
+    The segments are marked as the model's output of ``algorithm_name`` (:func:`mark_model_output`).
     A visual report (a run with ``CLIOptions.report``) is moved into ``report_dir``, so that it outlives the work folder,
     as ``<volume name>.report.png`` (``_2``, ``_3``, … added rather than replacing an earlier report); ``row["report"]``
     and the table's Report column give its new path. Without ``report_dir`` it stays in the work folder.
@@ -180,6 +194,7 @@ def load_volume_result(work_dir: str | Path, volume_node, segmentation_node=None
         segmentation_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", f"{volume_node.GetName()} {LESION.name}")
         segmentation_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
     load_segmentation(row["output"], volume_node, segmentation_node)
+    mark_model_output(segmentation_node, volume_node, algorithm_name)
     table_node = table_node or scene.AddNewNodeByClass("vtkMRMLTableNode", STATISTICS_TABLE_NAME)
     update_statistics_table(table_node, [row], include_lung, [volume_node.GetName()],
                             [f"model output in '{segmentation_node.GetName()}', {_now()}"])
@@ -199,8 +214,7 @@ def segments_labelmap(segmentation_node, volume_node) -> np.ndarray:
     labels = np.zeros(slicer.util.arrayFromVolume(volume_node).shape, np.uint8)
     found = False
     for definition, label in ((LUNG, 2), (LESION, 1)):  # the lesion last: it wins where both are
-        segment_id = definition.channel if segmentation.GetSegment(definition.channel) else \
-            segmentation.GetSegmentIdBySegmentName(definition.name)
+        segment_id = _segment_id(segmentation, definition)
         if not segment_id:
             continue
         found |= definition is LESION
@@ -516,3 +530,282 @@ def load_terminology(terminologies_logic) -> str:
         if loaded != TERMINOLOGY_CONTEXT:
             raise RuntimeError(f"{path}: terminology context {loaded!r} loaded, expected {TERMINOLOGY_CONTEXT!r}")
     return TERMINOLOGY_CONTEXT
+
+
+def _segment_id(segmentation, definition) -> str:
+    """The ID of a segment of this tool in ``segmentation``: its own ID, else the first segment of its name; "" if none."""
+    if segmentation.GetSegment(definition.channel):
+        return definition.channel
+    return segmentation.GetSegmentIdBySegmentName(definition.name) or ""
+
+
+# The lesion probability map (``covidlesionseg segment --probabilities``) -------------------------------------------------
+
+PROBABILITY_SUFFIX = ".lesion-probability.nrrd"  # io.PROBABILITY_SUFFIX, repeated: importing io loads SimpleITK (a test keeps them equal)
+PROBABILITY_NAME_SUFFIX = "lesion probability"  # the probability volume is "<input volume> lesion probability"
+# Slicer's Inferno colour table (Slicer 5.6 to 5.12 ship it): dark red at low, yellow at high probability.
+PROBABILITY_COLOR_NODE_ID = "vtkMRMLColorTableNodeFileInferno.txt"
+DEFAULT_PROBABILITY_THRESHOLD = 0.5  # the CLI's own: the lesion is where p >= 0.5 (before the guard rails)
+DEFAULT_OVERLAY_OPACITY = 0.5
+
+
+def load_probability_result(work_dir: str | Path, volume_node, probability_node=None):
+    """The lesion probability map written by a :func:`volume_run_command` process with ``CLIOptions.probabilities``, loaded
+    with :func:`load_probability_map`; None when the process wrote none."""
+    maps = sorted((Path(work_dir) / VOLUME_RUN_OUTPUT).glob(f"*{PROBABILITY_SUFFIX}"))
+    return load_probability_map(maps[0], volume_node, probability_node) if maps else None
+
+
+def load_probability_map(path: str | Path, volume_node, probability_node=None):
+    """Read a probability map file (the CLI's uint8 map, or a float map of values 0…1) written on ``volume_node``'s grid into
+    ``probability_node`` (created when None, as "<volume> lesion probability" under the volume's transform) in the volume's
+    study; returns the node. The node keeps no link to the file, which may be temporary: saving the scene writes it anew."""
+    path = Path(path)
+    scene = volume_node.GetScene()
+    if probability_node is None:
+        probability_node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", f"{volume_node.GetName()} {PROBABILITY_NAME_SUFFIX}")
+        probability_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+    storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+    storage.SetFileName(str(path))
+    if not path.is_file() or not storage.ReadData(probability_node):
+        raise OSError(f"{path}: could not read the probability map")
+    place_in_study(probability_node, volume_node)
+    return probability_node
+
+
+def probability_scale(probability_node) -> float:
+    """The stored value of probability 1: 255 for an integer map (the CLI's uint8 map, voxel = round(255 × p)), 1 for a
+    floating-point map (voxel = p)."""
+    image = probability_node.GetImageData() if probability_node is not None else None
+    if image is None:
+        raise ValueError("the probability map has no image data; load a lesion probability map first")
+    return 1.0 if image.GetScalarType() in (vtk.VTK_FLOAT, vtk.VTK_DOUBLE) else 255.0
+
+
+def probability_cutoff(probability_node, threshold: float) -> float:
+    """The stored value at or above which a voxel's probability is at least ``threshold`` (0 < threshold ≤ 1):
+    floor(255 × threshold + 0.5) for the CLI's uint8 map, which rounds p the same way (so 0.5 → 128, exactly where the
+    CLI's lesion mask ends before its guard rails), and ``threshold`` itself for a float map."""
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"a probability threshold is above 0 and at most 1, not {threshold}")
+    scale = probability_scale(probability_node)
+    return threshold if scale == 1.0 else float(math.floor(threshold * scale + 0.5))
+
+
+def show_probability_overlay(probability_node, threshold: float = DEFAULT_PROBABILITY_THRESHOLD,
+                             opacity: float = DEFAULT_OVERLAY_OPACITY, background_node=None) -> None:
+    """Show ``probability_node`` in every slice view as the foreground layer (``opacity``) over ``background_node`` (the CT;
+    the background is left as it is when None), coloured by probability (0…1 across :data:`PROBABILITY_COLOR_NODE_ID`)
+    and transparent below ``threshold`` (:func:`set_overlay_threshold`): what is coloured is what
+    :func:`threshold_probability_into_segment` makes the lesion at that threshold."""
+    scale = probability_scale(probability_node)
+    if probability_node.GetDisplayNode() is None:
+        probability_node.CreateDefaultDisplayNodes()
+    display = probability_node.GetDisplayNode()
+    with slicer.util.NodeModify(display):
+        display.SetAndObserveColorNodeID(PROBABILITY_COLOR_NODE_ID)
+        display.AutoWindowLevelOff()
+        display.SetWindowLevelMinMax(0.0, scale)
+        display.AutoThresholdOff()
+        display.ApplyThresholdOn()
+    set_overlay_threshold(probability_node, threshold)
+    scene = probability_node.GetScene()
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+        composite = scene.GetNthNodeByClass(index, "vtkMRMLSliceCompositeNode")
+        with slicer.util.NodeModify(composite):
+            if background_node is not None:
+                composite.SetBackgroundVolumeID(background_node.GetID())
+            composite.SetForegroundVolumeID(probability_node.GetID())
+            composite.SetForegroundOpacity(opacity)
+
+
+def set_overlay_threshold(probability_node, threshold: float) -> None:
+    """Make the overlay of ``probability_node`` transparent where the probability is below ``threshold``."""
+    display = probability_node.GetDisplayNode()
+    if display is not None:
+        display.SetThreshold(probability_cutoff(probability_node, threshold), probability_scale(probability_node))
+
+
+def _geometry_in_frame_of(volume_node, node) -> vtk.vtkMatrix4x4:
+    """The IJK-to-RAS matrix of ``volume_node`` in the coordinate frame of ``node`` (under ``node``'s parent transform).
+
+    Done here rather than left to ``ImportLabelmapToSegmentationNode``: given a labelmap under another linear transform,
+    its import (seen with slicer-core's MRML library) cropped the segment to a shifted extent; with the labelmap in the
+    segmentation's own frame nothing is transformed on import (test_slicer_overlay_export covers the case)."""
+    geometry = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(geometry)
+    if volume_node.GetParentTransformNode() is node.GetParentTransformNode():
+        return geometry
+    between = vtk.vtkGeneralTransform()
+    slicer.vtkMRMLTransformNode.GetTransformBetweenNodes(volume_node.GetParentTransformNode(), node.GetParentTransformNode(), between)
+    if not slicer.vtkMRMLTransformNode.IsGeneralTransformLinear(between):
+        raise ValueError(f"'{volume_node.GetName()}' and '{node.GetName()}' are under different non-linear transforms; "
+                         "harden the transforms (Data module) first")
+    matrix = vtk.vtkMatrix4x4()
+    slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(volume_node.GetParentTransformNode(), node.GetParentTransformNode(), matrix)
+    vtk.vtkMatrix4x4.Multiply4x4(matrix, geometry, geometry)
+    return geometry
+
+
+def threshold_probability_into_segment(probability_node, segmentation_node, threshold: float) -> int:
+    """Replace the lesion segment of ``segmentation_node`` by the voxels of ``probability_node`` whose probability is at least
+    ``threshold`` (:func:`probability_cutoff`); returns their number.
+
+    The voxels are those of the probability map's grid, placed over the same anatomy whatever the two nodes' transforms.
+    The segment keeps its name, colour and terminology, the other segments are left alone; it is created (name, colour and
+    terminology of ``segments.LESION``) when missing. It is marked SEMIAUTOMATIC for a DICOM SEG (the reader chose the
+    threshold). Unlike the CLI, no guard rail applies: small lesion components are kept.
+    """
+    cutoff = probability_cutoff(probability_node, threshold)
+    mask = (slicer.util.arrayFromVolume(probability_node) >= cutoff).astype(np.uint8)
+    segmentation = segmentation_node.GetSegmentation()
+    segment_id = _segment_id(segmentation, LESION)
+    if not segment_id:
+        segment = slicer.vtkSegment()
+        segment.SetName(LESION.name)
+        segment.SetColor(*LESION.color)
+        segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), LESION.terminology)
+        segmentation.AddSegment(segment, LESION.channel)
+        segment_id = LESION.channel
+    scene = segmentation_node.GetScene()
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__COVIDLesionSeg_threshold__")
+    try:
+        image = vtk.vtkImageData()
+        image.SetDimensions(mask.shape[2], mask.shape[1], mask.shape[0])
+        image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+        labelmap.SetAndObserveImageData(image)
+        slicer.util.arrayFromVolume(labelmap)[:] = mask
+        labelmap.SetIJKToRASMatrix(_geometry_in_frame_of(probability_node, segmentation_node))
+        labelmap.SetAndObserveTransformNodeID(segmentation_node.GetTransformNodeID())
+        segment_ids = vtk.vtkStringArray()
+        segment_ids.InsertNextValue(segment_id)
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation_node, segment_ids):
+            raise RuntimeError(f"could not write the thresholded lesion into '{segmentation_node.GetName()}'")
+    finally:
+        scene.RemoveNode(labelmap)
+    segment = segmentation.GetSegment(segment_id)
+    segment.SetTag(ALGORITHM_TYPE_TAG, "SEMIAUTOMATIC")
+    segment.RemoveTag(MODEL_OUTPUT_DIGEST_TAG)
+    if not segment.HasTag(ALGORITHM_NAME_TAG):
+        segment.SetTag(ALGORITHM_NAME_TAG, "COVIDLesionSeg")
+    return int(mask.sum())
+
+
+# DICOM SEG export into Slicer's DICOM database ---------------------------------------------------------------------------
+
+DICOM_SEG_PLUGIN = "DICOMSegmentationPlugin"  # its key in slicer.modules.dicomPlugins (Slicer 5.12+, or QuantitativeReporting)
+DICOM_INSTANCE_UIDS_ATTRIBUTE = "DICOM.instanceUIDs"  # set by Slicer's DICOM volume plugins on a volume loaded from the database
+# Segment tags the DICOM SEG plugin writes as Segment Algorithm Type and Name (without them: MANUAL).
+ALGORITHM_TYPE_TAG = "DICOM.SegmentAlgorithmType"
+ALGORITHM_NAME_TAG = "DICOM.SegmentAlgorithmName"
+MODEL_OUTPUT_DIGEST_TAG = "COVIDLesionSeg.ModelOutputDigest"  # the voxels of a segment as the model made it (SHA-256)
+NO_DICOM_SEG_PLUGIN = ("Slicer's DICOM SEG plugin is not available. Slicer 5.12 and later have it built in; in Slicer 5.6 to "
+                       "5.10 install the QuantitativeReporting extension (Extensions Manager) and restart Slicer.")
+
+
+def segment_digest(segmentation_node, segment_id: str, volume_node) -> str:
+    """The SHA-256 of a segment's voxels on ``volume_node``'s grid: equal exactly while the segment is not edited."""
+    import hashlib
+
+    scene = segmentation_node.GetScene()
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__COVIDLesionSeg_digest__")
+    try:
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                segmentation_node, [segment_id], labelmap, volume_node, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY):
+            raise RuntimeError(f"could not export segment '{segment_id}' of '{segmentation_node.GetName()}'")
+        mask = slicer.util.arrayFromVolume(labelmap) > 0
+    finally:
+        scene.RemoveNode(labelmap)
+    return hashlib.sha256(np.packbits(mask).tobytes() + repr(mask.shape).encode()).hexdigest()
+
+
+def mark_model_output(segmentation_node, volume_node, algorithm_name: str) -> None:
+    """Mark the segments of this tool in ``segmentation_node`` as the model's output: Segment Algorithm Type AUTOMATIC and
+    Name ``algorithm_name`` for a DICOM SEG, and the digest of their voxels, by which :func:`update_algorithm_types` sees
+    an edit."""
+    segmentation = segmentation_node.GetSegmentation()
+    for definition in SEGMENTS.values():
+        segment_id = _segment_id(segmentation, definition)
+        if segment_id:
+            segment = segmentation.GetSegment(segment_id)
+            segment.SetTag(ALGORITHM_TYPE_TAG, "AUTOMATIC")
+            segment.SetTag(ALGORITHM_NAME_TAG, algorithm_name[:64])  # a DICOM LO value
+            segment.SetTag(MODEL_OUTPUT_DIGEST_TAG, segment_digest(segmentation_node, segment_id, volume_node))
+
+
+def update_algorithm_types(segmentation_node, volume_node) -> dict[str, str]:
+    """A segment marked as the model's output whose voxels changed since (an edit in the Segment Editor) becomes
+    SEMIAUTOMATIC: the model's result corrected by the reader. Returns ``{segment ID: algorithm type}`` of the segments
+    that have one (segments without are written as MANUAL by the DICOM SEG plugin)."""
+    segmentation = segmentation_node.GetSegmentation()
+    types = {}
+    for index in range(segmentation.GetNumberOfSegments()):
+        segment_id = segmentation.GetNthSegmentID(index)
+        segment = segmentation.GetSegment(segment_id)
+        digest = vtk.reference("")
+        if segment.GetTag(MODEL_OUTPUT_DIGEST_TAG, digest) and str(digest) != segment_digest(segmentation_node, segment_id, volume_node):
+            segment.SetTag(ALGORITHM_TYPE_TAG, "SEMIAUTOMATIC")
+            segment.RemoveTag(MODEL_OUTPUT_DIGEST_TAG)
+        algorithm_type = vtk.reference("")
+        if segment.GetTag(ALGORITHM_TYPE_TAG, algorithm_type):
+            types[segment_id] = str(algorithm_type)
+    return types
+
+
+def dicom_seg_export_problem(segmentation_node) -> str | None:
+    """Why ``segmentation_node`` cannot become a DICOM SEG of its CT, in words for the reader; None when it can: it needs
+    segments and a reference volume (the CT it was made on) loaded from Slicer's DICOM database, whose slices the SEG
+    references."""
+    if segmentation_node is None:
+        return "Select the segmentation to export."
+    if segmentation_node.GetSegmentation().GetNumberOfSegments() == 0:
+        return f"'{segmentation_node.GetName()}' has no segments to export."
+    volume_node = segmentation_node.GetNodeReference(segmentation_node.GetReferenceImageGeometryReferenceRole())
+    if volume_node is None:
+        return (f"'{segmentation_node.GetName()}' has no reference volume: segment a CT loaded from the DICOM database "
+                "(DICOM module) with this module, then export.")
+    if not volume_node.GetAttribute(DICOM_INSTANCE_UIDS_ATTRIBUTE):
+        return (f"'{volume_node.GetName()}' was not loaded from Slicer's DICOM database, so a DICOM SEG cannot reference its "
+                "slices. Import the CT series in the DICOM module, load it from there and segment it; or run "
+                "covidlesionseg segment --format dicom-seg on the DICOM series.")
+    return None
+
+
+def export_segmentation_to_dicom_database(segmentation_node, dicom_plugins: dict, import_folder, export_dir: str | Path) -> list[Path]:
+    """Export ``segmentation_node`` (every segment, as it is now) as a DICOM SEG of its reference CT into Slicer's DICOM
+    database, as the DICOM module's export dialog does: the DICOM SEG plugin (``dicom_plugins[DICOM_SEG_PLUGIN]``, i.e.
+    ``slicer.modules.dicomPlugins``) examines the segmentation's subject hierarchy item for export, writes its exportables
+    into ``export_dir``, and ``import_folder(folder)`` (``DICOMUtils.importDicom`` copying the files) adds them to the
+    database. Returns the files written (the caller removes ``export_dir``).
+
+    The segments' algorithm types are brought up to date first (:func:`update_algorithm_types`). Raises ValueError
+    (:func:`dicom_seg_export_problem`) or RuntimeError (no plugin, or the plugin's own error message)."""
+    problem = dicom_seg_export_problem(segmentation_node)
+    if problem:
+        raise ValueError(problem)
+    plugin_class = (dicom_plugins or {}).get(DICOM_SEG_PLUGIN)
+    if plugin_class is None:
+        raise RuntimeError(NO_DICOM_SEG_PLUGIN)
+    volume_node = segmentation_node.GetNodeReference(segmentation_node.GetReferenceImageGeometryReferenceRole())
+    update_algorithm_types(segmentation_node, volume_node)
+    place_in_study(segmentation_node, volume_node)  # the SEG goes into the CT's study
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(segmentation_node.GetScene())
+    item = hierarchy.GetItemByDataNode(segmentation_node) or hierarchy.CreateItem(hierarchy.GetSceneItemID(), segmentation_node)
+    plugin = plugin_class()
+    exportables = plugin.examineForExport(item)
+    if not exportables:
+        raise RuntimeError(f"The DICOM SEG plugin cannot export '{segmentation_node.GetName()}': the series it references are "
+                           "not all in the DICOM database.")
+    export_dir = Path(export_dir)
+    export_dir.mkdir(parents=True, exist_ok=True)
+    for exportable in exportables:
+        exportable.directory = str(export_dir)
+    error = plugin.export(exportables)
+    if error:
+        raise RuntimeError(f"DICOM SEG export of '{segmentation_node.GetName()}' failed: {error}")
+    files = sorted(export_dir.glob("*.dcm"))
+    if not files:
+        raise RuntimeError(f"The DICOM SEG plugin wrote no file for '{segmentation_node.GetName()}'.")
+    if not import_folder(str(export_dir)):
+        raise RuntimeError(f"The DICOM SEG of '{segmentation_node.GetName()}' was written but could not be added to the DICOM database.")
+    return files
