@@ -283,6 +283,28 @@ def training_data_lines(config: dict, orientation: str) -> str:
     return "\n".join(lines)
 
 
+def recipe_lines(config: dict) -> str:
+    """The card's recipe bullet(s) from the checkpoint's ``train_config``: one stage, or a first stage and its fine-tuning."""
+    first = config.get("init_recipe") or config
+    lines = [
+        f"- Recipe (from the checkpoint's `train_config`): `{first.get('model')}`, encoder weights `{first.get('encoder_weights')}`\n"
+        "  (**trained from scratch: no ImageNet weights can be obtained on the training machine**), channels\n"
+        f"  {first.get('channels')}, {first.get('image_size')}², augmentation `{first.get('augment')}`, loss BCE +\n"
+        f"  {first.get('dice_weight')} × soft Dice, Adam lr {first.get('learning_rate')}, batch {first.get('batch_size')},\n"
+        f"  step budget {first.get('max_steps')}, validation by patient group ({first.get('split', {}).get('val_fraction')} of the "
+        "training\n  groups), best validation loss kept. Trained on 2 CPU cores."
+    ]
+    if config.get("init_recipe"):
+        validation = ", ".join(f"`{patient}`" for patient in config.get("negative_validation", [])) or "none"
+        lines.append(
+            f"- Then fine-tuned from that checkpoint for {config.get('max_steps')} steps: Adam lr {config.get('learning_rate')} "
+            f"(fresh optimizer), {config.get('negative_fraction', 0):.0%} of each epoch lesion-free slices, augmentation "
+            f"`{config.get('augment')}`, batch {config.get('batch_size')}; lesion-free validation patients (never trained on in this "
+            f"stage): {validation}."
+        )
+    return "\n".join(lines)
+
+
 def card_markdown(card: dict, command: str, po_validation: str, crossval: dict | None = None, crossval_path: str = "") -> str:
     config = card["train_config"]
     held = card["held_out"]
@@ -291,7 +313,6 @@ def card_markdown(card: dict, command: str, po_validation: str, crossval: dict |
     )
     shifted = "\n".join(f"| {name} | {number(value)} |" for name, value in card["shifted_inputs_lesion_dice"].items())
     healthy = card["healthy_ct"]
-    differences = config.get("split", {})
     crossval_text, crossval_limit = crossval_section(crossval, crossval_path)
     orientation = card.get("orientation", "as-stored")
     orientation_rows = "\n".join(
@@ -340,12 +361,7 @@ File: `{card['file']}` (fp16 safetensors), SHA-256 `{card['sha256']}`.
 {training_data_lines(config, orientation)}
 - Held out (never trained or validated on): split groups {', '.join(f'`{g}`' for g in card['holdout'])}.
   The shipped sample `Resources/Samples/radiopaedia_27_86410_0.nii.gz` is one of them.
-- Recipe (from the checkpoint's `train_config`): `{config.get('model')}`, encoder weights `{config.get('encoder_weights')}`
-  (**trained from scratch: no ImageNet weights can be obtained on the training machine**), channels
-  {config.get('channels')}, {config.get('image_size')}², augmentation `{config.get('augment')}`, loss BCE +
-  {config.get('dice_weight')} × soft Dice, Adam lr {config.get('learning_rate')}, batch {config.get('batch_size')},
-  step budget {config.get('max_steps')}, validation by patient group ({differences.get('val_fraction')} of the training
-  groups), best validation loss kept. Trained on 2 CPU cores.
+{recipe_lines(config)}
 - The command that trained it is in `Training/README.md`.
 
 ## Results on the held-out patients ({held['slices']} slices, all with lesion, {orientation} orientation)
