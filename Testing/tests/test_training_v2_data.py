@@ -152,3 +152,4 @@ def test_lesion_free_validation_patients_fine_tuning_and_the_run_comparison(tiny
                       "--output", str(tmp_path / "refused"), "--device", "cpu"])
     markdown = (tmp_path / "compare" / "compare.md").read_text()
     assert "totalsegmentator_example_ct.nii.gz false lesion mL" in markdown and "`1e-12`" in markdown
+    assert results["lesion_free_patients"] is None and "each run's lesion-free validation patients" in markdown
