@@ -373,14 +373,16 @@ def segment_case(case: Case, target: Path, predictor, output_dir: Path, include_
             require_dicom_series(case.path)  # before any work on a case that cannot have the output
         image = io.read_image(case.path, case.series_id, warnings)
         result = predictor.segment_image(image, on_progress=on_progress, high_opacity_threshold_hu=high_opacity_threshold_hu,
-                                         return_probabilities=probabilities)
+                                         return_probabilities=probabilities, probability_dtype="uint8")
         row.update(result.statistics.formatted(), warnings="; ".join(warnings))
         if report:
             row["report"] = str(write_case_report(output_dir / f"{case.name}.report.png", image, result, case.name, notes))
             fault_point("report written")
+        del image  # the CT is not needed for writing: let its memory go before the writers take theirs
         if probabilities:
             probability_path = output_dir / f"{case.name}{io.PROBABILITY_SUFFIX}"
             row["probabilities"] = str(io.write_probability_map(probability_path, result.lesion_probability))
+            result.lesion_probability = None
         written = {channel: mask for channel, mask in result.masks.items() if include_lung or channel != "lung"}
 
         def write_record(segmentation: Path) -> None:

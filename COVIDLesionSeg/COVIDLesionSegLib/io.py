@@ -290,7 +290,10 @@ def orientation_code(image: sitk.Image) -> str:
 
 def to_radiological(image: sitk.Image) -> sitk.Image:
     """Permute/flip axes so the array is LPS-aligned: ``array[z]`` is an axial slice displayed radiologically
-    (anterior at the top, patient right on the left), as the training slices were. Voxel values are untouched."""
+    (anterior at the top, patient right on the left), as the training slices were. Voxel values are untouched.
+    An image already in LPS orientation is returned as it is (no copy of the volume)."""
+    if orientation_code(image) == "LPS":
+        return image
     return sitk.DICOMOrient(image, "LPS")
 
 
@@ -298,7 +301,14 @@ def from_radiological(array: np.ndarray, reference: sitk.Image) -> sitk.Image:
     """Put an array computed on ``to_radiological(reference)`` back on ``reference``'s exact grid."""
     oriented = sitk.GetImageFromArray(array)
     oriented.CopyInformation(to_radiological(reference))
-    restored = sitk.DICOMOrient(oriented, orientation_code(reference))
+    return restore_orientation(oriented, reference)
+
+
+def restore_orientation(oriented: sitk.Image, reference: sitk.Image) -> sitk.Image:
+    """An image on the grid of ``to_radiological(reference)`` put back on ``reference``'s exact grid (``oriented``
+    itself, relabelled, when ``reference`` is in LPS orientation already)."""
+    code = orientation_code(reference)
+    restored = oriented if code == "LPS" else sitk.DICOMOrient(oriented, code)
     restored.CopyInformation(reference)  # identical grid; removes round-off from the direction round trip
     return restored
 
@@ -330,19 +340,20 @@ def write_segmentation(path: str | Path, masks: dict[str, sitk.Image], before_co
     if path.name.endswith(".seg.nrrd"):
         import slicerio
 
-        segmentation = slicerio.create_segmentation(reference.GetSize(), ijk_to_lps(reference))
-        for channel, mask in masks.items():
-            voxels = sitk.GetArrayViewFromImage(mask).transpose(2, 1, 0) > 0  # [z,y,x] → (i, j, k)
-            slicerio.add_segment(segmentation, voxels, SEGMENTS[channel].slicerio_segment())
+        segmentation = layered_segmentation(masks, ijk_to_lps(reference))
 
         def write(temporary: Path) -> None:
             slicerio.write_segmentation(str(temporary), segmentation)
     elif path.name.endswith(".nii.gz"):
         labels = np.zeros(reference.GetSize()[::-1], dtype=np.uint8)
-        if "lung" in masks:
-            labels[sitk.GetArrayViewFromImage(masks["lung"]) > 0] = 2
-        labels[sitk.GetArrayViewFromImage(reference) > 0] = 1
+        lung = sitk.GetArrayViewFromImage(masks["lung"]) if "lung" in masks else None
+        lesion = sitk.GetArrayViewFromImage(reference)
+        for z in range(len(labels)):  # slice by slice: no whole-volume boolean temporaries
+            if lung is not None:
+                labels[z][lung[z] > 0] = 2
+            labels[z][lesion[z] > 0] = 1
         labelmap = sitk.GetImageFromArray(labels)
+        del labels
         labelmap.CopyInformation(reference)
 
         def write(temporary: Path) -> None:
@@ -356,12 +367,71 @@ def write_segmentation(path: str | Path, masks: dict[str, sitk.Image], before_co
     return path
 
 
+def layered_segmentation(masks: dict[str, sitk.Image], ijk_to_lps_matrix: np.ndarray) -> dict:
+    """The slicerio segmentation of ``masks`` (one segment per channel, in order) that ``slicerio.create_segmentation``
+    and ``slicerio.add_segment`` make, without their whole-volume temporaries (``add_segment`` holds three int64
+    index arrays of the mask's voxels to find its extent): each segment goes to the first layer where it overlaps no
+    earlier segment and its label value (the layer's largest + 1) fits in uint8, else to a new layer with label 1;
+    its extent is the (i, j, k) bounding box of its voxels, [0, -1, 0, -1, 0, -1] when empty."""
+    arrays = {channel: sitk.GetArrayViewFromImage(mask) for channel, mask in masks.items()}  # [z, y, x] = (k, j, i)
+    shape_zyx = next(iter(arrays.values())).shape
+    layer_members: list[list[str]] = []
+    segments, placement = [], {}
+    for channel, mask in arrays.items():
+        segment = dict(SEGMENTS[channel].slicerio_segment())
+        segment.setdefault("name", segment["id"])
+        for layer_index, members in enumerate(layer_members):
+            label_value = max(placement[member][1] for member in members) + 1
+            if label_value <= 255 and not any(overlaps(mask, arrays[member]) for member in members):
+                members.append(channel)
+                placement[channel] = (layer_index, label_value)
+                break
+        else:
+            layer_members.append([channel])
+            placement[channel] = (len(layer_members) - 1, 1)
+        layer_index, label_value = placement[channel]
+        segment["labelValue"], segment["layer"] = int(label_value), int(layer_index)
+        segment["extent"] = extent_ijk(mask)
+        segments.append(segment)
+    voxels = np.zeros((len(layer_members), *shape_zyx[::-1]), dtype=np.uint8)  # [layer, i, j, k], as slicerio holds them
+    for channel, mask in arrays.items():
+        layer_index, label_value = placement[channel]
+        for z in range(shape_zyx[0]):
+            voxels[layer_index, :, :, z][mask[z].T > 0] = label_value
+    return {"voxels": voxels if len(layer_members) > 1 else voxels[0], "ijkToLPS": np.asarray(ijk_to_lps_matrix, dtype=float),
+            "segments": segments}
+
+
+def overlaps(first: np.ndarray, second: np.ndarray) -> bool:
+    """Whether two ``[z, y, x]`` masks share a voxel, slice by slice (no whole-volume temporary)."""
+    return any(np.any((a > 0) & (b > 0)) for a, b in zip(first, second))
+
+
+def extent_ijk(mask: np.ndarray) -> list[int]:
+    """[i_min, i_max, j_min, j_max, k_min, k_max] of the nonzero voxels of ``mask[z, y, x]``; [0, -1, 0, -1, 0, -1] when empty."""
+    extent = []
+    for axis in (2, 1, 0):  # i = x, j = y, k = z
+        present = np.flatnonzero(np.any(mask, axis=tuple(other for other in range(3) if other != axis)))
+        if present.size == 0:
+            return [0, -1, 0, -1, 0, -1]
+        extent += [int(present[0]), int(present[-1])]
+    return extent
+
+
 def write_probability_map(path: str | Path, probability: sitk.Image) -> Path:
-    """Write a probability image (values 0…1) atomically as uint8 0–255 on its exact grid: voxel = round(255 × p)
-    (half up), so a voxel is ≥ 128 exactly where p ≥ 0.5."""
-    values = np.asarray(sitk.GetArrayViewFromImage(probability), dtype=np.float64)
-    quantized = sitk.GetImageFromArray(np.clip(np.floor(values * 255.0 + 0.5), 0, 255).astype(np.uint8))
-    quantized.CopyInformation(probability)
+    """Write a probability image atomically as uint8 0–255 on its exact grid. Values 0…1 (a float image) become
+    round(255 × p) (half up), so a voxel is ≥ 128 exactly where p ≥ 0.5; a uint8 image is taken as already so
+    (``Predictor.segment_image(..., probability_dtype="uint8")``)."""
+    if probability.GetPixelID() == sitk.sitkUInt8:
+        quantized = probability
+    else:
+        values = sitk.GetArrayViewFromImage(probability)
+        array = np.empty(values.shape, dtype=np.uint8)
+        for z, plane in enumerate(values):  # slice by slice: no float64 copy of the volume
+            array[z] = np.clip(np.floor(np.asarray(plane, dtype=np.float64) * 255.0 + 0.5), 0, 255)
+        quantized = sitk.GetImageFromArray(array)
+        del array
+        quantized.CopyInformation(probability)
     path = Path(path)
     with atomic_output(path) as temporary:
         sitk.WriteImage(quantized, str(temporary), useCompression=True)

@@ -12,13 +12,21 @@ batches under ``torch.inference_mode()`` (fp16 autocast on CUDA), sigmoid probab
 to the slice size and thresholded at 0.5. With a lung channel, lesions are kept only inside the lung and
 the lung mask is made to include its lesions. :class:`GuardRails` (named options, recorded in the CLI's
 ``summary.json``) clean the masks in 3D where the voxel size is known (``segment_image``).
+
+**Memory**: the volume is streamed (:meth:`Predictor.stream_probabilities`): what is decided once per volume
+(the body field-of-view box, the HU test) is computed from the whole volume without copying it, then slices
+are preprocessed, run and put back on the slice grid :data:`CHUNK_BATCHES` batches at a time, and each slice's
+probabilities are handed on at once. ``predict_masks`` and ``segment_image`` keep only uint8 masks of the whole
+volume (and, when asked, the lesion probability as uint8 255 × p); only ``predict_probabilities`` keeps float32
+probabilities of the whole volume, since that is what it returns. The batches are those of the whole-volume
+computation (the same slices together), so the outputs are bit for bit those of preparing every slice first.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -29,12 +37,25 @@ import torch
 from . import io
 from .checkpoints import Checkpoint, load_checkpoint, locate_model, sha256_of
 from .classical_lung import classical_lung_mask
-from .preprocessing import is_hounsfield, prepare_volume, to_network_input, uncrop_probabilities
+from .preprocessing import (
+    CropBox,
+    PreprocessingConfig,
+    body_crop_box,
+    crop_slice,
+    is_hounsfield,
+    resize_slice,
+    slice_to_uint8,
+    to_network_input,
+    uncrop_probabilities,
+)
 from .resources import default_model_name
 from .statistics import DEFAULT_HIGH_OPACITY_THRESHOLD_HU, LesionStatistics, VoxelGrid, lesion_statistics
 
 logger = logging.getLogger(__name__)
 ProgressCallback = Callable[[int, int], None]  # (slices done, slices total)
+SliceConsumer = Callable[[int, np.ndarray], None]  # (z, probabilities[channel, y, x] float32 of slice z)
+CHUNK_BATCHES = 4  # batches of slices preprocessed together: bounded memory, whole batches as before
+PROBABILITY_DTYPES = ("float32", "uint8")  # segment_image's lesion probability: p, or round(255 × p) as written to disk
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -89,6 +110,43 @@ def masks_from_probabilities(probabilities: dict[str, np.ndarray]) -> dict[str, 
     return masks
 
 
+def lesion_probability_of_slice(probabilities: dict[str, np.ndarray]) -> np.ndarray:
+    """float32 lesion probability, 0 where the lung channel (when there is one) is below 0.5."""
+    lesion = probabilities["lesion"]
+    return lesion * (probabilities["lung"] >= 0.5) if "lung" in probabilities else lesion
+
+
+def quantized_probability(probability: np.ndarray) -> np.ndarray:
+    """Probabilities (0…1) → uint8 round(255 × p), half up, in float64 (``io.write_probability_map``'s rule)."""
+    return np.clip(np.floor(np.asarray(probability, dtype=np.float64) * 255.0 + 0.5), 0, 255).astype(np.uint8)
+
+
+def cropped_minimum(volume: np.ndarray, box: CropBox | None) -> float:
+    """The minimum of ``volume[z, y, x]`` cropped to ``box`` as :func:`preprocessing.prepare_volume` crops it (padded with
+    the volume's minimum where the box leaves the image), without making the cropped copy."""
+    if box is None:
+        return float(np.min(volume))
+    height, width = volume.shape[1:]
+    top, left = max(box.top, 0), max(box.left, 0)
+    bottom, right = min(box.top + box.side, height), min(box.left + box.side, width)
+    inside = volume[:, top:bottom, left:right]
+    padded = box.top < 0 or box.left < 0 or box.top + box.side > height or box.left + box.side > width
+    lowest = float(np.min(inside)) if inside.size else np.inf
+    return min(lowest, float(np.min(volume))) if padded else lowest
+
+
+def slice_preparation(volume: np.ndarray, config: PreprocessingConfig, box: CropBox | None,
+                      preprocessed: bool) -> Callable[[np.ndarray], np.ndarray]:
+    """One slice of ``volume`` → the network's uint8 ``[size, size]`` slice, exactly as
+    :func:`preprocessing.prepare_volume` makes it for the whole volume (crop to ``box``, padded with the volume's
+    minimum; the HU decision made once on the cropped volume), slice by slice."""
+    if preprocessed:
+        return lambda plane: resize_slice(crop_slice(plane, box, 0), config.size)
+    fill = float(np.min(volume)) if box is not None else 0.0
+    hounsfield = cropped_minimum(volume, box) < config.hu_detect_below  # preprocessing.is_hounsfield of the cropped volume
+    return lambda plane: slice_to_uint8(crop_slice(plane, box, fill), config, hounsfield)
+
+
 @dataclass(frozen=True)
 class GuardRails:
     """Inference-time checks against false lesions, each off at 0 / False. The defaults (what the CLI, the API
@@ -122,11 +180,32 @@ HU_PRIOR_DILATION_MM = 10.0
 
 
 def components_at_least(mask: np.ndarray, voxel_ml: float, min_ml: float) -> np.ndarray:
-    """uint8 ``mask[z, y, x]`` without its 3D connected components (26-connected) below ``min_ml``."""
-    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), True))
+    """uint8 ``mask[z, y, x]`` without its 3D connected components (26-connected) below ``min_ml``.
+
+    The components are labelled inside the mask's bounding box only (the 32-bit labels of the whole volume
+    would be 4 bytes per voxel)."""
+    kept = np.zeros(mask.shape, dtype=np.uint8)
+    box = bounding_box(mask)
+    if box is None:
+        return kept
+    labels_image = sitk.ConnectedComponent(sitk.GetImageFromArray(np.ascontiguousarray(mask[box], dtype=np.uint8)), True)
+    labels = sitk.GetArrayViewFromImage(labels_image)
     sizes = np.bincount(labels.ravel())
-    keep = np.flatnonzero(sizes * voxel_ml >= min_ml)
-    return (np.isin(labels, keep[keep > 0])).astype(np.uint8)
+    keep = sizes * voxel_ml >= min_ml
+    keep[0] = False
+    kept[box] = keep[labels]
+    return kept
+
+
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box of ``mask`` (any dimension) holding all its nonzero voxels, as slices; None when empty."""
+    box = []
+    for axis in range(mask.ndim):
+        present = np.flatnonzero(np.any(mask, axis=tuple(other for other in range(mask.ndim) if other != axis)))
+        if present.size == 0:
+            return None
+        box.append(slice(int(present[0]), int(present[-1]) + 1))
+    return tuple(box)
 
 
 def apply_guard_rails(
@@ -169,7 +248,7 @@ class Predictor:
         sha256: str = "",
         guard_rails: GuardRails | None = None,
     ):
-        self.checkpoint = checkpoint
+        self.checkpoint = replace(checkpoint, state_dict={})  # the weights live in the network; a second copy is not kept
         self.guard_rails = guard_rails or GuardRails()
         self.channels = list(checkpoint.channels)
         self.preprocessing = checkpoint.preprocessing
@@ -194,6 +273,33 @@ class Predictor:
         """The shipped default model of the registry."""
         return cls.from_checkpoint(default_model_name(), device, batch_size, guard_rails)
 
+    def stream_probabilities(
+        self, volume: np.ndarray, consume: SliceConsumer, on_progress: ProgressCallback | None = None, preprocessed: bool = False
+    ) -> None:
+        """Run the network over ``volume[z, y, x]`` and call ``consume(z, probabilities[channel, y, x])`` (float32, on
+        the slice grid) for every slice in order, holding only :data:`CHUNK_BATCHES` batches of slices at a time.
+
+        The field-of-view box and the HU decision are made once from the whole volume, without copying it;
+        ``preprocessed`` as in :meth:`predict_probabilities`."""
+        box = body_crop_box(volume, self.preprocessing)
+        prepare = slice_preparation(volume, self.preprocessing, box, preprocessed)
+        network = self.network
+        if self.guard_rails.flip_tta:
+            network = lambda batch: (self.network(batch) + torch.flip(self.network(torch.flip(batch, (3,))), (3,))) / 2  # noqa: E731
+        total, height, width = volume.shape
+        start = 0
+        while start < total:
+            stop = min(start + CHUNK_BATCHES * self.batch_size, total)
+            inputs = to_network_input(np.stack([prepare(plane) for plane in volume[start:stop]]), self.preprocessing)
+
+            def put_back(offset: int, batch: np.ndarray, first: int = start) -> None:
+                for index, slice_probabilities in enumerate(batch):
+                    consume(first + offset + index, uncrop_probabilities(slice_probabilities, box, height, width))
+
+            progress = None if on_progress is None else lambda done, _, first=start: on_progress(first + done, total)
+            self.batch_size = predict_in_batches(network, inputs, self.batch_size, put_back, self.device, progress)
+            start = stop
+
     def predict_probabilities(
         self, volume: np.ndarray, on_progress: ProgressCallback | None = None, preprocessed: bool = False
     ) -> dict[str, np.ndarray]:
@@ -201,7 +307,20 @@ class Predictor:
 
         ``preprocessed``: ``volume`` is uint8 slices that already went through the recipe's windowing,
         min–max and CLAHE (like the shared PNG training slices); they are only cropped to the body (recipes
-        with ``field_of_view`` ``"body"``) and resized to the network size (``preprocessing.prepare_volume``)."""
+        with ``field_of_view`` ``"body"``) and resized to the network size (``preprocessing.prepare_volume``).
+        This keeps float32 probabilities of every channel for the whole volume: for masks, :meth:`predict_masks`
+        needs far less memory."""
+        volume, squeeze = self.as_volume(volume, preprocessed)
+        probabilities = np.zeros((len(self.channels), *volume.shape), dtype=np.float32)
+
+        def store(z: int, slice_probabilities: np.ndarray) -> None:
+            probabilities[:, z] = slice_probabilities
+
+        self.stream_probabilities(volume, store, on_progress, preprocessed)
+        return {channel: probabilities[index][0] if squeeze else probabilities[index] for index, channel in enumerate(self.channels)}
+
+    def as_volume(self, volume: np.ndarray, preprocessed: bool) -> tuple[np.ndarray, bool]:
+        """``volume`` as a ``[z, y, x]`` array (no copy) and whether it was one 2D slice; wrong shapes and types raise."""
         volume = np.asarray(volume)
         squeeze = volume.ndim == 2
         volume = volume[None] if squeeze else volume
@@ -209,19 +328,34 @@ class Predictor:
             raise ValueError(f"expected a [z, y, x] volume or a 2D slice, got shape {volume.shape}")
         if preprocessed and volume.dtype != np.uint8:
             raise ValueError(f"preprocessed slices must be uint8 (the recipe's output), got {volume.dtype}")
-        probabilities = np.zeros((len(self.channels), *volume.shape), dtype=np.float32)
-        slices, box = prepare_volume(volume, self.preprocessing, preprocessed)
+        return volume, squeeze
 
-        def store(start: int, batch: np.ndarray) -> None:
-            for offset, slice_probabilities in enumerate(batch):
-                probabilities[:, start + offset] = uncrop_probabilities(slice_probabilities, box, *volume.shape[1:])
+    def stream_masks(
+        self,
+        volume: np.ndarray,
+        on_progress: ProgressCallback | None = None,
+        preprocessed: bool = False,
+        probability_dtype: str | None = None,
+    ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """``({channel: uint8 0/1 mask}, lesion probability or None)`` of ``volume[z, y, x]`` before the guard rails,
+        thresholded slice by slice (:func:`masks_from_probabilities` per slice): the volume's float probabilities are
+        never held. ``probability_dtype`` ("float32" or "uint8" = round(255 × p)) also keeps the lesion probability,
+        0 outside the lung (:func:`lesion_probability_of_slice`)."""
+        if probability_dtype not in (None, *PROBABILITY_DTYPES):
+            raise ValueError(f"probability_dtype must be one of {PROBABILITY_DTYPES}, got {probability_dtype!r}")
+        masks = {channel: np.zeros(volume.shape, dtype=np.uint8) for channel in self.channels}
+        lesion_probability = None if probability_dtype is None else np.zeros(volume.shape, dtype=probability_dtype)
 
-        inputs = to_network_input(slices, self.preprocessing)
-        network = self.network
-        if self.guard_rails.flip_tta:
-            network = lambda batch: (self.network(batch) + torch.flip(self.network(torch.flip(batch, (3,))), (3,))) / 2  # noqa: E731
-        self.batch_size = predict_in_batches(network, inputs, self.batch_size, store, self.device, on_progress)
-        return {channel: probabilities[index][0] if squeeze else probabilities[index] for index, channel in enumerate(self.channels)}
+        def threshold(z: int, slice_probabilities: np.ndarray) -> None:
+            by_channel = dict(zip(self.channels, slice_probabilities))
+            for channel, mask in masks_from_probabilities(by_channel).items():
+                masks[channel][z] = mask
+            if lesion_probability is not None:
+                probability = lesion_probability_of_slice(by_channel)
+                lesion_probability[z] = quantized_probability(probability) if probability_dtype == "uint8" else probability
+
+        self.stream_probabilities(volume, threshold, on_progress, preprocessed)
+        return masks, lesion_probability
 
     def predict_masks(
         self,
@@ -236,12 +370,19 @@ class Predictor:
         ``preprocessed`` as in :meth:`predict_probabilities`. With the volume's ``grid`` (its voxel size) the
         3D guard rails apply too; without it only ``flip_tta`` does. ``probabilities``: those of
         :meth:`predict_probabilities` for ``volume``, when already computed (the network is not run again)."""
-        volume = np.asarray(volume)
-        if probabilities is None:
-            probabilities = self.predict_probabilities(volume, on_progress, preprocessed)
-        masks = masks_from_probabilities(probabilities)
-        if grid is None or volume.ndim != 3:
-            return masks
+        volume, squeeze = self.as_volume(volume, preprocessed)
+        if probabilities is not None:
+            masks = masks_from_probabilities({channel: p[None] if squeeze else p for channel, p in probabilities.items()})
+        else:
+            masks, _ = self.stream_masks(volume, on_progress, preprocessed)
+        if grid is not None and not squeeze:
+            masks = self.guarded(masks, volume, grid, preprocessed)
+        return {channel: mask[0] for channel, mask in masks.items()} if squeeze else masks
+
+    def guarded(
+        self, masks: dict[str, np.ndarray], volume: np.ndarray, grid: VoxelGrid, preprocessed: bool = False
+    ) -> dict[str, np.ndarray]:
+        """:func:`apply_guard_rails` on the masks of ``volume[z, y, x]`` (its CT values serve the HU lung prior)."""
         ct_hu = volume if not preprocessed and is_hounsfield(volume, self.preprocessing) else None
         return apply_guard_rails(masks, self.guard_rails, grid, ct_hu)
 
@@ -259,6 +400,7 @@ class Predictor:
         on_progress: ProgressCallback | None = None,
         high_opacity_threshold_hu: float = DEFAULT_HIGH_OPACITY_THRESHOLD_HU,
         return_probabilities: bool = False,
+        probability_dtype: str = "float32",
     ) -> SegmentationResult:
         """Segment a validated 3D ``sitk.Image`` in radiological orientation; masks come back on its exact grid.
 
@@ -266,18 +408,24 @@ class Predictor:
         only decides whether the lung mask is returned (and so written). The HU measures are computed when the
         input is in HU by the checkpoint's own test (``preprocessing.is_hounsfield``). ``return_probabilities``
         adds ``lesion_probability``: the network's lesion probability, 0 where the lung channel is below 0.5, so
-        that it is ≥ 0.5 exactly on the lesion mask before the guard rails."""
+        that it is ≥ 0.5 exactly on the lesion mask before the guard rails; float32, or with ``probability_dtype``
+        "uint8" round(255 × p) as ``io.write_probability_map`` writes it (a quarter of the memory)."""
         oriented = io.to_radiological(image)
         ct = sitk.GetArrayViewFromImage(oriented)
         grid = VoxelGrid.of_image(oriented)
-        probabilities = self.predict_probabilities(ct, on_progress) if return_probabilities else None
-        masks = self.predict_masks(ct, on_progress, grid=grid, probabilities=probabilities)
+        if return_probabilities:
+            masks, probability = self.stream_masks(ct, on_progress, probability_dtype=probability_dtype)
+            masks = self.guarded(masks, ct, grid)
+        else:
+            masks, probability = self.predict_masks(ct, on_progress, grid=grid), None
         ct_hu = ct if is_hounsfield(ct, self.preprocessing) else None
         statistics = lesion_statistics(masks["lesion"], grid, masks.get("lung"), ct_hu, high_opacity_threshold_hu)
-        written = [channel for channel in masks if include_lung or channel != "lung"]
-        lesion_probability = None
-        if return_probabilities:
-            lesion = probabilities["lesion"] * (probabilities["lung"] >= 0.5) if "lung" in probabilities else probabilities["lesion"]
-            lesion_probability = io.from_radiological(lesion.astype(np.float32), image)
-        return SegmentationResult({channel: io.from_radiological(masks[channel], image) for channel in written}, statistics,
-                                  lesion_probability)
+        del oriented, ct, ct_hu  # a reoriented copy of the CT is not needed any more
+        written = {}
+        for channel in list(masks):  # one channel at a time back on the input grid, each array let go once turned
+            mask = masks.pop(channel)
+            if include_lung or channel != "lung":
+                written[channel] = io.restore_orientation(grid.image_of(mask), image)
+            del mask
+        lesion_probability = None if probability is None else io.restore_orientation(grid.image_of(probability), image)
+        return SegmentationResult(written, statistics, lesion_probability)

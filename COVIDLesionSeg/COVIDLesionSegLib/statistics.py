@@ -192,24 +192,29 @@ def lesion_statistics(
     sides; ``ct_hu`` (same shape) is the CT in Hounsfield units — pass None when the input is not in HU,
     and the HU measures are then not available. Definitions: :data:`MEASURES` and the rules beside it.
     """
-    lesion = np.asarray(lesion) > 0
+    lesion = as_bool(lesion)
     for name, other in (("lung mask", lung), ("CT", ct_hu)):
         if other is not None and np.shape(other) != lesion.shape:
             raise ValueError(f"{name} shape {np.shape(other)} differs from lesion mask shape {lesion.shape}")
     voxel_ml = grid.voxel_ml
-    lesion_ml = float(lesion.sum()) * voxel_ml
-    lesion_slices = int(np.count_nonzero(lesion.reshape(lesion.shape[0], -1).any(axis=1)))
+    lesion_ml = float(np.count_nonzero(lesion)) * voxel_ml
+    lesion_slices = sum(1 for plane in lesion if plane.any())
 
     lung_ml = None
     sides: dict[str, float | None] = dict.fromkeys(f"{side}_{measure}" for side in ("right", "left")
                                                    for measure in ("percent_opacity", "lesion_ml", "lung_ml"))
     if lung is not None:
-        lung = np.asarray(lung) > 0
-        lung_ml = float(lung.sum()) * voxel_ml
-        right = right_side(lung, grid) if lung_ml else np.zeros_like(lung)
-        for side, on_side in (("right", right), ("left", ~right)):
-            side_lung_ml = float(np.count_nonzero(lung & on_side)) * voxel_ml
-            side_lesion_ml = float(np.count_nonzero(lesion & on_side)) * voxel_ml
+        lung = as_bool(lung)
+        lung_ml = float(np.count_nonzero(lung)) * voxel_ml
+        counts = {"right_lung": 0, "right_lesion": 0, "left_lung": 0, "left_lesion": 0}
+        sides_of_slice = SideRule(lung, grid) if lung_ml else None
+        for z in range(lung.shape[0]):  # slice by slice: no whole-volume side masks
+            right = sides_of_slice.right_of_slice(z) if sides_of_slice else np.zeros(lung.shape[1:], dtype=bool)
+            for side, on_side in (("right", right), ("left", ~right)):
+                counts[f"{side}_lung"] += int(np.count_nonzero(lung[z] & on_side))
+                counts[f"{side}_lesion"] += int(np.count_nonzero(lesion[z] & on_side))
+        for side in ("right", "left"):
+            side_lung_ml, side_lesion_ml = counts[f"{side}_lung"] * voxel_ml, counts[f"{side}_lesion"] * voxel_ml
             sides.update({f"{side}_percent_opacity": percent(side_lesion_ml, side_lung_ml),
                           f"{side}_lesion_ml": side_lesion_ml, f"{side}_lung_ml": side_lung_ml})
 
@@ -221,6 +226,7 @@ def lesion_statistics(
         hu["high_opacity_ml"] = float(np.count_nonzero(lesion_values >= high_opacity_threshold_hu)) * voxel_ml
         hu["percent_high_opacity"] = percent(hu["high_opacity_ml"], lung_ml)
         hu["lesion_mean_hu"], hu["lesion_sd_hu"] = mean_and_sd(lesion_values)
+        del lesion_values
         if lung is not None:
             hu["lung_mean_hu"], hu["lung_sd_hu"] = mean_and_sd(ct_hu[lung])
 
@@ -244,25 +250,69 @@ def mean_and_sd(values: np.ndarray) -> tuple[float | None, float | None]:
     return float(np.mean(values, dtype=np.float64)), float(np.std(values, dtype=np.float64))
 
 
+def as_bool(mask: np.ndarray) -> np.ndarray:
+    """``mask != 0`` as a bool array: a view of a uint8 0/1 mask (no copy), else a new array."""
+    mask = np.asarray(mask)
+    if mask.dtype == np.bool_:
+        return mask
+    if mask.dtype == np.uint8 and mask.flags.c_contiguous and (mask.size == 0 or mask.max() <= 1):
+        return mask.view(np.bool_)
+    return mask > 0
+
+
+class SideRule:
+    """The patient's right of a non-empty lung mask ``lung[z, y, x]`` by :data:`LEFT_RIGHT_RULE`, slice by slice.
+
+    The connected pieces are labelled inside the rows and slices the lung occupies only, on an image with the grid's
+    origin: every column is kept, so the centroids' x (all the rule uses of them) comes from the same column indices
+    and origin as on the whole grid, bit for bit, when x does not depend on the row and slice (direction[0][1] and
+    [0][2] zero); a grid tilted so is labelled whole."""
+
+    def __init__(self, lung: np.ndarray, grid: VoxelGrid):
+        self.grid, self.shape = grid, lung.shape
+        rows = np.flatnonzero(lung.any(axis=(0, 2)))
+        planes = np.flatnonzero(lung.any(axis=(1, 2)))
+        direction = np.asarray(grid.direction, dtype=np.float64).reshape(3, 3)
+        if direction[0, 1] == 0 and direction[0, 2] == 0:  # x depends on the column alone: crop rows and slices
+            self.z0, self.y0 = int(planes[0]), int(rows[0])
+            cropped = lung[self.z0 : planes[-1] + 1, self.y0 : rows[-1] + 1]
+        else:
+            self.z0, self.y0, cropped = 0, 0, lung
+        image = grid.image_of(np.ascontiguousarray(cropped, dtype=np.uint8))  # the grid's origin: only centroid x is used
+        self.pieces = sitk.ConnectedComponent(image, False)
+        del image
+        shapes = sitk.LabelShapeStatisticsImageFilter()
+        shapes.Execute(self.pieces)
+        # the two largest pieces, ties to the lower label (sitk.RelabelComponent's order)
+        ranked = sorted(shapes.GetLabels(), key=lambda label: (-shapes.GetNumberOfPixels(label), label))
+        sizes = [shapes.GetNumberOfPixels(label) for label in ranked[:2]]
+        self.two_lungs = len(sizes) == 2 and sizes[1] >= MIN_SECOND_LUNG_FRACTION * sizes[0]
+        if self.two_lungs:
+            centroid_x = {label: shapes.GetCentroid(label)[0] for label in ranked[:2]}
+            self.midline = (centroid_x[ranked[0]] + centroid_x[ranked[1]]) / 2
+            self.right_label = min(centroid_x, key=centroid_x.get)
+            self.left_label = ranked[1] if self.right_label == ranked[0] else ranked[0]
+        else:
+            whole = sitk.LabelShapeStatisticsImageFilter()
+            whole.Execute(self.pieces > 0)
+            self.midline = whole.GetCentroid(1)[0]
+            self.pieces = None
+
+    def right_of_slice(self, z: int) -> np.ndarray:
+        """Boolean ``[y, x]``: True on the patient's right in slice ``z``."""
+        right = self.grid.x_mm_of_slice(self.shape[1:], z) < self.midline
+        if self.two_lungs:  # each lung whole to its side, even where it reaches across the midline plane
+            labels = sitk.GetArrayViewFromImage(self.pieces)
+            if 0 <= z - self.z0 < labels.shape[0]:
+                plane = labels[z - self.z0]
+                rows = slice(self.y0, self.y0 + plane.shape[0])
+                right[rows][plane == self.right_label] = True
+                right[rows][plane == self.left_label] = False
+        return right
+
+
 def right_side(lung: np.ndarray, grid: VoxelGrid) -> np.ndarray:
     """Boolean ``[z, y, x]``: True on the patient's right of a non-empty lung mask, by :data:`LEFT_RIGHT_RULE`."""
-    pieces = sitk.RelabelComponent(sitk.ConnectedComponent(grid.image_of(lung.astype(np.uint8)), False))  # 1 = largest
-    shapes = sitk.LabelShapeStatisticsImageFilter()
-    shapes.Execute(pieces)
-    two_lungs = len(shapes.GetLabels()) >= 2 and shapes.GetNumberOfPixels(2) >= MIN_SECOND_LUNG_FRACTION * shapes.GetNumberOfPixels(1)
-    if two_lungs:
-        centroid_x = {label: shapes.GetCentroid(label)[0] for label in (1, 2)}
-        midline = (centroid_x[1] + centroid_x[2]) / 2
-    else:
-        whole = sitk.LabelShapeStatisticsImageFilter()
-        whole.Execute(pieces > 0)
-        midline = whole.GetCentroid(1)[0]
-    right = np.zeros_like(lung)
-    for z in range(lung.shape[0]):
-        right[z] = grid.x_mm_of_slice(lung.shape[1:], z) < midline
-    if two_lungs:  # each lung whole to its side, even where it reaches across the midline plane
-        labels = sitk.GetArrayViewFromImage(pieces)
-        right_label = min(centroid_x, key=centroid_x.get)
-        right[labels == right_label] = True
-        right[labels == 3 - right_label] = False
-    return right
+    lung = as_bool(lung)
+    rule = SideRule(lung, grid)
+    return np.stack([rule.right_of_slice(z) for z in range(lung.shape[0])])
