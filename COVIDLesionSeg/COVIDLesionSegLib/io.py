@@ -15,6 +15,7 @@ leaves a half-written file under the final name.
 from __future__ import annotations
 
 import gzip
+import io as text_io
 import locale
 import logging
 import math
@@ -338,12 +339,8 @@ def write_segmentation(path: str | Path, masks: dict[str, sitk.Image], before_co
     path = Path(path)
     reference = masks["lesion"]
     if path.name.endswith(".seg.nrrd"):
-        import slicerio
-
-        segmentation = layered_segmentation(masks, ijk_to_lps(reference))
-
         def write(temporary: Path) -> None:
-            slicerio.write_segmentation(str(temporary), segmentation)
+            write_seg_nrrd(temporary, masks, ijk_to_lps(reference))
     elif path.name.endswith(".nii.gz"):
         labels = np.zeros(reference.GetSize()[::-1], dtype=np.uint8)
         lung = sitk.GetArrayViewFromImage(masks["lung"]) if "lung" in masks else None
@@ -367,14 +364,45 @@ def write_segmentation(path: str | Path, masks: dict[str, sitk.Image], before_co
     return path
 
 
-def layered_segmentation(masks: dict[str, sitk.Image], ijk_to_lps_matrix: np.ndarray) -> dict:
-    """The slicerio segmentation of ``masks`` (one segment per channel, in order) that ``slicerio.create_segmentation``
-    and ``slicerio.add_segment`` make, without their whole-volume temporaries (``add_segment`` holds three int64
-    index arrays of the mask's voxels to find its extent): each segment goes to the first layer where it overlaps no
-    earlier segment and its label value (the layer's largest + 1) fits in uint8, else to a new layer with label 1;
-    its extent is the (i, j, k) bounding box of its voxels, [0, -1, 0, -1, 0, -1] when empty."""
+def write_seg_nrrd(path: Path, masks: dict[str, sitk.Image], ijk_to_lps_matrix: np.ndarray) -> None:
+    """Write ``masks`` as the ``.seg.nrrd`` that ``slicerio.create_segmentation``, ``slicerio.add_segment`` and
+    ``slicerio.write_segmentation`` make (same bytes but pynrrd's date line), one slice at a time: slicerio would hold
+    the layered volume ``[layer, i, j, k]`` and pynrrd a second, Fortran-ordered copy of it (``tobytes``), one byte
+    per voxel and layer each. The header is slicerio's for the segments of :func:`layered_segments` (written for a
+    one-voxel volume, then given the real sizes); the voxels follow gzip-compressed as pynrrd compresses them (level 9),
+    in NRRD (Fortran) order, i.e. for each k the C-ordered ``[j, i, layer]`` plane."""
+    import slicerio
+
     arrays = {channel: sitk.GetArrayViewFromImage(mask) for channel, mask in masks.items()}  # [z, y, x] = (k, j, i)
-    shape_zyx = next(iter(arrays.values())).shape
+    slices, rows, columns = next(iter(arrays.values())).shape
+    segments, placement, layers = layered_segments(arrays)
+    layer_axis = (layers,) if layers > 1 else ()
+    header = text_io.BytesIO()
+    slicerio.write_segmentation(header, {"voxels": np.zeros((*layer_axis, 1, 1, 1), dtype=np.uint8),
+                                         "ijkToLPS": np.asarray(ijk_to_lps_matrix, dtype=float), "segments": segments})
+    header_bytes = header.getvalue().split(b"\n\n", 1)[0]
+    sizes = "sizes: " + " ".join(str(size) for size in (*layer_axis, columns, rows, slices))
+    header_bytes = re.sub(rb"^sizes: .*$", sizes.encode("ascii"), header_bytes, count=1, flags=re.MULTILINE)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS | 16)  # pynrrd's gzip encoding
+    plane = np.zeros((rows, columns, layers), dtype=np.uint8)  # [j, i, layer]
+    with open(path, "wb") as stream:
+        stream.write(header_bytes + b"\n\n")
+        for z in range(slices):
+            plane[...] = 0
+            for channel, mask in arrays.items():
+                layer_index, label_value = placement[channel]
+                plane[:, :, layer_index][mask[z] > 0] = label_value
+            stream.write(compressor.compress(plane.tobytes()))
+        stream.write(compressor.flush())
+
+
+def layered_segments(arrays: dict[str, np.ndarray]) -> tuple[list[dict], dict[str, tuple[int, int]], int]:
+    """The slicerio segments of the ``[z, y, x]`` masks ``arrays`` (one per channel, in order), placed as
+    ``slicerio.add_segment`` places them, without its whole-volume temporaries (it holds three int64 index arrays of
+    the mask's voxels to find its extent): each segment goes to the first layer where it overlaps no earlier segment
+    and its label value (the layer's largest + 1) fits in uint8, else to a new layer with label 1; its extent is the
+    (i, j, k) bounding box of its voxels, [0, -1, 0, -1, 0, -1] when empty. Returns the segments, each channel's
+    ``(layer, label value)`` and the number of layers."""
     layer_members: list[list[str]] = []
     segments, placement = [], {}
     for channel, mask in arrays.items():
@@ -393,13 +421,7 @@ def layered_segmentation(masks: dict[str, sitk.Image], ijk_to_lps_matrix: np.nda
         segment["labelValue"], segment["layer"] = int(label_value), int(layer_index)
         segment["extent"] = extent_ijk(mask)
         segments.append(segment)
-    voxels = np.zeros((len(layer_members), *shape_zyx[::-1]), dtype=np.uint8)  # [layer, i, j, k], as slicerio holds them
-    for channel, mask in arrays.items():
-        layer_index, label_value = placement[channel]
-        for z in range(shape_zyx[0]):
-            voxels[layer_index, :, :, z][mask[z].T > 0] = label_value
-    return {"voxels": voxels if len(layer_members) > 1 else voxels[0], "ijkToLPS": np.asarray(ijk_to_lps_matrix, dtype=float),
-            "segments": segments}
+    return segments, placement, len(layer_members)
 
 
 def overlaps(first: np.ndarray, second: np.ndarray) -> bool:

@@ -76,14 +76,62 @@ class PlainEncoder(nn.Module):
         return features
 
 
+class BasicBlock(nn.Module):
+    """torchvision's ResNet basic block (two 3×3 conv-BN, identity or 1×1 conv-BN shortcut), with its module names."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int = 1):
+        super().__init__()
+        downsample = None
+        if stride != 1 or in_channels != channels:  # made before the convs, as torchvision does: same random draws
+            downsample = nn.Sequential(nn.Conv2d(in_channels, channels, kernel_size=1, stride=stride, bias=False), nn.BatchNorm2d(channels))
+        self.conv1 = nn.Conv2d(in_channels, channels, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(channels, channels, kernel_size=3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+        self.downsample = downsample
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + shortcut)
+
+
+class ResNet34(nn.Module):
+    """torchvision's ``resnet34(weights=None)`` without its pooling/fc head, built without importing torchvision (about
+    160 MiB and seconds of start-up for every inference run). Same module names (its state dict loads here, and the
+    encoder's keys stay those of the shipped checkpoints) and, under one random seed, the same initial weights:
+    torchvision's init (He normal, fan-out, on every conv; BatchNorm 1 and 0), after the same random draws, those of
+    its 1000-class ImageNet head included."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        widths, blocks = (64, 128, 256, 512), (3, 4, 6, 3)
+        in_channels = 64
+        for index, (channels, count) in enumerate(zip(widths, blocks)):
+            stride = 1 if index == 0 else 2
+            layer = [BasicBlock(in_channels, channels, stride), *(BasicBlock(channels, channels) for _ in range(count - 1))]
+            setattr(self, f"layer{index + 1}", nn.Sequential(*layer))
+            in_channels = channels
+        nn.Linear(512, 1000)  # torchvision's ImageNet head, not kept: only its random draws, so the convs below get its values
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.constant_(module.weight, 1)
+                nn.init.constant_(module.bias, 0)
+
+
 class ResNet34Encoder(nn.Module):
-    """torchvision's ResNet34 without its pooling/fc head; the shallowest map (the stem) has stride 2."""
+    """ResNet34 (:class:`ResNet34`, torchvision's) without its pooling/fc head; the shallowest map (the stem) has stride 2."""
 
     def __init__(self, in_channels: int = 3, weights: str | Path | None = "none"):
         super().__init__()
-        from torchvision.models import resnet34
-
-        resnet = resnet34(weights=None)
+        resnet = ResNet34()
         load_resnet34_weights(resnet, weights)
         if in_channels != 3:
             resnet.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)

@@ -24,7 +24,9 @@ computation (the same slices together), so the outputs are bit for bit those of 
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -119,6 +121,17 @@ def lesion_probability_of_slice(probabilities: dict[str, np.ndarray]) -> np.ndar
 def quantized_probability(probability: np.ndarray) -> np.ndarray:
     """Probabilities (0…1) → uint8 round(255 × p), half up, in float64 (``io.write_probability_map``'s rule)."""
     return np.clip(np.floor(np.asarray(probability, dtype=np.float64) * 255.0 + 0.5), 0, 255).astype(np.uint8)
+
+
+def release_free_memory() -> None:
+    """Give the memory the C allocator keeps after the network's batches (freed activations of every thread's arena)
+    back to the system, so that the guard rails, statistics and writers that follow do not add to it (glibc's
+    ``malloc_trim``; nothing elsewhere)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+            pass
 
 
 def cropped_minimum(volume: np.ndarray, box: CropBox | None) -> float:
@@ -355,6 +368,7 @@ class Predictor:
                 lesion_probability[z] = quantized_probability(probability) if probability_dtype == "uint8" else probability
 
         self.stream_probabilities(volume, threshold, on_progress, preprocessed)
+        release_free_memory()
         return masks, lesion_probability
 
     def predict_masks(

@@ -213,6 +213,7 @@ def lesion_statistics(
             for side, on_side in (("right", right), ("left", ~right)):
                 counts[f"{side}_lung"] += int(np.count_nonzero(lung[z] & on_side))
                 counts[f"{side}_lesion"] += int(np.count_nonzero(lesion[z] & on_side))
+        del sides_of_slice  # its 32-bit labels of the lung's slices are not needed for the HU measures below
         for side in ("right", "left"):
             side_lung_ml, side_lesion_ml = counts[f"{side}_lung"] * voxel_ml, counts[f"{side}_lesion"] * voxel_ml
             sides.update({f"{side}_percent_opacity": percent(side_lesion_ml, side_lung_ml),

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -59,6 +62,42 @@ def test_encoder_weights_from_local_file(tmp_path):
     torch.save(reference.state_dict(), path)
     model = build_model("resattunet", encoder_weights=str(path))
     assert torch.equal(model.encoder.layer4[0].conv1.weight, reference.layer4[0].conv1.weight)
+
+
+def test_resnet34_is_torchvisions_built_without_it():
+    """Same module names, same seeded initial weights (the random draws after it too) and the same features."""
+    from torchvision.models import resnet34
+
+    from COVIDLesionSegLib.models import ResNet34, ResNet34Encoder
+
+    torch.manual_seed(3)
+    ours, after_ours = ResNet34().state_dict(), torch.rand(4)
+    torch.manual_seed(3)
+    reference = resnet34(weights=None).eval()
+    theirs, after_theirs = {k: v for k, v in reference.state_dict().items() if not k.startswith("fc.")}, torch.rand(4)
+    assert list(ours) == list(theirs) and all(torch.equal(ours[key], theirs[key]) for key in ours)
+    assert torch.equal(after_ours, after_theirs)
+    encoder = ResNet34Encoder().eval()
+    encoder.load_state_dict({f"stem.{index}.{name}" if key.startswith(("conv1", "bn1")) else key: value
+                             for key, value in reference.state_dict().items() if not key.startswith("fc.")
+                             for index, name in [(0 if key.startswith("conv1") else 1, key.split(".", 1)[1])]})
+    image = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        x = reference.relu(reference.bn1(reference.conv1(image)))
+        expected = [x]
+        x = reference.maxpool(x)
+        for layer in (reference.layer1, reference.layer2, reference.layer3, reference.layer4):
+            x = layer(x)
+            expected.append(x)
+        features = encoder(image)
+    assert len(features) == len(expected) and all(torch.equal(features[index], wanted) for index, wanted in enumerate(expected))
+
+
+def test_inference_code_does_not_import_torchvision():
+    """torchvision (about 160 MiB and a second of start-up) is imported for ImageNet encoder weights only."""
+    code = ("import sys; from COVIDLesionSegLib import cli, predictor; from COVIDLesionSegLib.models import build_model; "
+            "build_model('resattunet'); sys.exit('torchvision' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
 def test_encoder_weights_errors_name_the_problem(tmp_path):
