@@ -28,12 +28,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from .models import build_model
 from .preprocessing import PreprocessingConfig
 from .resources import RegistryEntry, load_registry, resources_dir
+
+if TYPE_CHECKING:  # torch is imported where a network is built or read: the CLI's measure and io need none
+    import torch
 
 FORMAT_VERSION = 1
 
@@ -52,6 +53,8 @@ class Checkpoint:
 
     def build(self) -> torch.nn.Module:
         """The network with these weights loaded, in eval mode, on the CPU."""
+        from .models import build_model
+
         model = build_model(self.model_name, **self.model_kwargs)
         model.load_state_dict(self.state_dict)
         return model.eval()

@@ -290,7 +290,8 @@ class Predictor:
         self, volume: np.ndarray, consume: SliceConsumer, on_progress: ProgressCallback | None = None, preprocessed: bool = False
     ) -> None:
         """Run the network over ``volume[z, y, x]`` and call ``consume(z, probabilities[channel, y, x])`` (float32, on
-        the slice grid) for every slice in order, holding only :data:`CHUNK_BATCHES` batches of slices at a time.
+        the slice grid) for every slice in order, holding only :data:`CHUNK_BATCHES` batches of slices at a time (one
+        batch in the first chunk, so that the first slices are done soon after the start).
 
         The field-of-view box and the HU decision are made once from the whole volume, without copying it;
         ``preprocessed`` as in :meth:`predict_probabilities`."""
@@ -302,7 +303,8 @@ class Predictor:
         total, height, width = volume.shape
         start = 0
         while start < total:
-            stop = min(start + CHUNK_BATCHES * self.batch_size, total)
+            batches = 1 if start == 0 else CHUNK_BATCHES  # the first batch's slices come without waiting for three more
+            stop = min(start + batches * self.batch_size, total)
             inputs = to_network_input(np.stack([prepare(plane) for plane in volume[start:stop]]), self.preprocessing)
 
             def put_back(offset: int, batch: np.ndarray, first: int = start) -> None:

@@ -2,6 +2,8 @@
 
 import csv
 import pickle
+import subprocess
+import sys
 
 import cv2
 import numpy as np
@@ -98,3 +100,10 @@ def test_usage_errors(tmp_path):
         cli.main(["segment", "x", "-o", str(tmp_path), "--num-parts", "2", "--part-id", "2"])
     with pytest.raises(SystemExit):
         cli.main(["segment", "x", "-o", str(tmp_path), "--batch-size", "0"])
+
+
+def test_cli_io_and_measure_import_without_torch():
+    """torch (about 0.5 GiB and most of the start-up) is imported where a network is loaded, not to parse arguments,
+    read or write images, or run ``covidlesionseg measure``."""
+    code = "import sys; from COVIDLesionSegLib import cli, io, measure; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
