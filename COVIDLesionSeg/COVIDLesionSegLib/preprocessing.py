@@ -35,6 +35,8 @@ The parameters live in :class:`PreprocessingConfig`, which is written into every
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import cv2
@@ -154,6 +156,9 @@ def resize_probabilities(probabilities: np.ndarray, height: int, width: int) -> 
     return np.stack([cv2.resize(channel, (width, height), interpolation=cv2.INTER_LINEAR) for channel in probabilities])
 
 
+BODY_BOX_THREADS = min(4, os.cpu_count() or 1)
+
+
 def body_crop_box(volume: np.ndarray, config: PreprocessingConfig) -> CropBox | None:
     """The square box around the body of ``volume[z, y, x]`` (HU or 8-bit), or None for ``"full"`` or when no
     body is found.
@@ -176,17 +181,28 @@ def body_crop_box(volume: np.ndarray, config: PreprocessingConfig) -> CropBox | 
         threshold = low + BODY_THRESHOLD_FRACTION * (high - low) if high > low else np.inf
     radius = max(1, round(OPENING_RADIUS * max(height, width)))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
-    body = np.zeros((height, width), dtype=bool)
-    for plane in volume:
+
+    def body_rows_and_columns(plane: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         tissue = cv2.GaussianBlur(plane.astype(np.float32), (0, 0), 0.008 * max(height, width)) >= threshold
         count, labels, stats, _ = cv2.connectedComponentsWithStats(cv2.morphologyEx(tissue.astype(np.uint8), cv2.MORPH_OPEN, kernel))
         if count > 1:
             largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
             if stats[largest, cv2.CC_STAT_AREA] >= 0.01 * height * width:
-                body |= fill_holes(labels == largest)
-    if not body.any():
+                body = fill_holes(labels == largest)
+                return body.any(axis=1), body.any(axis=0)
         return None
-    rows, columns = np.flatnonzero(body.any(axis=1)), np.flatnonzero(body.any(axis=0))
+
+    body_rows, body_columns = np.zeros(height, dtype=bool), np.zeros(width, dtype=bool)
+    # OpenCV lets go of the GIL: the slices (most of the time before a volume's first batch) go over BODY_BOX_THREADS
+    # threads; the box of the bodies' union is that of the union of each slice's rows and columns, in any order
+    with ThreadPoolExecutor(max_workers=max(1, min(BODY_BOX_THREADS, len(volume)))) as pool:
+        for extent in pool.map(body_rows_and_columns, volume):
+            if extent is not None:
+                body_rows |= extent[0]
+                body_columns |= extent[1]
+    if not body_rows.any():
+        return None
+    rows, columns = np.flatnonzero(body_rows), np.flatnonzero(body_columns)
     top, box_height = int(rows[0]), int(rows[-1] - rows[0] + 1)
     left, box_width = int(columns[0]), int(columns[-1] - columns[0] + 1)
     side = round(max(box_width, box_height) * (1 + 2 * config.body_margin))
