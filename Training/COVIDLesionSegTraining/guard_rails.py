@@ -29,6 +29,7 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -47,15 +48,17 @@ from .reproduce import markdown_table
 from .sample import NOMINAL_SPACING_MM, stack_volume
 from .splits import make_split
 
+NO_GUARD_RAILS = GuardRails(lung_min_ml=0.0, lesion_min_ml=0.0, flip_tta=False, hu_lung_prior=False)
+# each candidate spelt out from NO_GUARD_RAILS, so a change of GuardRails' defaults cannot slip into it
 CANDIDATES = {
-    "none": GuardRails(),
-    "lesion ≥ 0.1 mL": GuardRails(lesion_min_ml=0.1),
-    "lesion ≥ 0.5 mL": GuardRails(lesion_min_ml=0.5),
-    "lung ≥ 100 mL": GuardRails(lung_min_ml=100.0),
-    "lung ≥ 100 mL, lesion ≥ 0.1 mL": GuardRails(lung_min_ml=100.0, lesion_min_ml=0.1),
-    "HU lung prior": GuardRails(hu_lung_prior=True),
-    "flip TTA": GuardRails(flip_tta=True),
-    "flip TTA, lung ≥ 100 mL, lesion ≥ 0.1 mL": GuardRails(flip_tta=True, lung_min_ml=100.0, lesion_min_ml=0.1),
+    "none": NO_GUARD_RAILS,
+    "lesion ≥ 0.1 mL": replace(NO_GUARD_RAILS, lesion_min_ml=0.1),
+    "lesion ≥ 0.5 mL": replace(NO_GUARD_RAILS, lesion_min_ml=0.5),
+    "lung ≥ 100 mL": replace(NO_GUARD_RAILS, lung_min_ml=100.0),
+    "lung ≥ 100 mL, lesion ≥ 0.1 mL": replace(NO_GUARD_RAILS, lung_min_ml=100.0, lesion_min_ml=0.1),
+    "HU lung prior": replace(NO_GUARD_RAILS, hu_lung_prior=True),
+    "flip TTA": replace(NO_GUARD_RAILS, flip_tta=True),
+    "flip TTA, lung ≥ 100 mL, lesion ≥ 0.1 mL": replace(NO_GUARD_RAILS, flip_tta=True, lung_min_ml=100.0, lesion_min_ml=0.1),
     "all": GuardRails(flip_tta=True, lung_min_ml=100.0, lesion_min_ml=0.1, hu_lung_prior=True),
 }
 
@@ -66,7 +69,7 @@ class TimedInputs:
     def __init__(self, predictor: Predictor, volume: np.ndarray):
         self.probabilities, self.seconds = {}, {}
         for flip in (False, True):
-            predictor.guard_rails = GuardRails(flip_tta=flip)
+            predictor.guard_rails = replace(NO_GUARD_RAILS, flip_tta=flip)
             started = time.perf_counter()
             self.probabilities[flip] = predictor.predict_probabilities(volume)
             self.seconds[flip] = time.perf_counter() - started
