@@ -206,6 +206,20 @@ def _now() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S")
 
 
+def segment_mask(segmentation_node, segment_id: str, volume_node) -> np.ndarray:
+    """One segment as it is now, as a bool ``[z, y, x]`` array on ``volume_node``'s voxel grid (whatever the two nodes'
+    transforms), through a temporary labelmap node that is always removed."""
+    scene = segmentation_node.GetScene()
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__COVIDLesionSeg_export__")
+    try:
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                segmentation_node, [segment_id], labelmap, volume_node, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY):
+            raise RuntimeError(f"could not export segment '{segment_id}' of '{segmentation_node.GetName()}'")
+        return slicer.util.arrayFromVolume(labelmap) > 0
+    finally:
+        scene.RemoveNode(labelmap)
+
+
 def segments_labelmap(segmentation_node, volume_node) -> np.ndarray:
     """The lesion and lung segments as they are now, on ``volume_node``'s voxel grid (``[z, y, x]``, whatever the two
     nodes' transforms): 1 = lesion, 2 = lung without lesion, the labelmap ``covidlesionseg measure`` reads. Segments are
@@ -218,15 +232,7 @@ def segments_labelmap(segmentation_node, volume_node) -> np.ndarray:
         if not segment_id:
             continue
         found |= definition is LESION
-        scene = segmentation_node.GetScene()
-        labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__COVIDLesionSeg_export__")
-        try:
-            if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-                    segmentation_node, [segment_id], labelmap, volume_node, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY):
-                raise RuntimeError(f"could not export segment '{segment_id}' of '{segmentation_node.GetName()}'")
-            labels[slicer.util.arrayFromVolume(labelmap) > 0] = label
-        finally:
-            scene.RemoveNode(labelmap)
+        labels[segment_mask(segmentation_node, segment_id, volume_node)] = label
     if not found:
         raise ValueError(f"'{segmentation_node.GetName()}' has no segment '{LESION.name}'; run the segmentation first")
     return labels
@@ -707,15 +713,7 @@ def segment_digest(segmentation_node, segment_id: str, volume_node) -> str:
     """The SHA-256 of a segment's voxels on ``volume_node``'s grid: equal exactly while the segment is not edited."""
     import hashlib
 
-    scene = segmentation_node.GetScene()
-    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__COVIDLesionSeg_digest__")
-    try:
-        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-                segmentation_node, [segment_id], labelmap, volume_node, slicer.vtkSegmentation.EXTENT_REFERENCE_GEOMETRY):
-            raise RuntimeError(f"could not export segment '{segment_id}' of '{segmentation_node.GetName()}'")
-        mask = slicer.util.arrayFromVolume(labelmap) > 0
-    finally:
-        scene.RemoveNode(labelmap)
+    mask = segment_mask(segmentation_node, segment_id, volume_node)
     return hashlib.sha256(np.packbits(mask).tobytes() + repr(mask.shape).encode()).hexdigest()
 
 
