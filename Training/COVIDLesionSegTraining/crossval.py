@@ -200,11 +200,12 @@ def crossval(
     recipe = load_checkpoint(path).train_config
     if not recipe:
         raise ValueError(f"{path}: the checkpoint records no train_config, so it has no recipe to cross-validate")
-    configs = []
+    configs = []  # each fold's last stage: the model that is tested
     for fold in folds:
-        for config in fold_stages(recipe, data_dir, runs_dir, fold, num_folds, changes):
+        stages = fold_stages(recipe, data_dir, runs_dir, fold, num_folds, changes)
+        for config in stages:
             logger.info("fold %d: %s (%s)", fold, train_or_resume(config), config.output_dir)
-        configs.append(config)
+        configs.append(stages[-1])
     fold_results = [fold_result(config, device) for config in configs]
     results = nan_to_none(
         {
