@@ -97,6 +97,19 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    checkpoint = read_checkpoint_metadata(path)
+    try:
+        state_dict = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{path}: not a valid safetensors checkpoint ({error})") from error
+    checkpoint.state_dict = {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in state_dict.items()}
+    return checkpoint
+
+
+def read_checkpoint_metadata(path: str | Path, check_model: bool = True) -> Checkpoint:
+    """The checkpoint of ``path`` without its tensors (``state_dict`` empty), read from the safetensors header alone: no
+    torch import, no unpickling. ``check_model=False`` leaves out the check of the model's constructor arguments (it
+    needs ``models``, hence torch): for a file whose network was built before (the ONNX export cache of ``backends``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint file not found")
@@ -106,22 +119,23 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         kind = "a pickle/zip torch checkpoint" if head[:1] == b"\x80" or head == b"PK" else "not a safetensors file"
         raise ValueError(f"{path}: {kind}; only .safetensors checkpoints are accepted (pickles can run code)")
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as reader:
-            metadata = reader.metadata() or {}
-        state_dict = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ValueError(f"{path}: not a valid safetensors checkpoint ({error})") from error
+        with open(path, "rb") as stream:
+            header = json.loads(stream.read(int.from_bytes(stream.read(8), "little")))
+        metadata = header.get("__metadata__") or {}
+        if not isinstance(metadata, dict):
+            raise ValueError("__metadata__ is not an object")
+    except (OSError, ValueError, AttributeError) as error:
+        raise ValueError(f"{path}: not a valid safetensors checkpoint (header: {error})") from error
     version = metadata.get("format_version")
     if version != str(FORMAT_VERSION):
         raise ValueError(f"{path}: checkpoint format version {version!r}, this program reads version {FORMAT_VERSION}")
-    fields = {name: parse_metadata_field(path, metadata, name) for name in ("model", "channels", "preprocessing", "train_config", "metrics")}
-    validate_metadata(path, fields)
+    fields = {name: parse_metadata_field(path, metadata, name)
+              for name in ("model", "channels", "preprocessing", "train_config", "metrics")}
+    validate_metadata(path, fields, check_model)
     return Checkpoint(
         model_name=fields["model"]["name"],
         model_kwargs=fields["model"]["kwargs"],
-        state_dict={name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in state_dict.items()},
+        state_dict={},
         channels=fields["channels"],
         preprocessing=preprocessing_config(path, fields["preprocessing"]),
         train_config=fields["train_config"],
@@ -148,9 +162,9 @@ def parse_metadata_field(path: Path, metadata: dict, name: str):
         raise ValueError(f"{path}: checkpoint metadata field '{name}' is not valid JSON ({error})") from None
 
 
-def validate_metadata(path: Path, fields: dict) -> None:
-    """Check the metadata against the schema of :func:`save_checkpoint`; ValueError names the first bad field."""
-    from .models import MODELS
+def validate_metadata(path: Path, fields: dict, check_model: bool = True) -> None:
+    """Check the metadata against the schema of :func:`save_checkpoint`; ValueError names the first bad field.
+    ``check_model``: also the model's name and constructor arguments, against ``models.MODELS`` (imports torch)."""
 
     def fail(field_name: str, expected: str, value) -> None:
         raise ValueError(f"{path}: checkpoint metadata field '{field_name}' must be {expected} (got {value!r})")
@@ -158,21 +172,24 @@ def validate_metadata(path: Path, fields: dict) -> None:
     model = fields["model"]
     if not isinstance(model, dict) or set(model) != {"name", "kwargs"}:
         fail("model", "an object with exactly 'name' and 'kwargs'", model)
-    if not isinstance(model["name"], str) or model["name"].lower() not in MODELS:
-        fail("model.name", f"one of {', '.join(MODELS)}", model["name"])
-    parameters = inspect.signature(MODELS[model["name"].lower()]).parameters
     if not isinstance(model["kwargs"], dict):
         fail("model.kwargs", "an object", model["kwargs"])
-    for key in model["kwargs"]:
-        if key not in parameters:
-            fail(f"model.kwargs.{key}", f"a known argument ({', '.join(parameters)})", model["kwargs"][key])
     channels = fields["channels"]
     if not (isinstance(channels, list) and channels and all(isinstance(c, str) for c in channels)
             and len(set(channels)) == len(channels) and "lesion" in channels):
         fail("channels", "a list of distinct channel names including 'lesion'", channels)
-    out_channels = model["kwargs"].get("out_channels", parameters["out_channels"].default if "out_channels" in parameters else 1)
-    if out_channels != len(channels):
-        fail("model.kwargs.out_channels", f"the number of channels ({len(channels)})", out_channels)
+    if check_model:
+        from .models import MODELS
+
+        if not isinstance(model["name"], str) or model["name"].lower() not in MODELS:
+            fail("model.name", f"one of {', '.join(MODELS)}", model["name"])
+        parameters = inspect.signature(MODELS[model["name"].lower()]).parameters
+        for key in model["kwargs"]:
+            if key not in parameters:
+                fail(f"model.kwargs.{key}", f"a known argument ({', '.join(parameters)})", model["kwargs"][key])
+        out_channels = model["kwargs"].get("out_channels", parameters["out_channels"].default if "out_channels" in parameters else 1)
+        if out_channels != len(channels):
+            fail("model.kwargs.out_channels", f"the number of channels ({len(channels)})", out_channels)
     preprocessing = fields["preprocessing"]
     if not isinstance(preprocessing, dict):
         fail("preprocessing", "an object", preprocessing)

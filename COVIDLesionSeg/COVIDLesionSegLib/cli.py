@@ -47,6 +47,7 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from . import io
+from .backends import BACKENDS, BackendUnavailableError, require_onnxruntime
 from .checkpoints import sha256_of, sweep_stale_temporaries
 from .statistics import DEFAULT_HIGH_OPACITY_THRESHOLD_HU, LEFT_RIGHT_RULE, MEASURES, NOT_AVAILABLE_RULE, SEVERITY_DEFINITIONS, VoxelGrid
 
@@ -271,6 +272,7 @@ def run_description(predictor, high_opacity_threshold_hu: float) -> dict:
     """The ``summary.json`` sidecar: how every number of ``summary.csv`` was made, to trace a result."""
     return {
         "model": {"name": predictor.name, "sha256": predictor.sha256, "channels": list(predictor.channels)},
+        "inference": {"backend": predictor.backend.name, "device": predictor.device},  # of the latest run; same masks (README, Speed)
         "parameters": {
             "high_opacity_threshold_hu": high_opacity_threshold_hu,
             "hu_detect_below": predictor.preprocessing.hu_detect_below,
@@ -429,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--weights", type=Path, help="a .safetensors checkpoint file to use instead of a registered model")
     segment.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = CUDA when available")
     segment.add_argument("--batch-size", type=int, default=8, help="slices per network batch (default 8)")
+    segment.add_argument("--backend", default="auto", choices=BACKENDS, help="where the network runs: auto = ONNX Runtime on the CPU "
+                         "when onnxruntime is installed (exported once from the checkpoint, cached beside it), else PyTorch")
     segment.add_argument("--format", dest="output_format", default="seg.nrrd", choices=OUTPUT_FORMATS,
                          help="segmentation file: seg.nrrd (Slicer), nii.gz (labelmap), or dicom-seg (a DICOM SEG <case>.seg.dcm "
                               "referencing the source series; DICOM series input only; needs highdicom)")
@@ -548,12 +552,18 @@ def segment_command(args: argparse.Namespace) -> int:
         print(f"ERROR guard rails: {error}", file=sys.stderr)
         return 2
     try:
+        if args.backend == "onnxruntime":
+            require_onnxruntime(args.device)
+    except BackendUnavailableError as error:
+        print(f"ERROR {error}", file=sys.stderr)
+        return 1
+    try:
         if args.weights:
-            predictor = Predictor.from_checkpoint(args.weights, args.device, args.batch_size, guard_rails)
+            predictor = Predictor.from_checkpoint(args.weights, args.device, args.batch_size, guard_rails, args.backend)
         elif args.model:
-            predictor = Predictor.from_checkpoint(args.model, args.device, args.batch_size, guard_rails)
+            predictor = Predictor.from_checkpoint(args.model, args.device, args.batch_size, guard_rails, args.backend)
         else:
-            predictor = Predictor.default(args.device, args.batch_size, guard_rails)
+            predictor = Predictor.default(args.device, args.batch_size, guard_rails, args.backend)
     except Exception as error:  # a checkpoint the schema let through can still fail to build
         logger.debug("traceback", exc_info=True)
         print(f"ERROR model: {error if isinstance(error, (OSError, ValueError)) else one_line(error)}", file=sys.stderr)

@@ -8,7 +8,7 @@
     result = predictor.segment_image(sitk_image)         # masks as images on the input's exact grid
 
 Each axial slice goes through the training preprocessing (``preprocessing``), the network runs in
-batches under ``torch.inference_mode()`` (fp16 autocast on CUDA), sigmoid probabilities are resized back
+batches (:mod:`.backends`: PyTorch, fp16 autocast on CUDA; or ONNX Runtime on the CPU), sigmoid probabilities are resized back
 to the slice size and thresholded at 0.5. With a lung channel, lesions are kept only inside the lung and
 the lung mask is made to include its lesions. :class:`GuardRails` (named options, recorded in the CLI's
 ``summary.json``) clean the masks in 3D where the voxel size is known (``segment_image``).
@@ -34,10 +34,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 import SimpleITK as sitk
-import torch
 
 from . import io
-from .checkpoints import Checkpoint, load_checkpoint, locate_model, sha256_of
+from .backends import (  # predict_in_batches and resolve_device: imported from here by COVIDLesionSegTraining and the tests
+    OnnxRuntimeBackend,
+    TorchBackend,
+    open_backend,
+    predict_in_batches,  # noqa: F401
+    resolve_device,  # noqa: F401
+)
+from .checkpoints import Checkpoint, locate_model, sha256_of
 from .classical_lung import classical_lung_mask
 from .preprocessing import (
     CropBox,
@@ -58,49 +64,6 @@ ProgressCallback = Callable[[int, int], None]  # (slices done, slices total)
 SliceConsumer = Callable[[int, np.ndarray], None]  # (z, probabilities[channel, y, x] float32 of slice z)
 CHUNK_BATCHES = 4  # batches of slices preprocessed together: bounded memory, whole batches as before
 PROBABILITY_DTYPES = ("float32", "uint8")  # segment_image's lesion probability: p, or round(255 × p) as written to disk
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' → CUDA when available, else CPU; 'cuda' without a GPU raises with what to do."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but PyTorch sees no CUDA GPU (CPU-only torch build or no driver); use --device cpu")
-    return torch.device(device)
-
-
-def predict_in_batches(
-    network: Callable[[torch.Tensor], torch.Tensor],
-    inputs: np.ndarray,
-    batch_size: int,
-    consume: Callable[[int, np.ndarray], None],
-    device: torch.device | None = None,
-    on_progress: ProgressCallback | None = None,
-) -> int:
-    """Run ``network`` over ``inputs[N, C, H, W]`` in batches; ``consume(start, probabilities[B, K, H, W])``.
-
-    On CUDA out-of-memory the batch is retried at half the size (down to 1). Returns the batch size that
-    worked, so callers can keep it for the next volume.
-    """
-    device = device or torch.device("cpu")
-    start, total = 0, len(inputs)
-    while start < total:
-        batch = torch.from_numpy(inputs[start : start + batch_size]).to(device)
-        try:
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
-                probabilities = torch.sigmoid(network(batch).float()).cpu().numpy()
-        except torch.cuda.OutOfMemoryError:
-            if batch_size == 1:
-                raise RuntimeError("CUDA out of memory even with batch size 1; use --device cpu") from None
-            torch.cuda.empty_cache()
-            batch_size = max(1, batch_size // 2)
-            logger.warning("CUDA out of memory; retrying with batch size %d", batch_size)
-            continue
-        consume(start, probabilities)
-        start += len(probabilities)
-        if on_progress:
-            on_progress(start, total)
-    return batch_size
 
 
 def masks_from_probabilities(probabilities: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -250,7 +213,8 @@ class SegmentationResult:
 
 
 class Predictor:
-    """A loaded network plus the preprocessing it was trained with."""
+    """A loaded network plus the preprocessing it was trained with; the network runs in ``backend``
+    (:mod:`.backends`: PyTorch, or ONNX Runtime on the CPU)."""
 
     def __init__(
         self,
@@ -260,31 +224,37 @@ class Predictor:
         name: str = "",
         sha256: str = "",
         guard_rails: GuardRails | None = None,
+        backend: TorchBackend | OnnxRuntimeBackend | None = None,
     ):
-        self.checkpoint = replace(checkpoint, state_dict={})  # the weights live in the network; a second copy is not kept
+        """``backend``: where the network runs; None = the checkpoint's network in PyTorch on ``device`` (then
+        ``checkpoint`` must hold the tensors)."""
+        self.checkpoint = replace(checkpoint, state_dict={})  # the weights live in the backend; a second copy is not kept
         self.guard_rails = guard_rails or GuardRails()
         self.channels = list(checkpoint.channels)
         self.preprocessing = checkpoint.preprocessing
-        self.device = resolve_device(device)
         self.batch_size = batch_size
         self.name = name or checkpoint.model_name
         self.sha256 = sha256
-        self.network = checkpoint.build().to(self.device)
-        if self.device.type == "cpu":
-            self.network = self.network.to(memory_format=torch.channels_last)
+        self.backend = backend or TorchBackend(checkpoint.build(), device)
+        self.device = self.backend.device  # "cpu", "cuda", …
 
     @classmethod
     def from_checkpoint(
-        cls, source: str | Path, device: str = "auto", batch_size: int = 8, guard_rails: GuardRails | None = None
+        cls, source: str | Path, device: str = "auto", batch_size: int = 8, guard_rails: GuardRails | None = None, backend: str = "torch"
     ) -> Predictor:
-        """``source`` is a registry name (``Resources/models.json``) or a checkpoint file path."""
+        """``source`` is a registry name (``Resources/models.json``) or a checkpoint file path; ``backend`` one of
+        ``backends.BACKENDS`` (default "torch": the outputs of earlier versions, bit for bit; the CLI's default is "auto")."""
         path, name = locate_model(source)
-        return cls(load_checkpoint(path), device, batch_size, name=name, sha256=sha256_of(path), guard_rails=guard_rails)
+        sha256 = sha256_of(path)
+        network, checkpoint = open_backend(path, sha256, backend, device)
+        return cls(checkpoint, device, batch_size, name=name, sha256=sha256, guard_rails=guard_rails, backend=network)
 
     @classmethod
-    def default(cls, device: str = "auto", batch_size: int = 8, guard_rails: GuardRails | None = None) -> Predictor:
+    def default(
+        cls, device: str = "auto", batch_size: int = 8, guard_rails: GuardRails | None = None, backend: str = "torch"
+    ) -> Predictor:
         """The shipped default model of the registry."""
-        return cls.from_checkpoint(default_model_name(), device, batch_size, guard_rails)
+        return cls.from_checkpoint(default_model_name(), device, batch_size, guard_rails, backend)
 
     def stream_probabilities(
         self, volume: np.ndarray, consume: SliceConsumer, on_progress: ProgressCallback | None = None, preprocessed: bool = False
@@ -297,9 +267,6 @@ class Predictor:
         ``preprocessed`` as in :meth:`predict_probabilities`."""
         box = body_crop_box(volume, self.preprocessing)
         prepare = slice_preparation(volume, self.preprocessing, box, preprocessed)
-        network = self.network
-        if self.guard_rails.flip_tta:
-            network = lambda batch: (self.network(batch) + torch.flip(self.network(torch.flip(batch, (3,))), (3,))) / 2  # noqa: E731
         total, height, width = volume.shape
         start = 0
         while start < total:
@@ -312,7 +279,7 @@ class Predictor:
                     consume(first + offset + index, uncrop_probabilities(slice_probabilities, box, height, width))
 
             progress = None if on_progress is None else lambda done, _, first=start: on_progress(first + done, total)
-            self.batch_size = predict_in_batches(network, inputs, self.batch_size, put_back, self.device, progress)
+            self.batch_size = self.backend.run(inputs, self.batch_size, put_back, progress, self.guard_rails.flip_tta)
             start = stop
 
     def predict_probabilities(

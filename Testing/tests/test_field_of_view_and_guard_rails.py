@@ -9,6 +9,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from COVIDLesionSegLib.backends import TorchBackend
 from COVIDLesionSegLib.classical_lung import classical_lung_mask
 from COVIDLesionSegLib.predictor import GuardRails, Predictor, apply_guard_rails, components_at_least
 from COVIDLesionSegLib.preprocessing import (
@@ -162,7 +163,7 @@ class MirrorSensitiveNetwork(torch.nn.Module):
 
 def test_flip_tta_averages_a_slice_with_its_mirror(tiny_checkpoint):
     predictor = Predictor.from_checkpoint(tiny_checkpoint, device="cpu", guard_rails=GuardRails(flip_tta=True))
-    predictor.network = MirrorSensitiveNetwork()
+    predictor.backend = TorchBackend(MirrorSensitiveNetwork(), "cpu")
     probabilities = predictor.predict_probabilities(np.random.default_rng(0).normal(0, 1, (1, 64, 64)))
     np.testing.assert_allclose(probabilities["lesion"], 0.5, atol=1e-6)  # +10 and −10 averaged
     plain = replace(predictor.guard_rails, flip_tta=False)
@@ -172,7 +173,7 @@ def test_flip_tta_averages_a_slice_with_its_mirror(tiny_checkpoint):
 
 def test_segment_image_applies_guard_rails_with_the_image_spacing(tiny_checkpoint):
     predictor = Predictor.from_checkpoint(tiny_checkpoint, device="cpu", guard_rails=GuardRails(lesion_min_ml=1e6))
-    predictor.network = MirrorSensitiveNetwork()
+    predictor.backend = TorchBackend(MirrorSensitiveNetwork(), "cpu")
     image = sitk.GetImageFromArray(np.random.default_rng(1).normal(0, 50, (3, 32, 32)).astype(np.int16))
     result = predictor.segment_image(image)
     assert result.statistics.lesion_ml == 0  # every lesion component is below 10⁶ mL

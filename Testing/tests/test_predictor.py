@@ -3,6 +3,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from COVIDLesionSegLib.backends import TorchBackend
 from COVIDLesionSegLib.predictor import GuardRails, Predictor, predict_in_batches, resolve_device
 
 
@@ -67,7 +68,7 @@ def test_predict_volume_returns_uint8_mask_of_input_shape(predictor):
 
 
 def test_lesion_is_kept_inside_the_lung(predictor):
-    predictor.network = ThresholdNetwork()
+    predictor.backend = TorchBackend(ThresholdNetwork(), "cpu")
     volume = np.zeros((1, 64, 64), np.float32)
     volume[0, 10:30, 10:30] = 100
     masks = predictor.predict_masks(volume)
@@ -75,7 +76,7 @@ def test_lesion_is_kept_inside_the_lung(predictor):
 
 
 def test_segment_image_keeps_grid_and_reports_statistics(predictor):
-    predictor.network = ThresholdNetwork()
+    predictor.backend = TorchBackend(ThresholdNetwork(), "cpu")
     predictor.guard_rails = GuardRails(lesion_min_ml=0.0)  # the 0.12 mL lesion would fall under the default minimum
     array = np.zeros((4, 30, 20), np.int16) - 1000
     array[1:3, 5:15, 5:10] = 0

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from COVIDLesionSegLib import cli
+from COVIDLesionSegLib.backends import TorchBackend
 from COVIDLesionSegLib.checkpoints import load_checkpoint
 from COVIDLesionSegLib.predictor import Predictor
 from COVIDLesionSegLib.preprocessing import to_network_input
@@ -256,10 +257,10 @@ class RecordingNetwork(torch.nn.Module):
 
 def test_preprocessed_slices_reach_the_network_as_they_are(tiny_checkpoint):
     predictor = Predictor.from_checkpoint(tiny_checkpoint, device="cpu")
-    predictor.network = RecordingNetwork()
+    predictor.backend = TorchBackend(RecordingNetwork(), "cpu")
     slices = np.random.default_rng(0).integers(0, 256, (2, 256, 256)).astype(np.uint8)
     predictor.predict_masks(slices, preprocessed=True)
-    np.testing.assert_array_equal(torch.cat(predictor.network.inputs).numpy(), to_network_input(slices, predictor.preprocessing))
+    np.testing.assert_array_equal(torch.cat(predictor.backend.network.inputs).numpy(), to_network_input(slices, predictor.preprocessing))
     with pytest.raises(ValueError, match="uint8"):
         predictor.predict_masks(slices.astype(np.float32), preprocessed=True)
 

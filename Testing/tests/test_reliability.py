@@ -19,6 +19,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -68,6 +69,7 @@ class ThresholdPredictor:
     name, sha256, channels = "threshold", "0" * 64, ["lesion", "lung"]
     preprocessing = PreprocessingConfig()
     guard_rails = GuardRails()  # recorded in summary.json like the real predictor's
+    backend, device = SimpleNamespace(name="threshold"), "cpu"  # likewise
 
     def segment_image(self, image, on_progress=None, high_opacity_threshold_hu=-200.0, **_):
         oriented = io.to_radiological(image)

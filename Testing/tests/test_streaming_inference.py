@@ -18,6 +18,7 @@ import torch
 
 from COVIDLesionSegLib import io
 from COVIDLesionSegLib import predictor as predictor_module
+from COVIDLesionSegLib.backends import TorchBackend
 from COVIDLesionSegLib.predictor import GuardRails, Predictor, masks_from_probabilities, predict_in_batches
 from COVIDLesionSegLib.preprocessing import prepare_volume, to_network_input, uncrop_probabilities
 from COVIDLesionSegLib.resources import resources_dir
@@ -35,9 +36,9 @@ def whole_volume_probabilities(predictor: Predictor, volume: np.ndarray, preproc
         for offset, slice_probabilities in enumerate(batch):
             probabilities[:, start + offset] = uncrop_probabilities(slice_probabilities, box, *volume.shape[1:])
 
-    network = predictor.network
+    network = single = predictor.backend.network
     if predictor.guard_rails.flip_tta:
-        network = lambda batch: (predictor.network(batch) + torch.flip(predictor.network(torch.flip(batch, (3,))), (3,))) / 2  # noqa: E731
+        network = lambda batch: (single(batch) + torch.flip(single(torch.flip(batch, (3,))), (3,))) / 2  # noqa: E731
     predict_in_batches(network, to_network_input(slices, predictor.preprocessing), predictor.batch_size, store)
     return dict(zip(predictor.channels, probabilities, strict=True))
 
@@ -149,7 +150,7 @@ class BrightIsLesion(torch.nn.Module):
 def test_odd_oblique_volume_with_every_guard_rail(tiny_checkpoint, monkeypatch):
     predictor = Predictor.from_checkpoint(tiny_checkpoint, device="cpu", batch_size=3, guard_rails=EVERY_GUARD_RAIL)
     predictor.preprocessing = predictor.preprocessing.__class__(**{**predictor.preprocessing.to_dict(), "field_of_view": "body"})
-    predictor.network = BrightIsLesion()
+    predictor.backend = TorchBackend(BrightIsLesion(), "cpu")
     assert_same_segmentation(predictor, odd_oblique_ct(), monkeypatch)
 
 
@@ -167,7 +168,7 @@ def test_probabilities_and_preprocessed_slices_stream_unchanged(tiny_checkpoint)
 
 def test_uint8_probability_is_what_the_float_map_is_written_as(tiny_checkpoint, tmp_path):
     predictor = Predictor.from_checkpoint(tiny_checkpoint, device="cpu", batch_size=4)
-    predictor.network = BrightIsLesion()
+    predictor.backend = TorchBackend(BrightIsLesion(), "cpu")
     image = odd_oblique_ct()
     as_float = predictor.segment_image(image, return_probabilities=True)
     as_uint8 = predictor.segment_image(image, return_probabilities=True, probability_dtype="uint8")

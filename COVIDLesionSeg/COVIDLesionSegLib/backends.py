@@ -1,0 +1,327 @@
+"""Where the network runs: PyTorch, or ONNX Runtime on an ONNX export of the checkpoint (CPU).
+
+A backend turns the network's inputs (float32 ``[N, C, size, size]``, :func:`preprocessing.to_network_input`) into
+sigmoid probabilities (float32 ``[N, K, size, size]``) batch by batch (``run``); with ``flip_tta`` it averages the
+logits of each slice and of its left–right mirror first. :func:`open_backend` picks one by name:
+
+- ``"torch"``: the checkpoint's network in PyTorch (fp16 autocast on CUDA, ``channels_last`` on the CPU);
+- ``"onnxruntime"``: an ONNX Runtime CPU session on the network exported to ONNX, with the same outputs (fp32; the
+  probabilities differ from PyTorch's by about 1e-6). Once the export is cached, torch is never imported;
+- ``"auto"``: ONNX Runtime when it is installed and the device is the CPU, else PyTorch. When ONNX Runtime is missing
+  or the export fails, PyTorch is used with a warning saying why (an explicit ``"onnxruntime"`` without the package
+  installed is an error).
+
+**The export cache.** The network is exported once (this needs torch and the ``onnx`` package) to
+``<checkpoint stem>.<key>.onnx`` beside the checkpoint, or in ``checkpoints.cache_dir()/onnx`` where that folder cannot be
+written (a read-only install), next to a record ``<same name>.json``: the checkpoint's SHA-256, the export settings
+(:data:`EXPORT_SETTINGS`), the ONNX file's SHA-256 and size. ``key`` is derived from the checkpoint's SHA-256 and the
+export settings. A cached file is used only when its record matches and its bytes hash to the recorded SHA-256;
+anything else (stale, truncated, edited) is exported again. Both files are written atomically (temporary file, then
+rename), the ONNX file first, so that a record never vouches for a partial file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import io as bytes_io
+import json
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .checkpoints import Checkpoint, atomic_output, cache_dir, load_checkpoint, read_checkpoint_metadata, sha256_of
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+BACKENDS = ("auto", "torch", "onnxruntime")
+EXPORT_SETTINGS = {"exporter": "torchscript", "opset": 17, "input": "float32 [batch, C, size, size]", "output": "logits"}
+EXPORT_TOLERANCE = 1e-3  # largest |logit difference| to PyTorch allowed on the export's check batch (seen: ~1e-5)
+ProgressCallback = Callable[[int, int], None]  # (slices done, slices total)
+BatchConsumer = Callable[[int, np.ndarray], None]  # (first slice, probabilities[B, K, H, W] float32)
+
+
+class BackendUnavailableError(RuntimeError):
+    """The backend asked for cannot run here (package missing, wrong device); the message says what to do."""
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' → CUDA when available, else CPU; 'cuda' without a GPU raises with what to do."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but PyTorch sees no CUDA GPU (CPU-only torch build or no driver); use --device cpu")
+    return torch.device(device)
+
+
+def device_name(device: str = "auto") -> str:
+    """:func:`resolve_device` as a string ("cpu", "cuda", …), without importing torch where no GPU can be used."""
+    if device == "cpu" or (device == "auto" and not gpu_may_be_present()):
+        return "cpu"
+    return str(resolve_device(device))
+
+
+def gpu_may_be_present() -> bool:
+    """False where PyTorch could not see a GPU anyway: CUDA hidden by ``CUDA_VISIBLE_DEVICES``, macOS, or no NVIDIA or
+    AMD (ROCm) driver. True means: ask torch."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1") or sys.platform == "darwin":
+        return False
+    if sys.platform.startswith("linux"):  # the NVIDIA driver, WSL's GPU device, ROCm's kernel driver
+        return any(Path(path).exists() for path in ("/proc/driver/nvidia/version", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd"))
+    if os.name == "nt":
+        return (Path(os.environ.get("SystemRoot", r"C:\Windows")) / "System32" / "nvcuda.dll").exists()
+    return True
+
+
+def onnxruntime_installed() -> bool:
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def predict_in_batches(
+    network: Callable[[torch.Tensor], torch.Tensor],
+    inputs: np.ndarray,
+    batch_size: int,
+    consume: BatchConsumer,
+    device: torch.device | str | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> int:
+    """Run the torch ``network`` over ``inputs[N, C, H, W]`` in batches; ``consume(start, probabilities[B, K, H, W])``.
+
+    On CUDA out-of-memory the batch is retried at half the size (down to 1). Returns the batch size that
+    worked, so callers can keep it for the next volume.
+    """
+    import torch
+
+    device = torch.device(device or "cpu")
+    start, total = 0, len(inputs)
+    while start < total:
+        batch = torch.from_numpy(inputs[start : start + batch_size]).to(device)
+        try:
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
+                probabilities = torch.sigmoid(network(batch).float()).cpu().numpy()
+        except torch.cuda.OutOfMemoryError:
+            if batch_size == 1:
+                raise RuntimeError("CUDA out of memory even with batch size 1; use --device cpu") from None
+            torch.cuda.empty_cache()
+            batch_size = max(1, batch_size // 2)
+            logger.warning("CUDA out of memory; retrying with batch size %d", batch_size)
+            continue
+        consume(start, probabilities)
+        start += len(probabilities)
+        if on_progress:
+            on_progress(start, total)
+    return batch_size
+
+
+class TorchBackend:
+    """A torch network (logits ``[N, K, H, W]`` of a ``[N, C, H, W]`` batch) on ``device`` ("auto", "cpu", "cuda", …)."""
+
+    name = "torch"
+
+    def __init__(self, network: torch.nn.Module, device: str = "auto"):
+        import torch
+
+        self.device = device_name(device)
+        self.network = network.to(self.device)
+        if self.device == "cpu":
+            self.network = self.network.to(memory_format=torch.channels_last)
+
+    def run(self, inputs: np.ndarray, batch_size: int, consume: BatchConsumer, on_progress: ProgressCallback | None = None,
+            flip_tta: bool = False) -> int:
+        """:func:`predict_in_batches` of the network (averaged with its left–right mirror's logits with ``flip_tta``)."""
+        import torch
+
+        network = self.network
+        if flip_tta:
+            network = lambda batch: (self.network(batch) + torch.flip(self.network(torch.flip(batch, (3,))), (3,))) / 2  # noqa: E731
+        return predict_in_batches(network, inputs, batch_size, consume, self.device, on_progress)
+
+
+class OnnxRuntimeBackend:
+    """An ONNX Runtime CPU session of the exported network (input ``[N, C, H, W]`` float32 → logits ``[N, K, H, W]``)."""
+
+    name = "onnxruntime"
+    device = "cpu"
+
+    def __init__(self, session):
+        self.session = session
+        self.input_name = session.get_inputs()[0].name
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+    def run(self, inputs: np.ndarray, batch_size: int, consume: BatchConsumer, on_progress: ProgressCallback | None = None,
+            flip_tta: bool = False) -> int:
+        """As :meth:`TorchBackend.run`: ``consume(start, probabilities[B, K, H, W])`` for each batch; returns ``batch_size``."""
+        total = len(inputs)
+        for start in range(0, total, batch_size):
+            batch = inputs[start : start + batch_size]
+            logits = self.logits(batch)
+            if flip_tta:
+                logits = (logits + self.logits(batch[..., ::-1])[..., ::-1]) / 2
+            with np.errstate(over="ignore"):  # exp(-logit) → inf below about -88: probability 0, as torch.sigmoid gives
+                consume(start, (1 / (1 + np.exp(-logits))).astype(np.float32, copy=False))
+            if on_progress:
+                on_progress(min(start + batch_size, total), total)
+        return batch_size
+
+
+def session_threads() -> int:
+    """ONNX Runtime's intra-op threads: ``OMP_NUM_THREADS`` as PyTorch reads it, else 0 (ONNX Runtime's default, one per
+    physical core, which is PyTorch's default too)."""
+    try:
+        return max(0, int(os.environ.get("OMP_NUM_THREADS", "0")))
+    except ValueError:
+        return 0
+
+
+def onnxruntime_session(model: str | bytes, threads: int | None = None):
+    """A CPU ``onnxruntime.InferenceSession`` of ``model`` (a file path or the model's bytes)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = session_threads() if threads is None else threads
+    options.log_severity_level = 3  # errors only: no notes on graph optimisations
+    return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def export_key(sha256: str) -> str:
+    """16 hex characters naming the export of the checkpoint with SHA-256 ``sha256`` under :data:`EXPORT_SETTINGS`."""
+    return hashlib.sha256(json.dumps({"checkpoint_sha256": sha256, "export": EXPORT_SETTINGS}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_candidates(path: Path, sha256: str) -> list[Path]:
+    """Where the ONNX export of checkpoint ``path`` is looked for and written, in order: beside it, then the user cache."""
+    name = f"{path.stem}.{export_key(sha256)}.onnx"
+    return [path.resolve().parent / name, cache_dir() / "onnx" / name]
+
+
+def record_path(onnx_path: Path) -> Path:
+    return onnx_path.with_name(onnx_path.name + ".json")
+
+
+def cached_session(onnx_path: Path, sha256: str, threads: int | None = None):
+    """The session of a cached export when its record matches checkpoint ``sha256`` and the settings and the file's bytes
+    hash to the recorded SHA-256; None when absent. A stale or corrupt cache raises ValueError saying why."""
+    record_file = record_path(onnx_path)
+    if not record_file.is_file() and not onnx_path.is_file():
+        return None
+    try:
+        record = json.loads(record_file.read_text(encoding="utf-8"))
+        if record.get("checkpoint_sha256") != sha256 or record.get("export") != EXPORT_SETTINGS:
+            raise ValueError("made from another checkpoint or with other export settings")
+        if onnx_path.stat().st_size != record.get("onnx_bytes") or sha256_of(onnx_path) != record.get("onnx_sha256"):
+            raise ValueError("its bytes do not match its record (truncated or changed)")
+        return onnxruntime_session(str(onnx_path), threads)
+    except Exception as error:  # unreadable record, missing file, a file ONNX Runtime refuses: export again
+        raise ValueError(f"{onnx_path}: cached ONNX export not usable ({type(error).__name__}: {error})") from error
+
+
+def export_onnx(checkpoint: Checkpoint) -> bytes:
+    """The checkpoint's network as ONNX bytes (TorchScript exporter, dynamic batch axis), checked against PyTorch on a
+    random batch of two (``RuntimeError`` when a logit differs by more than :data:`EXPORT_TOLERANCE`)."""
+    import torch
+
+    network = checkpoint.build()
+    config = checkpoint.preprocessing
+    example = torch.randn(2, config.input_channels, config.size, config.size, generator=torch.Generator().manual_seed(0))
+    options = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+    stream = bytes_io.BytesIO()
+    with warnings.catch_warnings():  # the exporter's deprecation and tracer notes are not the user's concern
+        warnings.simplefilter("ignore")
+        torch.onnx.export(network, (example,), stream, input_names=["input"], output_names=["logits"],
+                          opset_version=EXPORT_SETTINGS["opset"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, **options)
+    model = stream.getvalue()
+    with torch.inference_mode():
+        expected = network(example).numpy()
+    difference = float(np.max(np.abs(OnnxRuntimeBackend(onnxruntime_session(model)).logits(example.numpy()) - expected)))
+    if not difference <= EXPORT_TOLERANCE:
+        raise RuntimeError(f"the ONNX export's logits differ from PyTorch's by {difference:.3g} (> {EXPORT_TOLERANCE:g})")
+    return model
+
+
+def write_export(onnx_path: Path, model: bytes, sha256: str) -> None:
+    """Write the export and then its record, each atomically (OSError when the folder cannot be written)."""
+    import torch
+
+    with atomic_output(onnx_path) as temporary:
+        temporary.write_bytes(model)
+    record = {"checkpoint_sha256": sha256, "export": EXPORT_SETTINGS, "onnx_sha256": hashlib.sha256(model).hexdigest(),
+              "onnx_bytes": len(model), "torch": torch.__version__}
+    with atomic_output(record_path(onnx_path)) as temporary:
+        temporary.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def onnxruntime_backend(path: Path, sha256: str, threads: int | None = None) -> tuple[OnnxRuntimeBackend, Checkpoint]:
+    """The ONNX Runtime backend of checkpoint ``path`` (SHA-256 ``sha256``) and the checkpoint: from the cache without
+    torch when a valid export is there, else exported (torch), cached where a folder can be written, and used."""
+    candidates = cache_candidates(path, sha256)
+    for onnx_path in candidates:
+        try:
+            session = cached_session(onnx_path, sha256, threads)
+        except ValueError as error:
+            logger.warning("%s; not used", error)
+            continue
+        if session is not None:
+            return OnnxRuntimeBackend(session), read_checkpoint_metadata(path, check_model=False)
+    checkpoint = load_checkpoint(path)
+    model = export_onnx(checkpoint)
+    for onnx_path in candidates:
+        try:
+            write_export(onnx_path, model, sha256)
+            break
+        except OSError as error:
+            logger.debug("cannot cache the ONNX export at %s (%s)", onnx_path, error)
+    else:
+        logger.warning("the ONNX export of %s could not be cached (%s and %s not writable); it is made again next time",
+                       path, candidates[0].parent, candidates[1].parent)
+    return OnnxRuntimeBackend(onnxruntime_session(model, threads)), checkpoint
+
+
+def open_backend(path: str | Path, sha256: str, backend: str = "auto", device: str = "auto",
+                 threads: int | None = None) -> tuple[TorchBackend | OnnxRuntimeBackend, Checkpoint]:
+    """The backend named ``backend`` (:data:`BACKENDS`) for checkpoint ``path`` with SHA-256 ``sha256``, and the checkpoint
+    (without tensors when they were not needed). ``threads``: ONNX Runtime's (default :func:`session_threads`)."""
+    path = Path(path)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "onnxruntime":
+        require_onnxruntime(device)
+    elif backend == "auto":
+        device = device_name(device)
+        if device != "cpu":
+            backend = "torch"
+        elif not onnxruntime_installed():
+            logger.warning("onnxruntime is not installed, so the network runs in PyTorch (pip install onnxruntime onnx: faster on the CPU)")
+            backend = "torch"
+    if backend != "torch":
+        try:
+            return onnxruntime_backend(path, sha256, threads)
+        except Exception as error:  # the export needs torch's exporter, the onnx package and a network it can trace
+            reason = "the onnx package is not installed (pip install onnx)" if importlib.util.find_spec("onnx") is None else str(error)
+            logger.debug("ONNX Runtime backend failed", exc_info=True)
+            logger.warning("the network runs in PyTorch: the ONNX export for ONNX Runtime failed (%s)", reason)
+            device = "cpu"
+    checkpoint = load_checkpoint(path)
+    return TorchBackend(checkpoint.build(), device), checkpoint
+
+
+def require_onnxruntime(device: str = "auto") -> None:
+    """BackendUnavailableError saying what to do when the ONNX Runtime backend cannot run with ``device``."""
+    if device not in ("auto", "cpu"):
+        raise BackendUnavailableError(f"the onnxruntime backend runs on the CPU; use --device cpu (or auto), or --backend torch "
+                                      f"for {device}")
+    if not onnxruntime_installed():
+        raise BackendUnavailableError("--backend onnxruntime needs the onnxruntime package, which is not installed: pip install "
+                                      "onnxruntime onnx (or pip install 'covidlesionseg[fast]'), or use --backend auto or torch")
