@@ -52,6 +52,7 @@ def segment_command(
     model: str | None = None,
     weights: str | Path | None = None,
     device: str = "auto",
+    backend: str = "auto",
     batch_size: int = 8,
     include_lung: bool = True,
     overwrite: bool = False,
@@ -62,10 +63,11 @@ def segment_command(
 
     ``weights`` (a checkpoint file) takes precedence over ``model`` (a registry name); with neither, the CLI
     uses the registry's default model. ``report`` adds ``--report`` (a ``<case>.report.png`` per case);
-    ``high_opacity_threshold_hu`` is passed as ``--high-opacity-threshold`` (None: the CLI's default).
+    ``high_opacity_threshold_hu`` is passed as ``--high-opacity-threshold`` (None: the CLI's default). ``backend`` "auto" runs
+    the network in ONNX Runtime on the CPU when the onnxruntime package is installed in that Python, else in PyTorch.
     """
     command = [str(python), "-m", "COVIDLesionSegLib.cli", "segment", *map(str, inputs), "--output-dir", str(output_dir),
-               "--device", device, "--batch-size", str(batch_size), "--format", "seg.nrrd", "--progress", "lines"]
+               "--device", device, "--backend", backend, "--batch-size", str(batch_size), "--format", "seg.nrrd", "--progress", "lines"]
     if weights:
         command += ["--weights", str(weights)]
     elif model:

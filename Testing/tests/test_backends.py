@@ -146,7 +146,8 @@ def test_explicit_onnxruntime_without_the_package_or_on_cuda_is_a_clear_error(ti
     monkeypatch.setattr(backends, "onnxruntime_installed", lambda: False)
     assert cli.main(["segment", str(tmp_path / "x.nrrd"), "-o", str(tmp_path / "out"), "--weights", str(tiny_copy),
                      "--backend", "onnxruntime"]) == 1
-    assert "ERROR --backend onnxruntime needs the onnxruntime package, which is not installed: pip install onnxruntime" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "ERROR --backend onnxruntime needs the onnxruntime package, which is not installed: pip install onnxruntime" in error
 
 
 def test_a_warm_cache_segments_without_importing_torch(tiny_copy, tmp_path):

@@ -66,7 +66,8 @@ def test_segment_command_defaults(tmp_path):
     command = segment_command([tmp_path], tmp_path / "out", model="resattunet")
     arguments = build_parser().parse_args(command[3:])
     assert arguments.model == "resattunet" and arguments.weights is None
-    assert (arguments.device, arguments.batch_size, arguments.no_lung, arguments.overwrite) == ("auto", 8, False, False)
+    assert (arguments.device, arguments.backend, arguments.batch_size) == ("auto", "auto", 8)
+    assert not arguments.no_lung and not arguments.overwrite
     assert not arguments.report and arguments.high_opacity_threshold == DEFAULT_HIGH_OPACITY_THRESHOLD_HU
     assert not any(part.startswith(("--report", "--high-opacity-threshold")) for part in command)  # the CLI's defaults
 
