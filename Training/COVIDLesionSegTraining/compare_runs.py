@@ -36,19 +36,33 @@ from .model_card import healthy_ct_check, held_out_negative_volumes
 from .reproduce import markdown_table
 
 
-def score_run(run_dir: Path, checkpoint: str, device: str, lesion_free_patients: Sequence[str] | None = None) -> dict:
+def trained_on(config: TrainConfig, patients: Sequence[str]) -> list[str]:
+    """Those of the lesion-free ``patients`` that the run of ``config``, or the run it fine-tuned (``init_recipe``),
+    trained on: all but its held-out and validation patients when it drew lesion-free slices, none otherwise."""
+    trained = set(patients) - set(config.negative_validation) - set(config.negative_holdout) if config.negatives_dir else set()
+    if config.init_recipe:
+        trained |= set(trained_on(TrainConfig.from_dict(config.init_recipe), patients))
+    return sorted(trained)
+
+
+def score_run(
+    run_dir: Path, checkpoint: str, device: str, lesion_free_patients: Sequence[str] | None = None, negatives_dir: Path | None = None
+) -> dict:
     """One run's validation scores (see the module docstring); ``lesion_free_patients`` replaces the recipe's
-    ``negative_validation`` (each must be one the run never trained on)."""
+    ``negative_validation`` (each must be one the run never trained on), found in the recipe's lesion-free
+    folder or, for a run that drew none, in ``negatives_dir``."""
     config = TrainConfig.load(run_dir / "config.json")
     patients = config.negative_validation if lesion_free_patients is None else tuple(lesion_free_patients)
-    trained_on = sorted(set(patients) - set(config.negative_validation) - set(config.negative_holdout))
-    if trained_on:
-        raise ValueError(f"{run_dir}: trained on the lesion-free patients {trained_on}; they cannot validate it")
+    if trained_on(config, patients):
+        raise ValueError(f"{run_dir}: trained on the lesion-free patients {trained_on(config, patients)}; they cannot validate it")
+    negatives_dir = config.negatives_dir or negatives_dir
+    if patients and not negatives_dir:
+        raise ValueError(f"{run_dir}: its recipe has no lesion-free folder; name one with --negatives")
     path = run_dir / f"{checkpoint}.safetensors"
     with tempfile.TemporaryDirectory() as scratch:
         channels = evaluate_checkpoint(path, config.data_dir, scratch, subset="val", device=device)["channels"]
     predictor = Predictor.from_checkpoint(path, device)
-    lesion_free = [healthy_ct_check(predictor, volume) for volume in held_out_negative_volumes(config.negatives_dir, patients)]
+    lesion_free = [healthy_ct_check(predictor, volume) for volume in held_out_negative_volumes(negatives_dir, patients)]
     return {
         "run": str(run_dir),
         "checkpoint": checkpoint,
@@ -136,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--lesion-free-patients", nargs="+", metavar="PATIENT", help="score on these lesion-free patients instead of each recipe's "
         "negative_validation (each must be held out or validated on by every run)"
     )
+    parser.add_argument("--negatives", type=Path, metavar="DIR", help="the lesion-free folder (chest-ct-hu-no-covid) for runs whose "
+                        "recipe drew no lesion-free slices")
     parser.add_argument("--device", default="auto")
     return parser
 
@@ -144,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     runs = []
     for run_dir in arguments.runs:
-        runs.append(score_run(run_dir, arguments.checkpoint, arguments.device, arguments.lesion_free_patients))
+        runs.append(score_run(run_dir, arguments.checkpoint, arguments.device, arguments.lesion_free_patients, arguments.negatives))
         print(f"{run_dir}: {runs[-1]['validation_groups']} {runs[-1]['lesion_free_validation']}", flush=True)
     command = shlex.join(["covidlesionseg-compare-runs", *(sys.argv[1:] if argv is None else argv)])
     results = {"command": command, "date": datetime.now().isoformat(timespec="seconds"), "runs": runs,
