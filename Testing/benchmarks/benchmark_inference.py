@@ -103,8 +103,9 @@ def cli_speed(checkpoint: Path, volume: Path, output: Path, device: str, batch_s
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    status = cli.main(["segment", str(volume), "-o", str(output), "--weights", str(checkpoint), "--device", device,
+    status = cli.main(["segment", str(volume), "-o", str(output), "--weights", str(checkpoint), "--device", device, "--backend", "torch",
                        "--batch-size", str(batch_size), "--progress", "none", "--overwrite"])  # fmt: skip
+    # (the network in PyTorch, as measured above; ONNX Runtime's CLI figures come from benchmark_memory_speed.py)
     seconds = time.perf_counter() - started
     if status != 0:
         raise RuntimeError(f"{device}: the CLI failed (exit {status})")

@@ -1,26 +1,31 @@
-"""Peak memory and time of ``covidlesionseg segment`` on synthetic 512² HU chest CTs of growing length.
+"""Peak memory, start-up and time of ``covidlesionseg segment`` per network backend on synthetic 512² HU chest CTs.
 
     nice -n 19 python Testing/benchmarks/benchmark_memory_speed.py --slices 60 300 600
 
-For each slice count the CLI runs at its default settings (the shipped default model, seg.nrrd output,
-default guard rails; ``--progress lines`` only, to see the first slices) in a child process on a
-synthetic 512×512×N HU volume written as ``.nii.gz`` in a temporary folder, and the table gives:
+For each slice count the CLI runs at its default settings (the shipped default model, seg.nrrd output, default guard
+rails; ``--progress lines`` only, to see the first slices) with each ``--backends`` in turn (``--backend torch``, then
+``--backend onnxruntime``, alternating, so that both see the same load) in a child process on a synthetic 512×512×N HU
+volume written as ``.nii.gz`` in a temporary folder, and the table gives:
 
 - *peak RSS*: the child's maximum resident set size (``os.wait4``, the kernel's own figure for that process);
 - *wall*: process start to exit; CLI slices/s = N / wall;
 - *to first batch*: process start to the CLI's first ``PROGRESS`` line, i.e. imports, model load, reading the
-  volume and whatever the code does before the network's first batch of slices is done;
-- *network slices/s*: the network alone (this process, batch ``--batch-size``, ``channels_last``, fp32, random
-  256² inputs), so the CLI figures can be read against what the network costs.
+  volume and whatever the code does before the network's first batch of slices is done (the start-up). The ONNX
+  export is made (or found) before the CLI runs, so the onnxruntime rows are those of a warm cache;
+- *network slices/s*: the network alone (this process, batch ``--batch-size``, fp32, random 256² inputs): PyTorch eager
+  ``channels_last`` and the ONNX Runtime session, measured in ``--rounds`` alternating rounds; the ratio is that of each
+  round's pair, so that a change of load between rounds cancels out.
 
 ``--source DIR`` runs the CLI of another copy of ``COVIDLesionSegLib`` (a folder holding it, e.g. an earlier
-commit unpacked with ``git archive``), to compare code versions on the same machine and volumes. Children run
-with ``OMP_NUM_THREADS`` = ``--threads``. Not a test: the figures depend on the machine and on its other load.
+commit unpacked with ``git archive``), to compare code versions on the same machine and volumes (one without
+``--backend`` needs ``--backends default``). Children run with ``OMP_NUM_THREADS`` = ``--threads``. Not a test: the
+figures depend on the machine and on its other load, which the machine line gives (load average at the start).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import os
 import platform
 import subprocess
@@ -65,11 +70,13 @@ def write_volume(path: Path, slices: int) -> Path:
     return path
 
 
-def run_cli(volume: Path, output: Path, source: Path | None, threads: int) -> dict:
-    """The CLI in a child process at default settings; wall time, time to the first PROGRESS line, peak RSS."""
+def run_cli(volume: Path, output: Path, source: Path | None, threads: int, backend: str) -> dict:
+    """The CLI in a child process at default settings (``--backend backend`` unless "default"); wall time, time to the
+    first PROGRESS line, peak RSS."""
     bootstrap = "import sys\n" + (f"sys.path.insert(0, {str(source)!r})\n" if source else "") + \
         "from COVIDLesionSegLib.cli import main\nsys.exit(main())"
     command = [sys.executable, "-c", bootstrap, "segment", str(volume), "-o", str(output), "--progress", "lines", "--overwrite"]
+    command += [] if backend == "default" else ["--backend", backend]
     environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     started = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment, text=True)
@@ -81,29 +88,58 @@ def run_cli(volume: Path, output: Path, source: Path | None, threads: int) -> di
     _, status, usage = os.wait4(child.pid, 0)
     child.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - started
-    if child.returncode != 0:
-        raise RuntimeError(f"the CLI failed on {volume.name} (exit {child.returncode}):\n{errors[-2000:]}")
+    if child.returncode != 0 or "the network runs in PyTorch" in errors:  # failed, or fell back from the backend asked for
+        raise RuntimeError(f"the CLI ({backend}) failed or fell back on {volume.name} (exit {child.returncode}):\n{errors[-2000:]}")
     return {"wall_s": wall, "first_batch_s": first_batch, "peak_rss_mib": usage.ru_maxrss / 1024}
 
 
-def network_speed(batch_size: int, threads: int, seconds: float) -> float:
-    """Slices/s of the shipped default model's network alone (fp32, channels_last), after two warm-up batches."""
+def in_child(code: str, threads: int) -> None:
+    """Run ``code`` in a child Python with this module's names. This process stays small before the CLI runs: a child's
+    peak RSS (``ru_maxrss``) counts its parent's peak when it was started (Linux carries it over on ``exec``)."""
+    subprocess.run([sys.executable, "-c", f"from benchmark_memory_speed import *\n{code}"], check=True, cwd=Path(__file__).parent,
+                   env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+
+
+def default_model() -> tuple[Path, str]:
+    """The shipped default model's file and SHA-256."""
+    from COVIDLesionSegLib.checkpoints import locate_model, sha256_of
+    from COVIDLesionSegLib.resources import default_model_name
+
+    path, _ = locate_model(default_model_name())
+    return path, sha256_of(path)
+
+
+def network_speeds(backends: list[str], batch_size: int, threads: int, seconds: float, rounds: int) -> dict[str, list[float]]:
+    """Slices/s of the shipped default model's network alone (fp32) in each backend, ``rounds`` alternating rounds of
+    ``seconds`` each after two warm-up batches: PyTorch eager with ``channels_last``, ONNX Runtime's session."""
     import torch
 
-    from COVIDLesionSegLib.predictor import Predictor
+    from COVIDLesionSegLib.backends import open_backend
 
     torch.set_num_threads(threads)
-    predictor = Predictor.default(device="cpu", batch_size=batch_size)
-    config = predictor.preprocessing
-    batch = torch.randn(batch_size, config.input_channels, config.size, config.size).contiguous(memory_format=torch.channels_last)
+    path, sha256 = default_model()
+    runs = {}
+    for name in backends:
+        backend, checkpoint = open_backend(path, sha256, name, "cpu", threads=threads)
+        config = checkpoint.preprocessing
+        inputs = np.random.default_rng(0).normal(size=(batch_size, config.input_channels, config.size, config.size)).astype(np.float32)
+        if name == "torch":
+            tensor = torch.from_numpy(inputs).contiguous(memory_format=torch.channels_last)
+            runs[name] = lambda network=backend.network, tensor=tensor: network(tensor)
+        else:
+            runs[name] = lambda backend=backend, inputs=inputs: backend.logits(inputs)
+    speeds = {name: [] for name in runs}
     with torch.inference_mode():
-        for _ in range(2):
-            predictor.network(batch)
-        started, done = time.perf_counter(), 0
-        while done == 0 or time.perf_counter() - started < seconds:
-            predictor.network(batch)
-            done += batch_size
-    return done / (time.perf_counter() - started)
+        for run in runs.values():
+            run(), run()
+        for _ in range(rounds):
+            for name, run in runs.items():
+                started, done = time.perf_counter(), 0
+                while done == 0 or time.perf_counter() - started < seconds:
+                    run()
+                    done += batch_size
+                speeds[name].append(done / (time.perf_counter() - started))
+    return speeds
 
 
 def machine() -> str:
@@ -119,46 +155,82 @@ def machine() -> str:
         memory = f", {kib / 2**20:.0f} GiB RAM"
     except (OSError, StopIteration):
         pass
-    import torch
-
+    versions = []
+    for package in ("torch", "onnxruntime"):
+        try:
+            versions.append(f"{package} {importlib.metadata.version(package)}")  # not imported: this process stays small
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"no {package}")
+    versions = ", ".join(versions)
     load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
-    return f"{model}, {os.cpu_count()} cores{memory}, Python {platform.python_version()}, torch {torch.__version__}{load}"
+    return f"{model}, {os.cpu_count()} cores{memory}, Python {platform.python_version()}, {versions}{load}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, nargs="+", default=[60, 300, 600], help="slice counts of the synthetic volumes")
-    parser.add_argument("--threads", type=int, default=2, help="torch/OpenMP threads of the CLI and the network measurement")
+    parser.add_argument("--backends", nargs="+", default=["torch", "onnxruntime"],
+                        choices=["torch", "onnxruntime", "auto", "default"],
+                        help="the CLI's --backend of each run, in turn ('default': no --backend, for --source code without it)")
+    parser.add_argument("--threads", type=int, default=2, help="torch/OpenMP/ONNX Runtime threads of the CLI and the network")
     parser.add_argument("--batch-size", type=int, default=8, help="batch of the network measurement (the CLI's default is 8)")
-    parser.add_argument("--network-seconds", type=float, default=20.0, help="how long to measure the network alone")
+    parser.add_argument("--network-seconds", type=float, default=10.0, help="how long each round measures each backend's network")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the network measurement")
     parser.add_argument("--source", type=Path, help="a folder holding another COVIDLesionSegLib to run instead of the installed one")
     args = parser.parse_args(argv)
     described = machine()
     print(f"Machine: {described}", flush=True)
+    if "onnxruntime" in args.backends or "auto" in args.backends:
+        started = time.perf_counter()
+        in_child("from COVIDLesionSegLib.backends import open_backend; open_backend(*default_model(), 'onnxruntime', 'cpu')", args.threads)
+        print(f"ONNX export of the default model made or found valid in {time.perf_counter() - started:.1f} s", flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="covidlesionseg-benchmark-") as folder:
         folder = Path(folder)
         for slices in args.slices:
-            volume = write_volume(folder / f"synthetic-512x512x{slices}.nii.gz", slices)
-            result = run_cli(volume, folder / f"out-{slices}", args.source, args.threads)
-            rows.append((slices, result))
-            print(f"{slices} slices: {result}", flush=True)
+            volume = folder / f"synthetic-512x512x{slices}.nii.gz"
+            in_child(f"write_volume(Path({str(volume)!r}), {slices})", args.threads)
+            for backend in args.backends:
+                result = run_cli(volume, folder / f"out-{slices}-{backend}", args.source, args.threads, backend)
+                rows.append((slices, backend, result))
+                print(f"{slices} slices, {backend}: {result}", flush=True)
             volume.unlink()
-    network = network_speed(args.batch_size, args.threads, args.network_seconds)
+    network_backends = [name for name in ("torch", "onnxruntime") if name in args.backends or "auto" in args.backends]
+    speeds = network_speeds(network_backends, args.batch_size, args.threads, args.network_seconds, args.rounds)
     code = f"COVIDLesionSegLib from {args.source}" if args.source else "the installed COVIDLesionSegLib"
-    print(f"\nMachine: {described}; {args.threads} threads; {code}; CLI at default settings (shipped default model).\n")
-    print("| volume | peak RSS (MiB) | wall (s) | CLI slices/s | to first batch (s) |")
-    print("|---|---|---|---|---|")
-    for slices, result in rows:
+    print(f"\nMachine: {described}; {args.threads} threads; {code}; CLI at default settings (shipped default model) but --backend.\n")
+    print("| volume | backend | peak RSS (MiB) | wall (s) | CLI slices/s | to first batch (s) |")
+    print("|---|---|---|---|---|---|")
+    for slices, backend, result in rows:
         first = "—" if result["first_batch_s"] is None else f"{result['first_batch_s']:.1f}"
-        print(f"| 512×512×{slices} | {result['peak_rss_mib']:.0f} | {result['wall_s']:.1f} | {slices / result['wall_s']:.2f} | {first} |")
-    counts = [slices for slices, _ in rows]
+        print(f"| 512×512×{slices} | {backend} | {result['peak_rss_mib']:.0f} | {result['wall_s']:.1f} | "
+              f"{slices / result['wall_s']:.2f} | {first} |")
+    if {"torch", "onnxruntime"} <= set(args.backends):
+        by_run = {(slices, backend): result for slices, backend, result in rows}
+        print("\nonnxruntime / torch, same volume, consecutive runs:\n")
+        print("| volume | wall | to first batch | peak RSS |")
+        print("|---|---|---|---|")
+        for slices in args.slices:
+            onnx, eager = by_run[slices, "onnxruntime"], by_run[slices, "torch"]
+            first = ("—" if None in (onnx["first_batch_s"], eager["first_batch_s"])
+                     else f"{onnx['first_batch_s'] / eager['first_batch_s']:.2f}")
+            rss = onnx["peak_rss_mib"] / eager["peak_rss_mib"]
+            print(f"| 512×512×{slices} | {onnx['wall_s'] / eager['wall_s']:.2f} | {first} | {rss:.2f} |")
+    counts = sorted({slices for slices, _, _ in rows})
     if 300 in counts and 600 in counts:
-        peaks = {slices: result["peak_rss_mib"] for slices, result in rows}
         volume_mib = 300 * 512 * 512 * (2 + 2) / 2**20  # 300 more slices of int16 input + two uint8 output masks
-        print(f"\nPeak RSS growth from 300 to 600 slices: {peaks[600] - peaks[300]:.0f} MiB "
-              f"(300 slices of int16 input and two uint8 masks: {volume_mib:.0f} MiB).")
-    print(f"\nNetwork alone: {network:.2f} slices/s (batch {args.batch_size}, fp32, channels_last, 256², {args.threads} threads).")
+        for backend in args.backends:
+            peaks = {slices: result["peak_rss_mib"] for slices, name, result in rows if name == backend}
+            print(f"\nPeak RSS growth from 300 to 600 slices, {backend}: {peaks[600] - peaks[300]:.0f} MiB "
+                  f"(300 slices of int16 input and two uint8 masks: {volume_mib:.0f} MiB).")
+    print(f"\nNetwork alone (batch {args.batch_size}, fp32, 256², {args.threads} threads; {args.rounds} alternating rounds of "
+          f"{args.network_seconds:g} s each), slices/s per round:")
+    for name, values in speeds.items():
+        label = "torch (eager, channels_last)" if name == "torch" else "onnxruntime"
+        print(f"- {label}: {', '.join(f'{value:.2f}' for value in values)} (median {np.median(values):.2f})")
+    if len(speeds) == 2:
+        ratios = [onnx / eager for eager, onnx in zip(speeds["torch"], speeds["onnxruntime"], strict=True)]
+        print(f"- onnxruntime / torch per round: {', '.join(f'{ratio:.2f}' for ratio in ratios)} (median {np.median(ratios):.2f})")
     return 0
 
 
