@@ -453,11 +453,17 @@ def build_parser() -> argparse.ArgumentParser:
     guard.add_argument("--lesion-min-ml", type=finite_float, metavar="ML", help="drop 3D lesion components smaller than ML (0 = off)")
     guard.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, help="average each slice's prediction with its left-right mirror's (2x time)")
     guard.add_argument("--hu-lung-prior", action=argparse.BooleanOptionalAction, help="HU input: lesion only inside the dilated classical lung mask")
+    guard.add_argument("--lesion-min-hu", type=hu_or_off, metavar="HU", help="HU input: lesion only where the in-plane smoothed CT is at least HU ('off')")
     segment.add_argument("--debug", action="store_true", help="print the traceback of every error")
     from .measure import add_parser as add_measure_parser
 
     add_measure_parser(commands)  # covidlesionseg measure CT SEG
     return parser
+
+
+def hu_or_off(text: str) -> float | str:
+    """argparse type: a finite number of HU, or ``off`` (kept as the string, as None means "not given")."""
+    return "off" if text.strip().lower() == "off" else finite_float(text)
 
 
 def finite_float(text: str) -> float:
@@ -547,7 +553,8 @@ def segment_command(args: argparse.Namespace) -> int:
     from .predictor import GuardRails, Predictor
 
     try:
-        guard_rails = GuardRails(**{name: getattr(args, name) for name in GuardRails.__dataclass_fields__ if getattr(args, name) is not None})
+        given = {name: getattr(args, name) for name in GuardRails.__dataclass_fields__ if getattr(args, name) is not None}
+        guard_rails = GuardRails(**{name: None if value == "off" else value for name, value in given.items()})
     except ValueError as error:
         print(f"ERROR guard rails: {error}", file=sys.stderr)
         return 2

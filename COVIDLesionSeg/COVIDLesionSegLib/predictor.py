@@ -125,34 +125,41 @@ def slice_preparation(volume: np.ndarray, config: PreprocessingConfig, box: Crop
 
 @dataclass(frozen=True)
 class GuardRails:
-    """Inference-time checks against false lesions, each off at 0 / False. The defaults (what the CLI, the API
-    and the Slicer module use) are the setting ``covidlesionseg-guard-rails`` recommended on the v2 recipe's
-    fold models: see ``Training/results/guard-rails-v2/guard_rails.md``.
+    """Inference-time checks against false lesions, each off at 0 / False / None. The defaults (what the CLI, the
+    API and the Slicer module use) are the setting ``covidlesionseg-guard-rails`` recommended on the v2 recipe's
+    fold models: see ``Training/results/guard-rails-v2-hu/guard_rails.md``.
 
     - ``lung_min_ml``: keep only 3D connected components of the lung mask of at least this volume (a real
       lung is hundreds of mL; stray "lung" on bowel gas or outside the chest is small), lesion inside them;
     - ``lesion_min_ml``: drop 3D lesion components smaller than this;
     - ``flip_tta``: average the logits of each slice and of its left–right mirror (2× network time);
     - ``hu_lung_prior``: for HU input only, lesion only inside the classical lung mask
-      (:mod:`.classical_lung`), dilated by ``HU_PRIOR_DILATION_MM`` in-plane.
+      (:mod:`.classical_lung`), dilated by ``HU_PRIOR_DILATION_MM`` in-plane;
+    - ``lesion_min_hu``: for HU input only, lesion only where the CT, smoothed in-plane (Gaussian, σ
+      ``HU_SMOOTHING_MM``), is at least this dense. Ground glass is by definition denser than aerated lung
+      (about −850 HU); a lesion painted on aerated lung is not one. None: off.
     """
 
     lung_min_ml: float = 0.0
-    lesion_min_ml: float = 0.5  # the recommendation of Training/results/guard-rails-v2 (covidlesionseg-guard-rails)
+    lesion_min_ml: float = 0.5  # with lesion_min_hu, the recommendation of Training/results/guard-rails-v2-hu
     flip_tta: bool = False
     hu_lung_prior: bool = False
+    lesion_min_hu: float | None = -800.0
 
     def __post_init__(self):
         for name in ("lung_min_ml", "lesion_min_ml"):
             value = getattr(self, name)
             if not (np.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite volume ≥ 0 mL, got {value}")
+        if self.lesion_min_hu is not None and not -1024 <= self.lesion_min_hu <= 0:
+            raise ValueError(f"lesion_min_hu must be between -1024 and 0 HU (or None: off), got {self.lesion_min_hu}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 HU_PRIOR_DILATION_MM = 10.0
+HU_SMOOTHING_MM = 1.5  # lesion_min_hu compares the CT smoothed this much (σ, in-plane): noise must not punch holes in a lesion
 
 
 def components_at_least(mask: np.ndarray, voxel_ml: float, min_ml: float) -> np.ndarray:
@@ -197,9 +204,22 @@ def apply_guard_rails(
         radius = max(1, round(HU_PRIOR_DILATION_MM / grid.spacing_mm[0]))
         kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
         masks["lesion"] = masks["lesion"] & np.stack([cv2.dilate(plane, kernel) for plane in prior])
+    if guard_rails.lesion_min_hu is not None and ct_hu is not None:
+        masks["lesion"] = dense_enough(masks["lesion"], ct_hu, grid.spacing_mm, guard_rails.lesion_min_hu)
     if guard_rails.lesion_min_ml > 0:
         masks["lesion"] = components_at_least(masks["lesion"], grid.voxel_ml, guard_rails.lesion_min_ml)
     return masks
+
+
+def dense_enough(lesion: np.ndarray, ct_hu: np.ndarray, spacing_mm: tuple[float, float, float], min_hu: float) -> np.ndarray:
+    """uint8 ``lesion[z, y, x]`` kept where ``ct_hu`` (same shape, HU), Gaussian-smoothed in-plane with σ
+    ``HU_SMOOTHING_MM`` (``spacing_mm`` is x, y, z), is at least ``min_hu``. One slice at a time, lesion slices only."""
+    sigma_x, sigma_y = (HU_SMOOTHING_MM / spacing for spacing in spacing_mm[:2])
+    kept = lesion.copy()
+    for z in np.flatnonzero(lesion.any(axis=(1, 2))):
+        smoothed = cv2.GaussianBlur(ct_hu[z].astype(np.float32), (0, 0), sigmaX=sigma_x, sigmaY=sigma_y)
+        kept[z] &= (smoothed >= min_hu).astype(np.uint8)
+    return kept
 
 
 @dataclass

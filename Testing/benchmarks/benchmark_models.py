@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     images = volumes()
-    off = GuardRails(lung_min_ml=0.0, lesion_min_ml=0.0, flip_tta=False, hu_lung_prior=False)
+    off = GuardRails(lung_min_ml=0.0, lesion_min_ml=0.0, flip_tta=False, hu_lung_prior=False, lesion_min_hu=None)
     settings = {"no guard rails": off, "default guard rails": GuardRails()}
     predictors = {name: Predictor.from_checkpoint(name, device="cpu") for name in args.models}
     best: dict[tuple, float] = {}

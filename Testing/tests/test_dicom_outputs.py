@@ -212,7 +212,7 @@ def test_masks_off_the_source_grid_are_refused(series):
         dicom_outputs.build_segmentation({"lesion": shifted}, dicom_outputs.read_series_headers(folder), PROVENANCE)
 
 
-NO_GUARD_RAILS = GuardRails(lung_min_ml=0.0, lesion_min_ml=0.0, flip_tta=False, hu_lung_prior=False)
+NO_GUARD_RAILS = GuardRails(lung_min_ml=0.0, lesion_min_ml=0.0, flip_tta=False, hu_lung_prior=False, lesion_min_hu=None)
 
 
 @pytest.fixture(scope="module")

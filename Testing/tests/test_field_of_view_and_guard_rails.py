@@ -24,12 +24,12 @@ from COVIDLesionSegLib.preprocessing import (
 from COVIDLesionSegLib.statistics import VoxelGrid
 
 BODY = PreprocessingConfig(field_of_view="body")
-OFF = GuardRails(lung_min_ml=0.0, lesion_min_ml=0.0, flip_tta=False, hu_lung_prior=False)
+OFF = GuardRails(lung_min_ml=0.0, lesion_min_ml=0.0, flip_tta=False, hu_lung_prior=False, lesion_min_hu=None)
 REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 def test_default_guard_rails_are_the_ones_recommended_on_the_fold_models():
-    results = json.loads((REPOSITORY / "Training" / "results" / "guard-rails-v2" / "guard_rails.json").read_text(encoding="utf-8"))
+    results = json.loads((REPOSITORY / "Training" / "results" / "guard-rails-v2-hu" / "guard_rails.json").read_text(encoding="utf-8"))
     assert GuardRails().to_dict() == results["pooled"][results["recommended"]]["guard_rails"]
 
 
@@ -146,9 +146,27 @@ def test_hu_lung_prior_keeps_lesion_only_near_the_classical_lung():
     lesion[6, 95:105, 125:135] = 1  # in the right-hand lung
     lesion[6, 10:20, 95:105] = 1  # outside the body
     masks = {"lesion": lesion, "lung": np.ones_like(lesion)}
-    kept = apply_guard_rails(masks, GuardRails(hu_lung_prior=True), grid, hu)["lesion"]
+    kept = apply_guard_rails(masks, replace(OFF, hu_lung_prior=True), grid, hu)["lesion"]
     assert kept[6, 95:105, 125:135].all() and not kept[6, 10:20, 95:105].any()
-    assert apply_guard_rails(masks, GuardRails(hu_lung_prior=True), grid, None)["lesion"].sum() == lesion.sum()  # not HU: no prior
+    assert apply_guard_rails(masks, replace(OFF, hu_lung_prior=True), grid, None)["lesion"].sum() == lesion.sum()  # not HU: no prior
+
+
+def test_lesion_min_hu_keeps_ground_glass_and_drops_lesion_painted_on_aerated_lung():
+    rng = np.random.default_rng(0)
+    hu = rng.normal(-860.0, 60.0, (4, 64, 64)).astype(np.float32)  # aerated lung with a sharp kernel's noise
+    hu[1:3, 10:30, 10:30] += 250.0  # ground glass, about -610 HU
+    lesion = np.zeros(hu.shape, np.uint8)
+    lesion[1:3, 10:30, 10:30] = 1  # the real lesion
+    lesion[1:3, 40:60, 40:60] = 1  # painted on aerated lung
+    grid = VoxelGrid((0.7, 0.7, 5.0))
+    masks = {"lesion": lesion, "lung": np.ones_like(lesion)}
+    kept = apply_guard_rails(masks, GuardRails(lesion_min_hu=-750.0, lesion_min_ml=0.0), grid, hu)["lesion"]
+    assert kept[1:3, 12:28, 12:28].all()  # the noise (σ 60 HU) punches no holes: the CT is smoothed first
+    assert not kept[:, 40:60, 40:60].any()
+    assert apply_guard_rails(masks, GuardRails(lesion_min_hu=-750.0), grid, None)["lesion"].sum() == lesion.sum()  # not HU: off
+    np.testing.assert_array_equal(apply_guard_rails(masks, OFF, grid, hu)["lesion"], lesion)
+    with pytest.raises(ValueError, match="lesion_min_hu"):
+        GuardRails(lesion_min_hu=200.0)
 
 
 class MirrorSensitiveNetwork(torch.nn.Module):
