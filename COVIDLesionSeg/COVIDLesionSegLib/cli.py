@@ -449,11 +449,15 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--high-opacity-threshold", type=finite_float, default=DEFAULT_HIGH_OPACITY_THRESHOLD_HU, metavar="HU",
                          help=f"lesion voxels at or above this are high opacity (default {DEFAULT_HIGH_OPACITY_THRESHOLD_HU:g} HU)")
     guard = segment.add_argument_group("guard rails against false lesions (defaults: predictor.GuardRails, chosen on the cross-validation)")
-    guard.add_argument("--lung-min-ml", type=finite_float, metavar="ML", help="keep only 3D lung components of at least ML, lesion inside them (0 = off)")
+    guard.add_argument("--lung-min-ml", type=finite_float, metavar="ML",
+                       help="keep only 3D lung components of at least ML, lesion inside them (0 = off)")
     guard.add_argument("--lesion-min-ml", type=finite_float, metavar="ML", help="drop 3D lesion components smaller than ML (0 = off)")
-    guard.add_argument("--flip-tta", action=argparse.BooleanOptionalAction, help="average each slice's prediction with its left-right mirror's (2x time)")
-    guard.add_argument("--hu-lung-prior", action=argparse.BooleanOptionalAction, help="HU input: lesion only inside the dilated classical lung mask")
-    guard.add_argument("--lesion-min-hu", type=hu_or_off, metavar="HU", help="HU input: lesion only where the in-plane smoothed CT is at least HU ('off')")
+    guard.add_argument("--flip-tta", action=argparse.BooleanOptionalAction,
+                       help="average each slice's prediction with its left-right mirror's (2x time)")
+    guard.add_argument("--hu-lung-prior", action=argparse.BooleanOptionalAction,
+                       help="HU input: lesion only inside the dilated classical lung mask")
+    guard.add_argument("--lesion-min-hu", type=hu_or_off, metavar="HU",
+                       help="HU input: lesion only where the in-plane smoothed CT is at least HU ('off' = off)")
     segment.add_argument("--debug", action="store_true", help="print the traceback of every error")
     from .measure import add_parser as add_measure_parser
 

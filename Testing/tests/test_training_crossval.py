@@ -197,7 +197,8 @@ def test_held_out_lesion_free_volumes_are_the_named_patients_and_are_aggregated_
 
 
 def test_guard_rail_candidates_are_scored_on_the_fold_models_test_patients_and_lesion_free_ct(two_folds, tmp_path):
-    from COVIDLesionSegTraining.guard_rails import CANDIDATES, main as guard_rails_main
+    from COVIDLesionSegTraining.guard_rails import CANDIDATES
+    from COVIDLesionSegTraining.guard_rails import main as guard_rails_main
 
     folder, results = two_folds
     assert guard_rails_main(["--runs", str(folder / "runs" / "fold0"), "--output", str(tmp_path), "--device", "cpu"]) == 0
@@ -214,7 +215,8 @@ def test_guard_rail_candidates_are_scored_on_the_fold_models_test_patients_and_l
     assert written["pooled"][written["recommended"]]["relative_time"] <= 1.2
     # each candidate is exactly what its name says, whatever GuardRails' defaults are (the default lesion ≥ 0.5 mL once
     # slipped into "none" and every other single-setting candidate)
-    assert written["pooled"]["none"]["guard_rails"] == {"lung_min_ml": 0.0, "lesion_min_ml": 0.0, "flip_tta": False, "hu_lung_prior": False, "lesion_min_hu": None}
+    off = {"lung_min_ml": 0.0, "lesion_min_ml": 0.0, "flip_tta": False, "hu_lung_prior": False, "lesion_min_hu": None}
+    assert written["pooled"]["none"]["guard_rails"] == off
     assert written["pooled"]["lung ≥ 100 mL"]["guard_rails"]["lesion_min_ml"] == 0.0
     assert written["pooled"]["flip TTA"]["guard_rails"] == {**written["pooled"]["none"]["guard_rails"], "flip_tta": True}
 

@@ -57,7 +57,10 @@ CANDIDATES = {
     "lung ≥ 100 mL": replace(NO_GUARD_RAILS, lung_min_ml=100.0),
     "lung ≥ 100 mL, lesion ≥ 0.1 mL": replace(NO_GUARD_RAILS, lung_min_ml=100.0, lesion_min_ml=0.1),
     "HU lung prior": replace(NO_GUARD_RAILS, hu_lung_prior=True),
-    **{f"lesion ≥ {hu:g} HU, lesion ≥ 0.5 mL": replace(NO_GUARD_RAILS, lesion_min_hu=float(hu), lesion_min_ml=0.5) for hu in (-800, -750, -700)},
+    **{
+        f"lesion ≥ {hu:g} HU, lesion ≥ 0.5 mL": replace(NO_GUARD_RAILS, lesion_min_hu=float(hu), lesion_min_ml=0.5)
+        for hu in (-800, -750, -700)
+    },
     "flip TTA": replace(NO_GUARD_RAILS, flip_tta=True),
     "flip TTA, lung ≥ 100 mL, lesion ≥ 0.1 mL": replace(NO_GUARD_RAILS, flip_tta=True, lung_min_ml=100.0, lesion_min_ml=0.1),
     "all": GuardRails(flip_tta=True, lung_min_ml=100.0, lesion_min_ml=0.1, hu_lung_prior=True),
