@@ -219,6 +219,8 @@ def test_guard_rail_candidates_are_scored_on_the_fold_models_test_patients_and_l
     assert written["pooled"]["none"]["guard_rails"] == off
     assert written["pooled"]["lung ≥ 100 mL"]["guard_rails"]["lesion_min_ml"] == 0.0
     assert written["pooled"]["flip TTA"]["guard_rails"] == {**written["pooled"]["none"]["guard_rails"], "flip_tta": True}
+    every_one = {**off, "flip_tta": True, "lung_min_ml": 100.0, "lesion_min_ml": 0.1, "hu_lung_prior": True}
+    assert written["pooled"]["all"]["guard_rails"] == every_one  # as in results/guard-rails-v2-hu: the density rule not in it
 
 
 def test_recommended_guard_rails_remove_the_most_false_lesion_at_no_dice_or_time_cost():

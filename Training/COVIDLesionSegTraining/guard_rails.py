@@ -63,7 +63,7 @@ CANDIDATES = {
     },
     "flip TTA": replace(NO_GUARD_RAILS, flip_tta=True),
     "flip TTA, lung ≥ 100 mL, lesion ≥ 0.1 mL": replace(NO_GUARD_RAILS, flip_tta=True, lung_min_ml=100.0, lesion_min_ml=0.1),
-    "all": GuardRails(flip_tta=True, lung_min_ml=100.0, lesion_min_ml=0.1, hu_lung_prior=True),
+    "all": replace(NO_GUARD_RAILS, flip_tta=True, lung_min_ml=100.0, lesion_min_ml=0.1, hu_lung_prior=True),
 }
 
 
