@@ -47,7 +47,7 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from . import io
-from .backends import BACKENDS, BackendUnavailableError, require_onnxruntime
+from .backends import BACKENDS, BackendUnavailableError
 from .checkpoints import sha256_of, sweep_stale_temporaries
 from .statistics import DEFAULT_HIGH_OPACITY_THRESHOLD_HU, LEFT_RIGHT_RULE, MEASURES, NOT_AVAILABLE_RULE, SEVERITY_DEFINITIONS, VoxelGrid
 
@@ -563,18 +563,15 @@ def segment_command(args: argparse.Namespace) -> int:
         print(f"ERROR guard rails: {error}", file=sys.stderr)
         return 2
     try:
-        if args.backend == "onnxruntime":
-            require_onnxruntime(args.device)
-    except BackendUnavailableError as error:
-        print(f"ERROR {error}", file=sys.stderr)
-        return 1
-    try:
         if args.weights:
             predictor = Predictor.from_checkpoint(args.weights, args.device, args.batch_size, guard_rails, args.backend)
         elif args.model:
             predictor = Predictor.from_checkpoint(args.model, args.device, args.batch_size, guard_rails, args.backend)
         else:
             predictor = Predictor.default(args.device, args.batch_size, guard_rails, args.backend)
+    except BackendUnavailableError as error:  # --backend onnxruntime that cannot run here: the message says what to do
+        print(f"ERROR {error}", file=sys.stderr)
+        return 1
     except Exception as error:  # a checkpoint the schema let through can still fail to build
         logger.debug("traceback", exc_info=True)
         print(f"ERROR model: {error if isinstance(error, (OSError, ValueError)) else one_line(error)}", file=sys.stderr)
