@@ -53,8 +53,9 @@ def score_run(
     folder or, for a run that drew none, in ``negatives_dir``."""
     config = TrainConfig.load(run_dir / "config.json")
     patients = config.negative_validation if lesion_free_patients is None else tuple(lesion_free_patients)
-    if trained_on(config, patients):
-        raise ValueError(f"{run_dir}: trained on the lesion-free patients {trained_on(config, patients)}; they cannot validate it")
+    trained = trained_on(config, patients)
+    if trained:
+        raise ValueError(f"{run_dir}: trained on the lesion-free patients {trained}; they cannot validate it")
     negatives_dir = config.negatives_dir or negatives_dir
     if patients and not negatives_dir:
         raise ValueError(f"{run_dir}: its recipe has no lesion-free folder; name one with --negatives")
