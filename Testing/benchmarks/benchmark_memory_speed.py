@@ -16,6 +16,13 @@ volume written as ``.nii.gz`` in a temporary folder, and the table gives:
   ``channels_last`` and the ONNX Runtime session, measured in ``--rounds`` alternating rounds; the ratio is that of each
   round's pair, so that a change of load between rounds cancels out.
 
+``--lungmask-env DIR`` also runs ``lungmask`` (R231, the 2D lung CT U-Net CLI people already use) on each volume as
+the reference, at its default settings (batch 20, its post-processing on) but with random weights of its R231
+network (``--modelpath``; its real weights are downloaded at run time, which these machines cannot): its speed does
+not depend on the weights, except in the post-processing of what the network paints. lungmask lives in the benchmark's
+own venv at DIR (made on first use): a ``.pth`` file there adds this interpreter's site-packages, so torch, numpy and
+SimpleITK are shared, and pip installs lungmask and what else it needs into DIR only.
+
 ``--source DIR`` runs the CLI of another copy of ``COVIDLesionSegLib`` (a folder holding it, e.g. an earlier
 commit unpacked with ``git archive``), to compare code versions on the same machine and volumes (one without
 ``--backend`` needs ``--backends default``). Children run with ``OMP_NUM_THREADS`` = ``--threads``. Not a test: the
@@ -30,6 +37,7 @@ import os
 import platform
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -70,13 +78,9 @@ def write_volume(path: Path, slices: int) -> Path:
     return path
 
 
-def run_cli(volume: Path, output: Path, source: Path | None, threads: int, backend: str) -> dict:
-    """The CLI in a child process at default settings (``--backend backend`` unless "default"); wall time, time to the
-    first PROGRESS line, peak RSS."""
-    bootstrap = "import sys\n" + (f"sys.path.insert(0, {str(source)!r})\n" if source else "") + \
-        "from COVIDLesionSegLib.cli import main\nsys.exit(main())"
-    command = [sys.executable, "-c", bootstrap, "segment", str(volume), "-o", str(output), "--progress", "lines", "--overwrite"]
-    command += [] if backend == "default" else ["--backend", backend]
+def timed_child(command: list[str], threads: int) -> dict:
+    """Run ``command`` with ``OMP_NUM_THREADS`` = ``threads``: wall time, time to its first ``PROGRESS`` line (None
+    without one), peak RSS, exit status and the end of its standard error."""
     environment = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     started = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment, text=True)
@@ -86,11 +90,55 @@ def run_cli(volume: Path, output: Path, source: Path | None, threads: int, backe
             first_batch = time.perf_counter() - started
     errors = child.stderr.read()
     _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - started
-    if child.returncode != 0 or "the network runs in PyTorch" in errors:  # failed, or fell back from the backend asked for
-        raise RuntimeError(f"the CLI ({backend}) failed or fell back on {volume.name} (exit {child.returncode}):\n{errors[-2000:]}")
-    return {"wall_s": wall, "first_batch_s": first_batch, "peak_rss_mib": usage.ru_maxrss / 1024}
+    return {"wall_s": time.perf_counter() - started, "first_batch_s": first_batch, "peak_rss_mib": usage.ru_maxrss / 1024,
+            "exit": os.waitstatus_to_exitcode(status), "errors": errors[-2000:]}
+
+
+def run_cli(volume: Path, output: Path, source: Path | None, threads: int, backend: str) -> dict:
+    """The CLI in a child process at default settings (``--backend backend`` unless "default"); see ``timed_child``."""
+    bootstrap = "import sys\n" + (f"sys.path.insert(0, {str(source)!r})\n" if source else "") + \
+        "from COVIDLesionSegLib.cli import main\nsys.exit(main())"
+    command = [sys.executable, "-c", bootstrap, "segment", str(volume), "-o", str(output), "--progress", "lines", "--overwrite"]
+    result = timed_child(command + ([] if backend == "default" else ["--backend", backend]), threads)
+    if result["exit"] != 0 or "the network runs in PyTorch" in result["errors"]:  # failed, or fell back from the backend asked for
+        raise RuntimeError(f"the CLI ({backend}) failed or fell back on {volume.name} (exit {result['exit']}):\n{result['errors']}")
+    return result
+
+
+LUNGMASK = "lungmask==0.2.22"
+
+
+def lungmask_python(environment: Path) -> Path:
+    """The Python of the benchmark's own venv ``environment`` holding ``LUNGMASK`` (made on first use; see the module's
+    docstring): torch, numpy and SimpleITK come from this interpreter's site-packages through a ``.pth`` file."""
+    python = environment / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(environment)], check=True)
+        site_packages = next(environment.glob("lib/python*/site-packages"))
+        (site_packages / "covidlesionseg-benchmark-base.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", LUNGMASK], check=True)
+    return python
+
+
+def write_random_r231(python: Path, path: Path) -> Path:
+    """A state dict of lungmask's R231 network (its ``get_model`` settings) with seeded random weights."""
+    subprocess.run([str(python), "-c", "import torch; from lungmask.resunet import UNet; torch.manual_seed(0); "
+                    "torch.save(UNet(n_classes=3, padding=True, depth=5, up_mode='upsample', batch_norm=True, residual=False)"
+                    f".state_dict(), {str(path)!r})"], check=True)
+    return path
+
+
+def run_lungmask(python: Path, weights: Path, volume: Path, output: Path, threads: int) -> dict:
+    """lungmask's CLI in a child process at its default settings but ``--modelpath weights``; see ``timed_child``."""
+    result = timed_child([str(python), "-m", "lungmask", str(volume), str(output), "--modelpath", str(weights), "--noprogress"], threads)
+    if result["exit"] != 0 or not output.exists():
+        raise RuntimeError(f"lungmask failed on {volume.name} (exit {result['exit']}):\n{result['errors']}")
+    return result
+
+
+def select_figures(result: dict) -> dict:
+    """The timings and peak RSS of a ``timed_child`` result, rounded for a progress line."""
+    return {key: None if result[key] is None else round(result[key], 2) for key in ("wall_s", "first_batch_s", "peak_rss_mib")}
 
 
 def in_child(code: str, threads: int) -> None:
@@ -177,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--network-seconds", type=float, default=10.0, help="how long each round measures each backend's network")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the network measurement")
     parser.add_argument("--source", type=Path, help="a folder holding another COVIDLesionSegLib to run instead of the installed one")
+    parser.add_argument("--lungmask-env", type=Path, help=f"the benchmark's own venv for {LUNGMASK} (made on first use): run it as "
+                        "the reference on each volume")
     args = parser.parse_args(argv)
     described = machine()
     print(f"Machine: {described}", flush=True)
@@ -184,16 +234,22 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         in_child("from COVIDLesionSegLib.backends import open_backend; open_backend(*default_model(), 'onnxruntime', 'cpu')", args.threads)
         print(f"ONNX export of the default model made or found valid in {time.perf_counter() - started:.1f} s", flush=True)
-    rows = []
+    rows, references = [], {}
     with tempfile.TemporaryDirectory(prefix="covidlesionseg-benchmark-") as folder:
         folder = Path(folder)
+        if args.lungmask_env:
+            python = lungmask_python(args.lungmask_env.resolve())
+            weights = write_random_r231(python, folder / "r231-random.pth")
         for slices in args.slices:
             volume = folder / f"synthetic-512x512x{slices}.nii.gz"
             in_child(f"write_volume(Path({str(volume)!r}), {slices})", args.threads)
             for backend in args.backends:
                 result = run_cli(volume, folder / f"out-{slices}-{backend}", args.source, args.threads, backend)
                 rows.append((slices, backend, result))
-                print(f"{slices} slices, {backend}: {result}", flush=True)
+                print(f"{slices} slices, {backend}: {select_figures(result)}", flush=True)
+            if args.lungmask_env:
+                references[slices] = run_lungmask(python, weights, volume, folder / f"lungmask-{slices}.nii.gz", args.threads)
+                print(f"{slices} slices, lungmask: {select_figures(references[slices])}", flush=True)
             volume.unlink()
     network_backends = [name for name in ("torch", "onnxruntime") if name in args.backends or "auto" in args.backends]
     speeds = network_speeds(network_backends, args.batch_size, args.threads, args.network_seconds, args.rounds)
@@ -201,10 +257,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nMachine: {described}; {args.threads} threads; {code}; CLI at default settings (shipped default model) but --backend.\n")
     print("| volume | backend | peak RSS (MiB) | wall (s) | CLI slices/s | to first batch (s) |")
     print("|---|---|---|---|---|---|")
-    for slices, backend, result in rows:
+    table_rows = rows + [(slices, f"{LUNGMASK} (R231, random weights)", result) for slices, result in references.items()]
+    for slices, backend, result in sorted(table_rows, key=lambda row: row[0]):
         first = "—" if result["first_batch_s"] is None else f"{result['first_batch_s']:.1f}"
         print(f"| 512×512×{slices} | {backend} | {result['peak_rss_mib']:.0f} | {result['wall_s']:.1f} | "
               f"{slices / result['wall_s']:.2f} | {first} |")
+    if references:
+        print(f"\nCLI wall / {LUNGMASK}'s wall on the same volume (below 1: faster than lungmask):\n")
+        print("| volume | " + " | ".join(args.backends) + " |")
+        print("|---|" + "---|" * len(args.backends))
+        for slices, reference in references.items():
+            ratios = [result["wall_s"] / reference["wall_s"] for count, _, result in rows if count == slices]
+            print(f"| 512×512×{slices} | " + " | ".join(f"{ratio:.2f}" for ratio in ratios) + " |")
     if {"torch", "onnxruntime"} <= set(args.backends):
         by_run = {(slices, backend): result for slices, backend, result in rows}
         print("\nonnxruntime / torch, same volume, consecutive runs:\n")
