@@ -7,16 +7,24 @@ logits of each slice and of its left–right mirror first. :func:`open_backend` 
 - ``"torch"``: the checkpoint's network in PyTorch (fp16 autocast on CUDA, ``channels_last`` on the CPU);
 - ``"onnxruntime"``: an ONNX Runtime CPU session on the network exported to ONNX, with the same outputs (fp32; the
   probabilities differ from PyTorch's by about 1e-6). Once the export is cached, torch is never imported;
+- ``"onnxruntime-int8"``: the same export quantized to int8 (ONNX Runtime's static post-training quantization: QDQ,
+  uint8 activations, int8 weights per channel; activation ranges from the calibration slices
+  ``Resources/Models/int8-calibration.npz``, :func:`calibration_inputs`). Several times faster on CPUs with int8
+  dot-product instructions (AVX512-VNNI, AVX-VNNI), but not the same masks: the lesion mask's Dice to PyTorch's is
+  below the 0.995 that a faster path must keep (``test_backends``), so it is only used when asked for. A quantized
+  export whose masks on the calibration slices differ from the fp32 export's by more (a Dice below
+  :data:`INT8_MIN_DICE`) is refused;
 - ``"auto"``: ONNX Runtime when it is installed and the device is the CPU, else PyTorch. When ONNX Runtime is missing
   or the export fails, PyTorch is used with a warning saying why (an explicit ``"onnxruntime"`` without the package
   installed is an error).
 
-**The export cache.** The network is exported once (this needs torch and the ``onnx`` package) to
+**The export cache.** The network is exported (and quantized) once (this needs torch and the ``onnx`` package) to
 ``<checkpoint stem>.<key>.onnx`` beside the checkpoint, or in ``checkpoints.cache_dir()/onnx`` where that folder cannot be
 written (a read-only install), next to a record ``<same name>.json``: the checkpoint's SHA-256, the export settings
-(:data:`EXPORT_SETTINGS`), the ONNX file's SHA-256 and size. ``key`` is derived from the checkpoint's SHA-256 and the
-export settings. A cached file is used only when its record matches and its bytes hash to the recorded SHA-256;
-anything else (stale, truncated, edited) is exported again. Both files are written atomically (temporary file, then
+(:func:`export_settings`: :data:`EXPORT_SETTINGS`, and for int8 :data:`INT8_SETTINGS` with the calibration file's
+SHA-256), the ONNX file's SHA-256 and size. ``key`` is derived from the checkpoint's SHA-256 and the export settings.
+A cached file is used only when its record matches and its bytes hash to the recorded SHA-256; anything else (stale,
+truncated, edited) is exported again. Both files are written atomically (temporary file, then
 rename), the ONNX file first, so that a record never vouches for a partial file.
 """
 
@@ -43,9 +51,12 @@ if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
-BACKENDS = ("auto", "torch", "onnxruntime")
+BACKENDS = ("auto", "torch", "onnxruntime", "onnxruntime-int8")
 EXPORT_SETTINGS = {"exporter": "torchscript", "opset": 17, "input": "float32 [batch, C, size, size]", "output": "logits"}
 EXPORT_TOLERANCE = 1e-3  # largest |logit difference| to PyTorch allowed on the export's check batch (seen: ~1e-5)
+INT8_SETTINGS = {"format": "QDQ", "activations": "uint8", "weights": "int8 per channel", "calibration": "MinMax"}
+INT8_MIN_DICE = 0.97  # least Dice of each channel's mask, int8 against fp32, on the calibration slices: catches a broken quantization
+CALIBRATION_FILE = "int8-calibration.npz"  # in Resources/Models: uint8 slices [N, size, size] as the network sees them
 ProgressCallback = Callable[[int, int], None]  # (slices done, slices total)
 BatchConsumer = Callable[[int, np.ndarray], None]  # (first slice, probabilities[B, K, H, W] float32)
 
@@ -149,13 +160,14 @@ class TorchBackend:
 
 
 class OnnxRuntimeBackend:
-    """An ONNX Runtime CPU session of the exported network (input ``[N, C, H, W]`` float32 → logits ``[N, K, H, W]``)."""
+    """An ONNX Runtime CPU session of the exported network (input ``[N, C, H, W]`` float32 → logits ``[N, K, H, W]``);
+    ``name`` is "onnxruntime" or, for a quantized export, "onnxruntime-int8"."""
 
-    name = "onnxruntime"
     device = "cpu"
 
-    def __init__(self, session):
+    def __init__(self, session, name: str = "onnxruntime"):
         self.session = session
+        self.name = name
         self.input_name = session.get_inputs()[0].name
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
@@ -196,14 +208,22 @@ def onnxruntime_session(model: str | bytes, threads: int | None = None):
     return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
-def export_key(sha256: str) -> str:
-    """16 hex characters naming the export of the checkpoint with SHA-256 ``sha256`` under :data:`EXPORT_SETTINGS`."""
-    return hashlib.sha256(json.dumps({"checkpoint_sha256": sha256, "export": EXPORT_SETTINGS}, sort_keys=True).encode()).hexdigest()[:16]
+def export_settings(int8: bool = False) -> dict:
+    """What an export is made with: :data:`EXPORT_SETTINGS`, and for int8 :data:`INT8_SETTINGS` with the SHA-256 of the
+    calibration file (FileNotFoundError when it is missing)."""
+    if not int8:
+        return EXPORT_SETTINGS
+    return {**EXPORT_SETTINGS, "int8": {**INT8_SETTINGS, "calibration_sha256": sha256_of(calibration_file())}}
 
 
-def cache_candidates(path: Path, sha256: str) -> list[Path]:
+def export_key(sha256: str, settings: dict) -> str:
+    """16 hex characters naming the export of the checkpoint with SHA-256 ``sha256`` made with ``settings``."""
+    return hashlib.sha256(json.dumps({"checkpoint_sha256": sha256, "export": settings}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_candidates(path: Path, sha256: str, settings: dict) -> list[Path]:
     """Where the ONNX export of checkpoint ``path`` is looked for and written, in order: beside it, then the user cache."""
-    name = f"{path.stem}.{export_key(sha256)}.onnx"
+    name = f"{path.stem}.{export_key(sha256, settings)}.onnx"
     return [path.resolve().parent / name, cache_dir() / "onnx" / name]
 
 
@@ -211,21 +231,83 @@ def record_path(onnx_path: Path) -> Path:
     return onnx_path.with_name(onnx_path.name + ".json")
 
 
-def cached_session(onnx_path: Path, sha256: str, threads: int | None = None):
-    """The session of a cached export when its record matches checkpoint ``sha256`` and the settings and the file's bytes
+def cached_session(onnx_path: Path, sha256: str, settings: dict, threads: int | None = None):
+    """The session of a cached export when its record matches checkpoint ``sha256`` and ``settings`` and the file's bytes
     hash to the recorded SHA-256; None when absent. A stale or corrupt cache raises ValueError saying why."""
     record_file = record_path(onnx_path)
     if not record_file.is_file() and not onnx_path.is_file():
         return None
     try:
         record = json.loads(record_file.read_text(encoding="utf-8"))
-        if record.get("checkpoint_sha256") != sha256 or record.get("export") != EXPORT_SETTINGS:
+        if record.get("checkpoint_sha256") != sha256 or record.get("export") != settings:
             raise ValueError("made from another checkpoint or with other export settings")
         if onnx_path.stat().st_size != record.get("onnx_bytes") or sha256_of(onnx_path) != record.get("onnx_sha256"):
             raise ValueError("its bytes do not match its record (truncated or changed)")
         return onnxruntime_session(str(onnx_path), threads)
     except Exception as error:  # unreadable record, missing file, a file ONNX Runtime refuses: export again
         raise ValueError(f"{onnx_path}: cached ONNX export not usable ({type(error).__name__}: {error})") from error
+
+
+def calibration_file() -> Path:
+    from .resources import resources_dir
+
+    return resources_dir() / "Models" / CALIBRATION_FILE
+
+
+def calibration_inputs(config) -> np.ndarray:
+    """The calibration slices as the network's float32 input ``[N, C, size, size]`` for preprocessing ``config``
+    (resized when the checkpoint's size differs from the file's)."""
+    from .preprocessing import resize_slice, to_network_input
+
+    with np.load(calibration_file()) as stored:
+        slices = stored["slices"]
+    if slices.shape[-1] != config.size:
+        slices = np.stack([resize_slice(plane, config.size) for plane in slices])
+    return to_network_input(slices, config)
+
+
+def masks_dice(expected: np.ndarray, found: np.ndarray) -> list[float]:
+    """Per channel, the Dice of ``found``'s mask (logit > 0) against ``expected``'s; logits ``[N, K, H, W]``; 1 when
+    both are empty."""
+    dices = []
+    for channel in range(expected.shape[1]):
+        a, b = expected[:, channel] > 0, found[:, channel] > 0
+        total = int(a.sum()) + int(b.sum())
+        dices.append(1.0 if total == 0 else 2 * int((a & b).sum()) / total)
+    return dices
+
+
+def quantize_int8(model: bytes, config, batch_size: int = 4) -> bytes:
+    """The fp32 ONNX ``model`` quantized as :data:`INT8_SETTINGS` say, calibrated on :func:`calibration_inputs`;
+    RuntimeError when a channel's mask on those slices has a Dice below :data:`INT8_MIN_DICE` against fp32's."""
+    import tempfile
+
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    inputs = calibration_inputs(config)
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"input": inputs[start : start + batch_size]} for start in range(0, len(inputs), batch_size)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory(prefix="covidlesionseg-int8-") as folder:
+        fp32_path, int8_path = Path(folder) / "fp32.onnx", Path(folder) / "int8.onnx"
+        fp32_path.write_bytes(model)
+        quantize_static(str(fp32_path), str(int8_path), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=getattr(CalibrationMethod, INT8_SETTINGS["calibration"]))
+        quantized = int8_path.read_bytes()
+    fp32, int8 = OnnxRuntimeBackend(onnxruntime_session(model)), OnnxRuntimeBackend(onnxruntime_session(quantized))
+    batches = range(0, len(inputs), 8)
+    dices = masks_dice(np.concatenate([fp32.logits(inputs[i : i + 8]) for i in batches]),
+                       np.concatenate([int8.logits(inputs[i : i + 8]) for i in batches]))
+    if min(dices) < INT8_MIN_DICE:
+        raise RuntimeError(f"the int8 export's masks on the calibration slices differ from fp32's (Dice per channel "
+                           f"{', '.join(f'{dice:.4f}' for dice in dices)}; at least {INT8_MIN_DICE} needed)")
+    return quantized
 
 
 def export_onnx(checkpoint: Checkpoint) -> bytes:
@@ -251,42 +333,48 @@ def export_onnx(checkpoint: Checkpoint) -> bytes:
     return model
 
 
-def write_export(onnx_path: Path, model: bytes, sha256: str) -> None:
+def write_export(onnx_path: Path, model: bytes, sha256: str, settings: dict) -> None:
     """Write the export and then its record, each atomically (OSError when the folder cannot be written)."""
     import torch
 
     with atomic_output(onnx_path) as temporary:
         temporary.write_bytes(model)
-    record = {"checkpoint_sha256": sha256, "export": EXPORT_SETTINGS, "onnx_sha256": hashlib.sha256(model).hexdigest(),
+    record = {"checkpoint_sha256": sha256, "export": settings, "onnx_sha256": hashlib.sha256(model).hexdigest(),
               "onnx_bytes": len(model), "torch": torch.__version__}
     with atomic_output(record_path(onnx_path)) as temporary:
         temporary.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
-def onnxruntime_backend(path: Path, sha256: str, threads: int | None = None) -> tuple[OnnxRuntimeBackend, Checkpoint]:
-    """The ONNX Runtime backend of checkpoint ``path`` (SHA-256 ``sha256``) and the checkpoint: from the cache without
-    torch when a valid export is there, else exported (torch), cached where a folder can be written, and used."""
-    candidates = cache_candidates(path, sha256)
+def onnxruntime_backend(path: Path, sha256: str, threads: int | None = None,
+                        int8: bool = False) -> tuple[OnnxRuntimeBackend, Checkpoint]:
+    """The ONNX Runtime backend of checkpoint ``path`` (SHA-256 ``sha256``; ``int8``: the quantized export) and the
+    checkpoint: from the cache without torch when a valid export is there, else exported (torch), quantized, cached
+    where a folder can be written, and used."""
+    settings = export_settings(int8)
+    name = "onnxruntime-int8" if int8 else "onnxruntime"
+    candidates = cache_candidates(path, sha256, settings)
     for onnx_path in candidates:
         try:
-            session = cached_session(onnx_path, sha256, threads)
+            session = cached_session(onnx_path, sha256, settings, threads)
         except ValueError as error:
             logger.warning("%s; not used", error)
             continue
         if session is not None:
-            return OnnxRuntimeBackend(session), read_checkpoint_metadata(path, check_model=False)
+            return OnnxRuntimeBackend(session, name), read_checkpoint_metadata(path, check_model=False)
     checkpoint = load_checkpoint(path)
     model = export_onnx(checkpoint)
+    if int8:
+        model = quantize_int8(model, checkpoint.preprocessing)
     for onnx_path in candidates:
         try:
-            write_export(onnx_path, model, sha256)
+            write_export(onnx_path, model, sha256, settings)
             break
         except OSError as error:
             logger.debug("cannot cache the ONNX export at %s (%s)", onnx_path, error)
     else:
         logger.warning("the ONNX export of %s could not be cached (%s and %s not writable); it is made again next time",
                        path, candidates[0].parent, candidates[1].parent)
-    return OnnxRuntimeBackend(onnxruntime_session(model, threads)), checkpoint
+    return OnnxRuntimeBackend(onnxruntime_session(model, threads), name), checkpoint
 
 
 def open_backend(path: str | Path, sha256: str, backend: str = "auto", device: str = "auto",
@@ -296,8 +384,8 @@ def open_backend(path: str | Path, sha256: str, backend: str = "auto", device: s
     path = Path(path)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if backend == "onnxruntime":
-        require_onnxruntime(device)
+    if backend.startswith("onnxruntime"):
+        require_onnxruntime(device, backend)
     elif backend == "auto":
         device = device_name(device)
         if device != "cpu":
@@ -307,7 +395,7 @@ def open_backend(path: str | Path, sha256: str, backend: str = "auto", device: s
             backend = "torch"
     if backend != "torch":
         try:
-            return onnxruntime_backend(path, sha256, threads)
+            return onnxruntime_backend(path, sha256, threads, int8=backend == "onnxruntime-int8")
         except Exception as error:  # the export needs torch's exporter, the onnx package and a network it can trace
             reason = "the onnx package is not installed (pip install onnx)" if importlib.util.find_spec("onnx") is None else str(error)
             logger.debug("ONNX Runtime backend failed", exc_info=True)
@@ -317,11 +405,11 @@ def open_backend(path: str | Path, sha256: str, backend: str = "auto", device: s
     return TorchBackend(checkpoint.build(), device), checkpoint
 
 
-def require_onnxruntime(device: str = "auto") -> None:
-    """BackendUnavailableError saying what to do when the ONNX Runtime backend cannot run with ``device``."""
+def require_onnxruntime(device: str = "auto", backend: str = "onnxruntime") -> None:
+    """BackendUnavailableError saying what to do when the ONNX Runtime ``backend`` cannot run with ``device``."""
     if device not in ("auto", "cpu"):
-        raise BackendUnavailableError(f"the onnxruntime backend runs on the CPU; use --device cpu (or auto), or --backend torch "
+        raise BackendUnavailableError(f"the {backend} backend runs on the CPU; use --device cpu (or auto), or --backend torch "
                                       f"for {device}")
     if not onnxruntime_installed():
-        raise BackendUnavailableError("--backend onnxruntime needs the onnxruntime package, which is not installed: pip install "
+        raise BackendUnavailableError(f"--backend {backend} needs the onnxruntime package, which is not installed: pip install "
                                       "onnxruntime onnx (or pip install 'covidlesionseg[fast]'), or use --backend auto or torch")

@@ -70,6 +70,50 @@ def test_onnxruntime_gives_the_masks_of_pytorch_on_the_sample_and_held_out_slice
             assert dice(found[channel] >= 0.5, expected[channel] >= 0.5) >= 0.995, (name, channel)
 
 
+def test_int8_masks_stay_close_to_pytorch_on_the_sample_and_held_out_slices(shipped_copy):
+    """The int8 export against the PyTorch fp32 masks on the sample and the held-out slices (neither is among the
+    calibration slices, Resources/Models/int8-calibration.npz): the lung masks within issue 15's bar (Dice >= 0.995), the
+    lesion masks not on coronacases_004's small lesions (Testing/benchmarks/backend_agreement.py prints the figures; they
+    move with the ONNX Runtime and torch versions), which is why ``auto`` never chooses int8. The bounds catch a
+    quantization that got worse."""
+    torch_predictor = Predictor.from_checkpoint(shipped_copy, device="cpu", backend="torch")
+    int8_predictor = Predictor.from_checkpoint(shipped_copy, device="cpu", backend="onnxruntime-int8")
+    assert int8_predictor.backend.name == "onnxruntime-int8"
+    with np.load(backends.calibration_file()) as calibration:
+        calibrated_on = {str(source).split(":")[0] for source in calibration["sources"]}
+    volumes = {"radiopaedia_27_86410_0": (sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLE))), False)}
+    data = Path(__file__).resolve().parents[3] / "shared" / "data" / "covid19-ct-seg-20cases-png256"
+    if (data / "manifest.csv").is_file():
+        volumes["coronacases_004"] = (held_out_slices(data, "coronacases_004", 2), True)
+    assert not calibrated_on & set(volumes)
+    for name, (volume, preprocessed) in volumes.items():
+        expected = torch_predictor.predict_probabilities(volume, preprocessed=preprocessed)
+        found = int8_predictor.predict_probabilities(volume, preprocessed=preprocessed)
+        for channel in expected:
+            assert (expected[channel] >= 0.5).sum() > 100, (name, channel)  # real masks, not empty ones
+            assert dice(found[channel] >= 0.5, expected[channel] >= 0.5) >= (0.96 if channel == "lesion" else 0.995), (name, channel)
+
+
+def test_the_int8_export_is_cached_apart_and_refused_when_its_masks_differ(tiny_copy, monkeypatch, caplog):
+    sha256 = sha256_of(tiny_copy)
+    monkeypatch.setattr(backends, "INT8_MIN_DICE", 0.0)  # a random tiny network: its masks are noise either way
+    backend, _ = open_backend(tiny_copy, sha256, "onnxruntime-int8")
+    assert isinstance(backend, OnnxRuntimeBackend) and backend.name == "onnxruntime-int8"
+    int8_path, _ = backends.cache_candidates(tiny_copy, sha256, backends.export_settings(int8=True))
+    fp32_path, _ = backends.cache_candidates(tiny_copy, sha256, backends.EXPORT_SETTINGS)
+    record = json.loads(backends.record_path(int8_path).read_text())
+    assert record["export"]["int8"]["calibration_sha256"] == sha256_of(backends.calibration_file()) and not fp32_path.exists()
+    monkeypatch.setattr(backends, "export_onnx", lambda checkpoint: pytest.fail("exported again"))
+    assert open_backend(tiny_copy, sha256, "onnxruntime-int8")[0].name == "onnxruntime-int8"  # from the cache
+    int8_path.unlink()
+    monkeypatch.undo()
+    monkeypatch.setattr(backends, "INT8_MIN_DICE", 1.01)  # no quantized export can pass: PyTorch, saying why
+    with caplog.at_level(logging.WARNING, logger="COVIDLesionSegLib.backends"):
+        backend, _ = open_backend(tiny_copy, sha256, "onnxruntime-int8")
+    assert isinstance(backend, TorchBackend) and "the int8 export's masks on the calibration slices differ from fp32's" in caplog.text
+    assert not int8_path.exists()
+
+
 def test_flip_tta_is_the_same_in_both_backends(tiny_copy):
     volume = np.random.default_rng(0).normal(-500, 300, (5, 48, 40)).astype(np.float32)
     probabilities = {}
@@ -82,7 +126,7 @@ def test_flip_tta_is_the_same_in_both_backends(tiny_copy):
 
 def test_the_export_is_cached_beside_the_checkpoint_and_reused_only_when_it_matches(tiny_copy, monkeypatch, caplog):
     sha256 = sha256_of(tiny_copy)
-    onnx_path, _ = backends.cache_candidates(tiny_copy, sha256)
+    onnx_path, _ = backends.cache_candidates(tiny_copy, sha256, backends.EXPORT_SETTINGS)
     assert onnx_path.parent == tiny_copy.parent and not onnx_path.exists()
     backend, checkpoint = open_backend(tiny_copy, sha256, "onnxruntime")
     record = json.loads(backends.record_path(onnx_path).read_text())
@@ -111,14 +155,14 @@ def test_an_unwritable_checkpoint_folder_caches_the_export_in_the_user_cache(tin
     monkeypatch.setenv("COVIDLESIONSEG_CACHE", str(tmp_path / "cache"))
     real_write = backends.write_export
 
-    def read_only_beside_checkpoint(onnx_path, model, sha256):
+    def read_only_beside_checkpoint(onnx_path, model, sha256, settings):
         if onnx_path.parent == tiny_copy.parent:
             raise PermissionError(13, "Permission denied", str(onnx_path))
-        real_write(onnx_path, model, sha256)
+        real_write(onnx_path, model, sha256, settings)
 
     monkeypatch.setattr(backends, "write_export", read_only_beside_checkpoint)
     sha256 = sha256_of(tiny_copy)
-    beside, in_cache = backends.cache_candidates(tiny_copy, sha256)
+    beside, in_cache = backends.cache_candidates(tiny_copy, sha256, backends.EXPORT_SETTINGS)
     open_backend(tiny_copy, sha256, "onnxruntime")
     assert not beside.exists() and in_cache.is_file() and in_cache.parent == tmp_path / "cache" / "onnx"
     monkeypatch.setattr(backends, "export_onnx", lambda checkpoint: pytest.fail("exported again"))
@@ -141,7 +185,7 @@ def test_auto_falls_back_to_pytorch_with_the_reason(tiny_copy, monkeypatch, capl
 def test_explicit_onnxruntime_without_the_package_or_on_cuda_is_a_clear_error(tiny_copy, tmp_path, monkeypatch, capsys):
     with pytest.raises(BackendUnavailableError, match="runs on the CPU"):
         open_backend(tiny_copy, sha256_of(tiny_copy), "onnxruntime", "cuda")
-    with pytest.raises(ValueError, match="backend must be one of auto, torch, onnxruntime"):
+    with pytest.raises(ValueError, match="backend must be one of auto, torch, onnxruntime, onnxruntime-int8"):
         open_backend(tiny_copy, sha256_of(tiny_copy), "tensorrt")
     monkeypatch.setattr(backends, "onnxruntime_installed", lambda: False)
     assert cli.main(["segment", str(tmp_path / "x.nrrd"), "-o", str(tmp_path / "out"), "--weights", str(tiny_copy),

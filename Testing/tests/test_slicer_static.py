@@ -22,6 +22,7 @@ from packaging.specifiers import SpecifierSet
 from slicer_support import MODULE_DIR, MODULE_FILE, REPOSITORY, SUPPORTED_SLICERS
 
 import COVIDLesionSegMRML as mrml
+from COVIDLesionSegLib.backends import CALIBRATION_FILE
 from COVIDLesionSegLib.resources import REGISTRY_FILE_NAME
 from COVIDLesionSegLib.segments import ANATOMY_CONTEXT, SEGMENTS, TERMINOLOGY_CONTEXT
 
@@ -454,6 +455,7 @@ def test_cmake_installs_every_resource_the_module_loads_beside_the_module(cmake_
         loaded.append(REGISTRY_FILE_NAME)
         model_files = [entry.file for entry in mrml.registered_models(RESOURCES / REGISTRY_FILE_NAME) if entry.file]
         loaded += model_files + [f"{os.path.dirname(name)}/MODEL_CARD.md" for name in model_files]
+    loaded.append(f"Models/{CALIBRATION_FILE}")  # the onnxruntime-int8 backend's calibration slices
     for module_dir in (cmake_install["build_module_dir"], cmake_install["installed_module_dir"]):
         for name in loaded:
             assert (module_dir / "Resources" / name).read_bytes() == (RESOURCES / name).read_bytes(), name
