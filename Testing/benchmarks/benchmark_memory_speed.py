@@ -4,17 +4,17 @@
 
 For each slice count the CLI runs at its default settings (the shipped default model, seg.nrrd output, default guard
 rails; ``--progress lines`` only, to see the first slices) with each ``--backends`` in turn (``--backend torch``, then
-``--backend onnxruntime``, alternating, so that both see the same load) in a child process on a synthetic 512×512×N HU
-volume written as ``.nii.gz`` in a temporary folder, and the table gives:
+``--backend onnxruntime``, then ``--backend onnxruntime-int8``, alternating, so that all see the same load) in a child
+process on a synthetic 512×512×N HU volume written as ``.nii.gz`` in a temporary folder, and the table gives:
 
 - *peak RSS*: the child's maximum resident set size (``os.wait4``, the kernel's own figure for that process);
 - *wall*: process start to exit; CLI slices/s = N / wall;
 - *to first batch*: process start to the CLI's first ``PROGRESS`` line, i.e. imports, model load, reading the
   volume and whatever the code does before the network's first batch of slices is done (the start-up). The ONNX
-  export is made (or found) before the CLI runs, so the onnxruntime rows are those of a warm cache;
-- *network slices/s*: the network alone (this process, batch ``--batch-size``, fp32, random 256² inputs): PyTorch eager
-  ``channels_last`` and the ONNX Runtime session, measured in ``--rounds`` alternating rounds; the ratio is that of each
-  round's pair, so that a change of load between rounds cancels out.
+  exports are made (or found) before the CLI runs, so the ONNX Runtime rows are those of a warm cache;
+- *network slices/s*: the network alone (this process, batch ``--batch-size``, random 256² inputs): PyTorch eager
+  ``channels_last`` (fp32) and the ONNX Runtime sessions, measured in ``--rounds`` alternating rounds; the ratio to
+  PyTorch is that of each round's pair, so that a change of load between rounds cancels out.
 
 ``--lungmask-env DIR`` also runs ``lungmask`` (R231, the 2D lung CT U-Net CLI people already use) on each volume as
 the reference, at its default settings (batch 20, its post-processing on) but with random weights of its R231
@@ -158,8 +158,8 @@ def default_model() -> tuple[Path, str]:
 
 
 def network_speeds(backends: list[str], batch_size: int, threads: int, seconds: float, rounds: int) -> dict[str, list[float]]:
-    """Slices/s of the shipped default model's network alone (fp32) in each backend, ``rounds`` alternating rounds of
-    ``seconds`` each after two warm-up batches: PyTorch eager with ``channels_last``, ONNX Runtime's session."""
+    """Slices/s of the shipped default model's network alone in each backend, ``rounds`` alternating rounds of
+    ``seconds`` each after two warm-up batches: PyTorch eager (fp32) with ``channels_last``, ONNX Runtime's sessions."""
     import torch
 
     from COVIDLesionSegLib.backends import open_backend
@@ -217,8 +217,8 @@ def machine() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, nargs="+", default=[60, 300, 600], help="slice counts of the synthetic volumes")
-    parser.add_argument("--backends", nargs="+", default=["torch", "onnxruntime"],
-                        choices=["torch", "onnxruntime", "auto", "default"],
+    parser.add_argument("--backends", nargs="+", default=["torch", "onnxruntime", "onnxruntime-int8"],
+                        choices=["torch", "onnxruntime", "onnxruntime-int8", "auto", "default"],
                         help="the CLI's --backend of each run, in turn ('default': no --backend, for --source code without it)")
     parser.add_argument("--threads", type=int, default=2, help="torch/OpenMP/ONNX Runtime threads of the CLI and the network")
     parser.add_argument("--batch-size", type=int, default=8, help="batch of the network measurement (the CLI's default is 8)")
@@ -230,10 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     described = machine()
     print(f"Machine: {described}", flush=True)
-    if "onnxruntime" in args.backends or "auto" in args.backends:
+    network_backends = [name for name in ("torch", "onnxruntime", "onnxruntime-int8")
+                        if name in args.backends or (name == "onnxruntime" and "auto" in args.backends)]
+    for backend in network_backends[network_backends[0] == "torch":]:
         started = time.perf_counter()
-        in_child("from COVIDLesionSegLib.backends import open_backend; open_backend(*default_model(), 'onnxruntime', 'cpu')", args.threads)
-        print(f"ONNX export of the default model made or found valid in {time.perf_counter() - started:.1f} s", flush=True)
+        in_child(f"from COVIDLesionSegLib.backends import open_backend; open_backend(*default_model(), {backend!r}, 'cpu')", args.threads)
+        print(f"{backend}: export of the default model made or found valid in {time.perf_counter() - started:.1f} s", flush=True)
     rows, references = [], {}
     with tempfile.TemporaryDirectory(prefix="covidlesionseg-benchmark-") as folder:
         folder = Path(folder)
@@ -251,7 +253,6 @@ def main(argv: list[str] | None = None) -> int:
                 references[slices] = run_lungmask(python, weights, volume, folder / f"lungmask-{slices}.nii.gz", args.threads)
                 print(f"{slices} slices, lungmask: {select_figures(references[slices])}", flush=True)
             volume.unlink()
-    network_backends = [name for name in ("torch", "onnxruntime") if name in args.backends or "auto" in args.backends]
     speeds = network_speeds(network_backends, args.batch_size, args.threads, args.network_seconds, args.rounds)
     code = f"COVIDLesionSegLib from {args.source}" if args.source else "the installed COVIDLesionSegLib"
     print(f"\nMachine: {described}; {args.threads} threads; {code}; CLI at default settings (shipped default model) but --backend.\n")
@@ -269,17 +270,20 @@ def main(argv: list[str] | None = None) -> int:
         for slices, reference in references.items():
             ratios = [result["wall_s"] / reference["wall_s"] for count, _, result in rows if count == slices]
             print(f"| 512×512×{slices} | " + " | ".join(f"{ratio:.2f}" for ratio in ratios) + " |")
-    if {"torch", "onnxruntime"} <= set(args.backends):
+    others = [backend for backend in args.backends if backend != "torch"]
+    if "torch" in args.backends and others:
         by_run = {(slices, backend): result for slices, backend, result in rows}
-        print("\nonnxruntime / torch, same volume, consecutive runs:\n")
-        print("| volume | wall | to first batch | peak RSS |")
-        print("|---|---|---|---|")
+        print("\nEach backend / torch, same volume, consecutive runs:\n")
+        print("| volume | backend | wall | to first batch | peak RSS |")
+        print("|---|---|---|---|---|")
         for slices in args.slices:
-            onnx, eager = by_run[slices, "onnxruntime"], by_run[slices, "torch"]
-            first = ("—" if None in (onnx["first_batch_s"], eager["first_batch_s"])
-                     else f"{onnx['first_batch_s'] / eager['first_batch_s']:.2f}")
-            rss = onnx["peak_rss_mib"] / eager["peak_rss_mib"]
-            print(f"| 512×512×{slices} | {onnx['wall_s'] / eager['wall_s']:.2f} | {first} | {rss:.2f} |")
+            eager = by_run[slices, "torch"]
+            for backend in others:
+                other = by_run[slices, backend]
+                first = ("—" if None in (other["first_batch_s"], eager["first_batch_s"])
+                         else f"{other['first_batch_s'] / eager['first_batch_s']:.2f}")
+                print(f"| 512×512×{slices} | {backend} | {other['wall_s'] / eager['wall_s']:.2f} | {first} | "
+                      f"{other['peak_rss_mib'] / eager['peak_rss_mib']:.2f} |")
     counts = sorted({slices for slices, _, _ in rows})
     if 300 in counts and 600 in counts:
         volume_mib = 300 * 512 * 512 * (2 + 2) / 2**20  # 300 more slices of int16 input + two uint8 output masks
@@ -287,14 +291,14 @@ def main(argv: list[str] | None = None) -> int:
             peaks = {slices: result["peak_rss_mib"] for slices, name, result in rows if name == backend}
             print(f"\nPeak RSS growth from 300 to 600 slices, {backend}: {peaks[600] - peaks[300]:.0f} MiB "
                   f"(300 slices of int16 input and two uint8 masks: {volume_mib:.0f} MiB).")
-    print(f"\nNetwork alone (batch {args.batch_size}, fp32, 256², {args.threads} threads; {args.rounds} alternating rounds of "
+    print(f"\nNetwork alone (batch {args.batch_size}, 256², {args.threads} threads; {args.rounds} alternating rounds of "
           f"{args.network_seconds:g} s each), slices/s per round:")
     for name, values in speeds.items():
-        label = "torch (eager, channels_last)" if name == "torch" else "onnxruntime"
+        label = "torch (eager, channels_last, fp32)" if name == "torch" else name
         print(f"- {label}: {', '.join(f'{value:.2f}' for value in values)} (median {np.median(values):.2f})")
-    if len(speeds) == 2:
-        ratios = [onnx / eager for eager, onnx in zip(speeds["torch"], speeds["onnxruntime"], strict=True)]
-        print(f"- onnxruntime / torch per round: {', '.join(f'{ratio:.2f}' for ratio in ratios)} (median {np.median(ratios):.2f})")
+    for name in [name for name in speeds if name != "torch" and "torch" in speeds]:
+        ratios = [other / eager for eager, other in zip(speeds["torch"], speeds[name], strict=True)]
+        print(f"- {name} / torch per round: {', '.join(f'{ratio:.2f}' for ratio in ratios)} (median {np.median(ratios):.2f})")
     return 0
 
 
