@@ -205,6 +205,7 @@ def onnxruntime_session(model: str | bytes, threads: int | None = None):
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = session_threads() if threads is None else threads
     options.log_severity_level = 3  # errors only: no notes on graph optimisations
+    options.enable_mem_pattern = False  # its pre-planned block raised the peak RSS (benchmark_memory_speed), not the speed
     return onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
