@@ -158,6 +158,8 @@ class GuardRails:
         return asdict(self)
 
 
+# Every guard rail off, spelt out so that a change of GuardRails' defaults (or a new rail, on by default) cannot slip in.
+NO_GUARD_RAILS = GuardRails(lung_min_ml=0.0, lesion_min_ml=0.0, flip_tta=False, hu_lung_prior=False, lesion_min_hu=None)
 HU_PRIOR_DILATION_MM = 10.0
 HU_SMOOTHING_MM = 1.5  # lesion_min_hu compares the CT smoothed this much (σ, in-plane): noise must not punch holes in a lesion
 

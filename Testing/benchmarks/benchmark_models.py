@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from COVIDLesionSegLib.io import read_image
-from COVIDLesionSegLib.predictor import GuardRails, Predictor
+from COVIDLesionSegLib.predictor import NO_GUARD_RAILS, GuardRails, Predictor
 from COVIDLesionSegLib.resources import resources_dir
 
 
@@ -36,8 +36,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     images = volumes()
-    off = GuardRails(lung_min_ml=0.0, lesion_min_ml=0.0, flip_tta=False, hu_lung_prior=False, lesion_min_hu=None)
-    settings = {"no guard rails": off, "default guard rails": GuardRails()}
+    settings = {"no guard rails": NO_GUARD_RAILS, "default guard rails": GuardRails()}
     predictors = {name: Predictor.from_checkpoint(name, device="cpu") for name in args.models}
     best: dict[tuple, float] = {}
     for _ in range(args.repeats):

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 
 from COVIDLesionSegLib import cli, io
 from COVIDLesionSegLib.checkpoints import load_checkpoint, save_checkpoint
-from COVIDLesionSegLib.predictor import GuardRails, Predictor, masks_from_probabilities
+from COVIDLesionSegLib.predictor import NO_GUARD_RAILS, GuardRails, Predictor, masks_from_probabilities
 from COVIDLesionSegLib.statistics import VoxelGrid, lesion_statistics
 
 hd = pytest.importorskip("highdicom")
@@ -210,9 +210,6 @@ def test_masks_off_the_source_grid_are_refused(series):
     shifted.SetOrigin(tuple(np.asarray(image.GetOrigin()) + 1.0))
     with pytest.raises(dicom_outputs.DicomOutputError, match="not a slice of the segmented image"):
         dicom_outputs.build_segmentation({"lesion": shifted}, dicom_outputs.read_series_headers(folder), PROVENANCE)
-
-
-NO_GUARD_RAILS = GuardRails(lung_min_ml=0.0, lesion_min_ml=0.0, flip_tta=False, hu_lung_prior=False, lesion_min_hu=None)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 
 from COVIDLesionSegLib.backends import TorchBackend
 from COVIDLesionSegLib.classical_lung import classical_lung_mask
-from COVIDLesionSegLib.predictor import GuardRails, Predictor, apply_guard_rails, components_at_least
+from COVIDLesionSegLib.predictor import NO_GUARD_RAILS, GuardRails, Predictor, apply_guard_rails, components_at_least
 from COVIDLesionSegLib.preprocessing import (
     CropBox,
     PreprocessingConfig,
@@ -24,7 +24,7 @@ from COVIDLesionSegLib.preprocessing import (
 from COVIDLesionSegLib.statistics import VoxelGrid
 
 BODY = PreprocessingConfig(field_of_view="body")
-OFF = GuardRails(lung_min_ml=0.0, lesion_min_ml=0.0, flip_tta=False, hu_lung_prior=False, lesion_min_hu=None)
+OFF = NO_GUARD_RAILS
 REPOSITORY = Path(__file__).resolve().parents[2]
 
 

@@ -266,14 +266,13 @@ def balanced_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
     """The tiny random network with its lung output made +10 (all lung) and its lesion output centred on the median logit
     of the synthetic CT: about half the voxels are lesion, many probabilities near 0.5 (as test_dicom_outputs makes it)."""
     from COVIDLesionSegLib.checkpoints import load_checkpoint, save_checkpoint
-    from COVIDLesionSegLib.predictor import GuardRails, Predictor
+    from COVIDLesionSegLib.predictor import NO_GUARD_RAILS, Predictor
 
     checkpoint = load_checkpoint(tiny_checkpoint)
     state = checkpoint.state_dict
     state["head.weight"][1] = 0.0
     state["head.bias"][1] = 10.0
-    no_guard_rails = GuardRails(lung_min_ml=0.0, lesion_min_ml=0.0, flip_tta=False, hu_lung_prior=False, lesion_min_hu=None)
-    median = float(np.median(Predictor(checkpoint, "cpu", guard_rails=no_guard_rails).predict_probabilities(synthetic_ct())["lesion"]))
+    median = float(np.median(Predictor(checkpoint, "cpu", guard_rails=NO_GUARD_RAILS).predict_probabilities(synthetic_ct())["lesion"]))
     state["head.bias"][0] -= math.log(median / (1 - median))
     return save_checkpoint(checkpoint, tmp_path_factory.mktemp("balanced") / "balanced.safetensors")
 

@@ -38,7 +38,7 @@ import SimpleITK as sitk
 
 from COVIDLesionSegLib import io
 from COVIDLesionSegLib.checkpoints import atomic_output
-from COVIDLesionSegLib.predictor import GuardRails, Predictor, apply_guard_rails, masks_from_probabilities
+from COVIDLesionSegLib.predictor import NO_GUARD_RAILS, GuardRails, Predictor, apply_guard_rails, masks_from_probabilities
 from COVIDLesionSegLib.preprocessing import is_hounsfield
 from COVIDLesionSegLib.statistics import VoxelGrid
 
@@ -48,7 +48,6 @@ from .reproduce import markdown_table
 from .sample import NOMINAL_SPACING_MM, stack_volume
 from .splits import make_split
 
-NO_GUARD_RAILS = GuardRails(lung_min_ml=0.0, lesion_min_ml=0.0, flip_tta=False, hu_lung_prior=False, lesion_min_hu=None)
 # each candidate spelt out from NO_GUARD_RAILS, so a change of GuardRails' defaults cannot slip into it
 CANDIDATES = {
     "none": NO_GUARD_RAILS,
