@@ -45,6 +45,7 @@ from .backends import (  # predict_in_batches and resolve_device: imported from 
 )
 from .checkpoints import Checkpoint, locate_model, sha256_of
 from .classical_lung import classical_lung_mask
+from .components import ChunkedComponents
 from .preprocessing import (
     CropBox,
     PreprocessingConfig,
@@ -167,30 +168,17 @@ HU_SMOOTHING_MM = 1.5  # lesion_min_hu compares the CT smoothed this much (σ, i
 def components_at_least(mask: np.ndarray, voxel_ml: float, min_ml: float) -> np.ndarray:
     """uint8 ``mask[z, y, x]`` without its 3D connected components (26-connected) below ``min_ml``.
 
-    The components are labelled inside the mask's bounding box only (the 32-bit labels of the whole volume
-    would be 4 bytes per voxel)."""
+    The components are labelled a chunk of slices at a time inside the mask's bounding box
+    (:class:`~.components.ChunkedComponents`: the 32-bit labels of the whole volume would be 4 bytes per voxel)."""
     kept = np.zeros(mask.shape, dtype=np.uint8)
-    box = bounding_box(mask)
-    if box is None:
+    if not mask.any():
         return kept
-    labels_image = sitk.ConnectedComponent(sitk.GetImageFromArray(np.ascontiguousarray(mask[box], dtype=np.uint8)), True)
-    labels = sitk.GetArrayViewFromImage(labels_image)
-    sizes = np.bincount(labels.ravel())
-    keep = sizes * voxel_ml >= min_ml
-    keep[0] = False
-    kept[box] = keep[labels]
+    components = ChunkedComponents(mask, fully_connected=True)
+    large = components.sums[:, 0] * voxel_ml >= min_ml  # meaningful at the roots, which is all that is looked up
+    _, rows, columns = components.box
+    for start, roots in components.component_roots():
+        kept[start : start + len(roots), rows, columns] = (roots >= 0) & large[np.maximum(roots, 0)]
     return kept
-
-
-def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    """The smallest box of ``mask`` (any dimension) holding all its nonzero voxels, as slices; None when empty."""
-    box = []
-    for axis in range(mask.ndim):
-        present = np.flatnonzero(np.any(mask, axis=tuple(other for other in range(mask.ndim) if other != axis)))
-        if present.size == 0:
-            return None
-        box.append(slice(int(present[0]), int(present[-1]) + 1))
-    return tuple(box)
 
 
 def apply_guard_rails(

@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import SimpleITK as sitk
 
+from .components import ChunkedComponents
+
 DEFAULT_HIGH_OPACITY_THRESHOLD_HU = -200.0
 SEVERITY_LIMITS = (("CT-1", 25.0), ("CT-2", 50.0), ("CT-3", 75.0), ("CT-4", math.inf))  # category: PO below the limit
 SEVERITY_DEFINITIONS = {
@@ -223,13 +225,12 @@ def lesion_statistics(
                                                  "lesion_mean_hu", "lesion_sd_hu"))
     if ct_hu is not None:
         ct_hu = np.asarray(ct_hu)
-        lesion_values = ct_hu[lesion]
-        hu["high_opacity_ml"] = float(np.count_nonzero(lesion_values >= high_opacity_threshold_hu)) * voxel_ml
+        high_opacity = sum(int(np.count_nonzero(plane[inside] >= high_opacity_threshold_hu)) for plane, inside in zip(ct_hu, lesion))
+        hu["high_opacity_ml"] = float(high_opacity) * voxel_ml
         hu["percent_high_opacity"] = percent(hu["high_opacity_ml"], lung_ml)
-        hu["lesion_mean_hu"], hu["lesion_sd_hu"] = mean_and_sd(lesion_values)
-        del lesion_values
+        hu["lesion_mean_hu"], hu["lesion_sd_hu"] = masked_mean_and_sd(ct_hu, lesion)
         if lung is not None:
-            hu["lung_mean_hu"], hu["lung_sd_hu"] = mean_and_sd(ct_hu[lung])
+            hu["lung_mean_hu"], hu["lung_sd_hu"] = masked_mean_and_sd(ct_hu, lung)
 
     percent_opacity = percent(lesion_ml, lung_ml)
     return LesionStatistics(
@@ -244,11 +245,18 @@ def lesion_statistics(
     )
 
 
-def mean_and_sd(values: np.ndarray) -> tuple[float | None, float | None]:
-    """Mean and population standard deviation (float64); (None, None) for no values."""
-    if values.size == 0:
+def masked_mean_and_sd(values: np.ndarray, mask: np.ndarray) -> tuple[float | None, float | None]:
+    """Mean and population standard deviation (float64) of ``values[z, y, x]`` where ``mask`` (same shape, bool),
+    taken slice by slice: no copy of the selected values, which can be most of a volume; (None, None) for none."""
+    count, total = 0, 0.0
+    for plane, inside in zip(values, mask):
+        selected = plane[inside]
+        count, total = count + selected.size, total + float(selected.sum(dtype=np.float64))
+    if count == 0:
         return None, None
-    return float(np.mean(values, dtype=np.float64)), float(np.std(values, dtype=np.float64))
+    mean = total / count
+    squares = sum(float(np.square(plane[inside] - mean).sum()) for plane, inside in zip(values, mask))
+    return mean, math.sqrt(squares / count)
 
 
 def as_bool(mask: np.ndarray) -> np.ndarray:
@@ -264,51 +272,46 @@ def as_bool(mask: np.ndarray) -> np.ndarray:
 class SideRule:
     """The patient's right of a non-empty lung mask ``lung[z, y, x]`` by :data:`LEFT_RIGHT_RULE`, slice by slice.
 
-    The connected pieces are labelled inside the rows and slices the lung occupies only, on an image with the grid's
-    origin: every column is kept, so the centroids' x (all the rule uses of them) comes from the same column indices
-    and origin as on the whole grid, bit for bit, when x does not depend on the row and slice (direction[0][1] and
-    [0][2] zero); a grid tilted so is labelled whole."""
+    The lung's face-connected pieces come from :class:`~.components.ChunkedComponents` (labelled a chunk of slices
+    at a time, in bounded memory), ranked as ``sitk.RelabelComponent`` ranks them on the whole grid; their centroids
+    from its exact index sums. :meth:`right_of_slice`, asked for the slices in order, labels each chunk once more."""
 
-    def __init__(self, lung: np.ndarray, grid: VoxelGrid):
+    def __init__(self, lung: np.ndarray, grid: VoxelGrid, chunk_slices: int = 0):
         self.grid, self.shape = grid, lung.shape
-        rows = np.flatnonzero(lung.any(axis=(0, 2)))
-        planes = np.flatnonzero(lung.any(axis=(1, 2)))
-        direction = np.asarray(grid.direction, dtype=np.float64).reshape(3, 3)
-        if direction[0, 1] == 0 and direction[0, 2] == 0:  # x depends on the column alone: crop rows and slices
-            self.z0, self.y0 = int(planes[0]), int(rows[0])
-            cropped = lung[self.z0 : planes[-1] + 1, self.y0 : rows[-1] + 1]
-        else:
-            self.z0, self.y0, cropped = 0, 0, lung
-        image = grid.image_of(np.ascontiguousarray(cropped, dtype=np.uint8))  # the grid's origin: only centroid x is used
-        self.pieces = sitk.ConnectedComponent(image, False)
-        del image
-        shapes = sitk.LabelShapeStatisticsImageFilter()
-        shapes.Execute(self.pieces)
-        # the two largest pieces, ties to the lower label (sitk.RelabelComponent's order)
-        ranked = sorted(shapes.GetLabels(), key=lambda label: (-shapes.GetNumberOfPixels(label), label))
-        sizes = [shapes.GetNumberOfPixels(label) for label in ranked[:2]]
-        self.two_lungs = len(sizes) == 2 and sizes[1] >= MIN_SECOND_LUNG_FRACTION * sizes[0]
+        self.components = ChunkedComponents(lung, fully_connected=False, chunk_slices=chunk_slices)
+        sums = self.components.sums
+        ranked = sorted(self.components.roots, key=lambda root: (-sums[root, 0], root))
+        self.two_lungs = len(ranked) >= 2 and sums[ranked[1], 0] >= MIN_SECOND_LUNG_FRACTION * sums[ranked[0], 0]
+        self.side_of_root = np.zeros(len(sums), dtype=np.uint8)  # 1: the right lung, 2: the left lung, 0: by x alone
         if self.two_lungs:
-            centroid_x = {label: shapes.GetCentroid(label)[0] for label in ranked[:2]}
-            self.midline = (centroid_x[ranked[0]] + centroid_x[ranked[1]]) / 2
-            self.right_label = min(centroid_x, key=centroid_x.get)
-            self.left_label = ranked[1] if self.right_label == ranked[0] else ranked[0]
+            first_x, second_x = self.centroid_x(sums[ranked[0]]), self.centroid_x(sums[ranked[1]])
+            self.midline = (first_x + second_x) / 2
+            right, left = (ranked[0], ranked[1]) if first_x <= second_x else (ranked[1], ranked[0])
+            self.side_of_root[right], self.side_of_root[left] = 1, 2
         else:
-            whole = sitk.LabelShapeStatisticsImageFilter()
-            whole.Execute(self.pieces > 0)
-            self.midline = whole.GetCentroid(1)[0]
-            self.pieces = None
+            self.midline = self.centroid_x(sums[self.components.roots].sum(axis=0))
+        self.chunk_roots = iter(self.components.component_roots()) if self.two_lungs else iter(())
+        self.chunk: tuple[int, np.ndarray] | None = None  # (start, roots) of the chunk right_of_slice is in
+
+    def centroid_x(self, sums: np.ndarray) -> float:
+        """LPS x (mm) of the centroid of voxels whose count and x, y, z index sums are ``sums``."""
+        steps = np.asarray(self.grid.direction, dtype=np.float64).reshape(3, 3)[0] * np.asarray(self.grid.spacing_mm)
+        x, y, z = sums[1:] / sums[0]
+        return self.grid.origin_mm[0] + steps[0] * x + steps[1] * y + steps[2] * z
 
     def right_of_slice(self, z: int) -> np.ndarray:
-        """Boolean ``[y, x]``: True on the patient's right in slice ``z``."""
+        """Boolean ``[y, x]``: True on the patient's right in slice ``z``; slices asked for in increasing order."""
         right = self.grid.x_mm_of_slice(self.shape[1:], z) < self.midline
-        if self.two_lungs:  # each lung whole to its side, even where it reaches across the midline plane
-            labels = sitk.GetArrayViewFromImage(self.pieces)
-            if 0 <= z - self.z0 < labels.shape[0]:
-                plane = labels[z - self.z0]
-                rows = slice(self.y0, self.y0 + plane.shape[0])
-                right[rows][plane == self.right_label] = True
-                right[rows][plane == self.left_label] = False
+        z_range, rows, columns = self.components.box
+        if self.two_lungs and z_range.start <= z < z_range.stop:  # each lung whole to its side, even across the midline
+            while self.chunk is None or z >= self.chunk[0] + len(self.chunk[1]):
+                self.chunk = next(self.chunk_roots)
+            start, roots = self.chunk
+            if z < start:
+                raise ValueError(f"SideRule.right_of_slice: slice {z} asked for after slice {start}")
+            side = self.side_of_root[np.maximum(roots[z - start], 0)] * (roots[z - start] >= 0)
+            box = right[rows, columns]
+            right[rows, columns] = np.where(side == 0, box, side == 1)
         return right
 
 

@@ -16,13 +16,15 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from COVIDLesionSegLib import components as components_module
 from COVIDLesionSegLib import io
 from COVIDLesionSegLib import predictor as predictor_module
 from COVIDLesionSegLib.backends import TorchBackend
+from COVIDLesionSegLib.components import ChunkedComponents
 from COVIDLesionSegLib.predictor import GuardRails, Predictor, masks_from_probabilities, predict_in_batches
 from COVIDLesionSegLib.preprocessing import prepare_volume, to_network_input, uncrop_probabilities
 from COVIDLesionSegLib.resources import resources_dir
-from COVIDLesionSegLib.statistics import MIN_SECOND_LUNG_FRACTION, VoxelGrid, lesion_statistics, right_side
+from COVIDLesionSegLib.statistics import MIN_SECOND_LUNG_FRACTION, SideRule, VoxelGrid, lesion_statistics, right_side
 
 SAMPLE = resources_dir() / "Samples" / "radiopaedia_27_86410_0.nii.gz"
 EVERY_GUARD_RAIL = GuardRails(lung_min_ml=0.05, lesion_min_ml=0.01, flip_tta=True, hu_lung_prior=True)
@@ -40,7 +42,7 @@ def whole_volume_probabilities(predictor: Predictor, volume: np.ndarray, preproc
     if predictor.guard_rails.flip_tta:
         network = lambda batch: (single(batch) + torch.flip(single(torch.flip(batch, (3,))), (3,))) / 2  # noqa: E731
     predict_in_batches(network, to_network_input(slices, predictor.preprocessing), predictor.batch_size, store)
-    return dict(zip(predictor.channels, probabilities, strict=True))
+    return dict(zip(predictor.channels, probabilities))  # noqa: B905 (no strict= on Python 3.9, which the oldest-deps run uses)
 
 
 def whole_volume_components_at_least(mask, voxel_ml, min_ml):
@@ -198,6 +200,67 @@ def test_component_filter_and_side_rule_match_the_whole_grid_versions():
         one_piece = lung.copy()
         one_piece[4, 8, 9:18] = True
         np.testing.assert_array_equal(right_side(one_piece, grid), whole_volume_right_side(one_piece, grid))
+
+
+@pytest.mark.parametrize("fully_connected", [True, False])
+def test_chunked_components_are_the_whole_grid_components(fully_connected):
+    """Labelled a chunk of slices at a time and joined across the chunks' faces, the components are sitk's on the whole
+    grid: the same voxel sets, ranked in the same order (size, ties to the one a raster scan reaches first), with exact
+    voxel counts and centroids."""
+    rng = np.random.default_rng(5)
+    mask = rng.random((13, 17, 19)) > 0.72
+    mask[:2] = False  # an empty margin: the bounding box is not the grid
+    mask[:, :, -3:] = False
+    whole = sitk.RelabelComponent(sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), fully_connected))
+    labels = sitk.GetArrayFromImage(whole)
+    shapes = sitk.LabelShapeStatisticsImageFilter()
+    shapes.Execute(whole)
+    for chunk_slices in (1, 2, 5, 32):
+        components = ChunkedComponents(mask, fully_connected, chunk_slices)
+        roots = np.full(mask.shape, -1)
+        _, rows, columns = components.box
+        for start, chunk in components.component_roots():
+            roots[start : start + len(chunk), rows, columns] = chunk
+        sums = components.sums
+        ranked = sorted(components.roots, key=lambda root: (-sums[root, 0], root))
+        assert len(ranked) == labels.max()
+        for label, root in enumerate(ranked, 1):
+            np.testing.assert_array_equal(roots == root, labels == label, err_msg=f"chunks of {chunk_slices}, label {label}")
+            assert sums[root, 0] == shapes.GetNumberOfPixels(label)
+            assert tuple(sums[root, 1:] / sums[root, 0]) == pytest.approx(shapes.GetCentroid(label), abs=1e-12)
+    with pytest.raises(ValueError, match="empty"):
+        ChunkedComponents(np.zeros((2, 3, 4), bool), True)
+
+
+def test_component_filter_in_chunks_matches_the_whole_grid(monkeypatch):
+    rng = np.random.default_rng(2)
+    mask = (rng.random((15, 21, 18)) > 0.75).astype(np.uint8)
+    monkeypatch.setattr(components_module, "CHUNK_SLICES", 2)
+    for min_ml in (0.0005, 0.002, 0.01):
+        np.testing.assert_array_equal(predictor_module.components_at_least(mask, 0.001, min_ml),
+                                      whole_volume_components_at_least(mask, 0.001, min_ml))
+
+
+def test_side_rule_in_chunks_matches_the_whole_grid():
+    """SideRule labels the lung a few slices at a time: pieces joined only in a later chunk (a U open towards the first
+    slices), pieces tied in size, and oblique grids come out as the whole grid's rule, for any chunk height."""
+    lung = np.zeros((11, 18, 40), bool)
+    lung[1:10, 3:12, 2:8] = True  # the right lung: a U whose arms meet in slices 8-9 only
+    lung[1:8, 3:12, 4:6] = False
+    lung[1:10, 3:12, 24:30] = True  # the left lung: another U, as large as the right one (a tie)
+    lung[1:8, 3:12, 26:28] = False
+    lung[5, 14, 14:22] = True  # a stray piece near the midline
+    lung[0, 0, 0] = True  # a piece reached first, alone in the first slice
+    rng = np.random.default_rng(3)
+    speckled = lung | (rng.random(lung.shape) > 0.97)
+    for direction in ((1, 0, 0, 0, 1, 0, 0, 0, 1), (-1, 0, 0, 0, 1, 0, 0, 0, 1), (0.99, 0.1, 0.05, -0.1, 0.99, 0, -0.05, 0, 1)):
+        grid = VoxelGrid((0.7, 0.8, 2.0), (-10.0, 5.0, 3.0), direction)
+        for mask in (lung, speckled):
+            expected = whole_volume_right_side(mask, grid)
+            for chunk_slices in (1, 2, 3, 32):
+                rule = SideRule(mask, grid, chunk_slices)
+                found = np.stack([rule.right_of_slice(z) for z in range(mask.shape[0])])
+                np.testing.assert_array_equal(found, expected, err_msg=f"direction {direction}, chunk of {chunk_slices} slices")
 
 
 def test_seg_nrrd_is_byte_identical_to_slicerio_layering(tmp_path):
