@@ -14,7 +14,6 @@ leaves a half-written file under the final name.
 
 from __future__ import annotations
 
-import gzip
 import io as text_io
 import locale
 import logging
@@ -23,6 +22,7 @@ import re
 import struct
 import zlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -93,10 +93,10 @@ def read_image(path: str | Path, series_id: str | None = None, notes: list[str] 
     try:
         if path.is_dir():
             image = read_dicom_series(path, series_id)
+        elif path.name.lower().endswith((".nii", ".nii.gz")):
+            image = read_nifti(path)
         else:
-            if path.name.lower().endswith((".nii", ".nii.gz")):
-                check_nifti(path)
-            elif path.suffix.lower() in (".nrrd", ".nhdr", ".mha", ".mhd"):
+            if path.suffix.lower() in (".nrrd", ".nhdr", ".mha", ".mhd"):
                 check_text_header(path)
             with preserved_locale():  # a single DICOM file is read by GDCM too
                 image = sitk.ReadImage(str(path))
@@ -175,13 +175,49 @@ def check_slice_positions(folder: Path, names: list[str], positions: list[str], 
                          f"{what}; the series cannot be read on a uniform grid")
 
 
+def read_nifti(path: Path) -> sitk.Image:
+    """ITK's reading of a NIfTI file, checked by :func:`check_nifti`; for a compressed file both inflate it at the
+    same time (two threads: zlib and ITK work without the GIL), so the check costs little extra time."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        check = pool.submit(check_nifti, path)
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError:
+            check.result()  # the check's InputError says more than ITK's message
+            raise
+        check.result()
+    return image
+
+
+def nifti_content(path: Path) -> tuple[bytes, int]:
+    """The first 348 bytes of a ``.nii`` or ``.nii.gz`` file's content (a header's size) and the content's size in
+    bytes. A compressed file is inflated whole on the way, gzip member after member, so a truncated stream
+    (EOFError) or corrupt data (``zlib.error``: a CRC or length that does not match) is found; nothing is kept."""
+    if not path.name.lower().endswith(".gz"):
+        with open(path, "rb") as stream:
+            return stream.read(348), path.stat().st_size
+    head, size = b"", 0
+    inflater, started = zlib.decompressobj(31), False
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 24), b""):
+            while block:
+                output = inflater.decompress(block, 1 << 24)
+                started, size = True, size + len(output)
+                head += output[: max(0, 348 - len(head))]
+                block = inflater.unconsumed_tail
+                if inflater.eof:  # the end of a gzip member: another may follow
+                    block, inflater, started = inflater.unused_data, zlib.decompressobj(31), False
+    if started and not inflater.eof:
+        raise EOFError("the compressed data ends before its end-of-stream marker")
+    return head, size
+
+
 def check_nifti(path: Path) -> None:
-    """Refuse a NIfTI-1 file that is truncated or corrupt (ITK zero-fills missing voxels), whose pixdim spacing is
-    zero, negative or NaN (ITK turns it into 1 mm), or whose sform is sheared (ITK straightens it silently)."""
+    """Refuse a NIfTI-1 file that is truncated or corrupt (ITK zero-fills missing voxels and reads corrupt data
+    without a word), whose pixdim spacing is zero, negative or NaN (ITK turns it into 1 mm), or whose sform is
+    sheared (ITK straightens it silently)."""
     try:
-        with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as stream:
-            header = stream.read(348)
-            size = len(header) + sum(len(block) for block in iter(lambda: stream.read(1 << 22), b""))
+        header, size = nifti_content(path)
     except (OSError, EOFError, zlib.error) as error:
         raise InputError(f"{path}: truncated or corrupt compressed data ({error})") from None
     order = next((order for order in "<>" if len(header) == 348 and struct.unpack(order + "i", header[:4])[0] == 348), None)

@@ -42,8 +42,6 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
-from .classical_lung import fill_holes
-
 FIELDS_OF_VIEW = ("full", "body")
 BODY_THRESHOLD_HU = -500.0  # tissue above, air below (HU volumes)
 BODY_THRESHOLD_FRACTION = 0.45  # the same for other volumes, as a fraction of their value range
@@ -166,7 +164,7 @@ def body_crop_box(volume: np.ndarray, config: PreprocessingConfig) -> CropBox | 
     Each slice is smoothed (Gaussian, σ = 0.8 % of its side, against CLAHE noise); tissue is ≥ −500 HU in
     HU volumes, else above 45 % of the volume's value range (−575 HU in the lung window). The tissue is
     opened (radius ``OPENING_RADIUS``: the table, lines, the field-of-view rim go), its largest connected
-    component with holes filled is the body; the bounding box of the bodies of all slices is squared about
+    component (holes filled) is the body; the bounding box of the bodies of all slices is squared about
     its centre and widened by ``body_margin`` on each side.
     """
     if config.field_of_view == "full":
@@ -182,29 +180,27 @@ def body_crop_box(volume: np.ndarray, config: PreprocessingConfig) -> CropBox | 
     radius = max(1, round(OPENING_RADIUS * max(height, width)))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
 
-    def body_rows_and_columns(plane: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    def body_extent(plane: np.ndarray) -> tuple[int, int, int, int] | None:
+        """(top, bottom, left, right), inclusive, of the slice's body: the bounding box of the largest component, which
+        filling its holes would not change (a hole lies inside the component's box)."""
         tissue = cv2.GaussianBlur(plane.astype(np.float32), (0, 0), 0.008 * max(height, width)) >= threshold
-        count, labels, stats, _ = cv2.connectedComponentsWithStats(cv2.morphologyEx(tissue.astype(np.uint8), cv2.MORPH_OPEN, kernel))
+        count, _, stats, _ = cv2.connectedComponentsWithStats(cv2.morphologyEx(tissue.astype(np.uint8), cv2.MORPH_OPEN, kernel))
         if count > 1:
             largest = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
             if stats[largest, cv2.CC_STAT_AREA] >= 0.01 * height * width:
-                body = fill_holes(labels == largest)
-                return body.any(axis=1), body.any(axis=0)
+                left, top, box_width, box_height = (int(value) for value in stats[largest, :4])
+                return top, top + box_height - 1, left, left + box_width - 1
         return None
 
-    body_rows, body_columns = np.zeros(height, dtype=bool), np.zeros(width, dtype=bool)
     # OpenCV lets go of the GIL: the slices (most of the time before a volume's first batch) go over BODY_BOX_THREADS
-    # threads; the box of the bodies' union is that of the union of each slice's rows and columns, in any order
+    # threads; the box of the bodies' union is the union of each slice's box, in any order
     with ThreadPoolExecutor(max_workers=max(1, min(BODY_BOX_THREADS, len(volume)))) as pool:
-        for extent in pool.map(body_rows_and_columns, volume):
-            if extent is not None:
-                body_rows |= extent[0]
-                body_columns |= extent[1]
-    if not body_rows.any():
+        extents = [extent for extent in pool.map(body_extent, volume) if extent is not None]
+    if not extents:
         return None
-    rows, columns = np.flatnonzero(body_rows), np.flatnonzero(body_columns)
-    top, box_height = int(rows[0]), int(rows[-1] - rows[0] + 1)
-    left, box_width = int(columns[0]), int(columns[-1] - columns[0] + 1)
+    top, bottom = min(extent[0] for extent in extents), max(extent[1] for extent in extents)
+    left, right = min(extent[2] for extent in extents), max(extent[3] for extent in extents)
+    box_height, box_width = bottom - top + 1, right - left + 1
     side = round(max(box_width, box_height) * (1 + 2 * config.body_margin))
     return CropBox(top=round(top + box_height / 2 - side / 2), left=round(left + box_width / 2 - side / 2), side=side)
 

@@ -25,7 +25,9 @@ SimpleITK are shared, and pip installs lungmask and what else it needs into DIR 
 
 ``--source DIR`` runs the CLI of another copy of ``COVIDLesionSegLib`` (a folder holding it, e.g. an earlier
 commit unpacked with ``git archive``), to compare code versions on the same machine and volumes (one without
-``--backend`` needs ``--backends default``). Children run with ``OMP_NUM_THREADS`` = ``--threads``. Not a test: the
+``--backend`` needs ``--backends default``). ``--baseline DIR`` runs such a copy's CLI at its own defaults on each
+volume as well, right after the backends, and prints each backend's wall time as a fraction of it: how much faster
+the code got than that version, in one run. Children run with ``OMP_NUM_THREADS`` = ``--threads``. Not a test: the
 figures depend on the machine and on its other load, which the machine line gives (load average at the start).
 """
 
@@ -225,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--network-seconds", type=float, default=10.0, help="how long each round measures each backend's network")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the network measurement")
     parser.add_argument("--source", type=Path, help="a folder holding another COVIDLesionSegLib to run instead of the installed one")
+    parser.add_argument("--baseline", type=Path, help="a folder holding an earlier COVIDLesionSegLib: also run its CLI (its "
+                        "defaults) on each volume and compare")
     parser.add_argument("--lungmask-env", type=Path, help=f"the benchmark's own venv for {LUNGMASK} (made on first use): run it as "
                         "the reference on each volume")
     args = parser.parse_args(argv)
@@ -236,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         in_child(f"from COVIDLesionSegLib.backends import open_backend; open_backend(*default_model(), {backend!r}, 'cpu')", args.threads)
         print(f"{backend}: export of the default model made or found valid in {time.perf_counter() - started:.1f} s", flush=True)
-    rows, references = [], {}
+    rows, references, baselines = [], {}, {}
     with tempfile.TemporaryDirectory(prefix="covidlesionseg-benchmark-") as folder:
         folder = Path(folder)
         if args.lungmask_env:
@@ -249,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
                 result = run_cli(volume, folder / f"out-{slices}-{backend}", args.source, args.threads, backend)
                 rows.append((slices, backend, result))
                 print(f"{slices} slices, {backend}: {select_figures(result)}", flush=True)
+            if args.baseline:
+                baselines[slices] = run_cli(volume, folder / f"out-{slices}-baseline", args.baseline, args.threads, "default")
+                print(f"{slices} slices, baseline: {select_figures(baselines[slices])}", flush=True)
             if args.lungmask_env:
                 references[slices] = run_lungmask(python, weights, volume, folder / f"lungmask-{slices}.nii.gz", args.threads)
                 print(f"{slices} slices, lungmask: {select_figures(references[slices])}", flush=True)
@@ -258,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nMachine: {described}; {args.threads} threads; {code}; CLI at default settings (shipped default model) but --backend.\n")
     print("| volume | backend | peak RSS (MiB) | wall (s) | CLI slices/s | to first batch (s) |")
     print("|---|---|---|---|---|---|")
-    table_rows = rows + [(slices, f"{LUNGMASK} (R231, random weights)", result) for slices, result in references.items()]
+    baseline = f"baseline {args.baseline.name} (its defaults)" if args.baseline else ""
+    table_rows = (rows + [(slices, baseline, result) for slices, result in baselines.items()]
+                  + [(slices, f"{LUNGMASK} (R231, random weights)", result) for slices, result in references.items()])
     for slices, backend, result in sorted(table_rows, key=lambda row: row[0]):
         first = "—" if result["first_batch_s"] is None else f"{result['first_batch_s']:.1f}"
         print(f"| 512×512×{slices} | {backend} | {result['peak_rss_mib']:.0f} | {result['wall_s']:.1f} | "
@@ -268,6 +277,13 @@ def main(argv: list[str] | None = None) -> int:
         print("| volume | " + " | ".join(args.backends) + " |")
         print("|---|" + "---|" * len(args.backends))
         for slices, reference in references.items():
+            ratios = [result["wall_s"] / reference["wall_s"] for count, _, result in rows if count == slices]
+            print(f"| 512×512×{slices} | " + " | ".join(f"{ratio:.2f}" for ratio in ratios) + " |")
+    if baselines:
+        print(f"\nCLI wall / the {baseline}'s wall on the same volume (below 1: faster than the baseline):\n")
+        print("| volume | " + " | ".join(args.backends) + " |")
+        print("|---|" + "---|" * len(args.backends))
+        for slices, reference in baselines.items():
             ratios = [result["wall_s"] / reference["wall_s"] for count, _, result in rows if count == slices]
             print(f"| 512×512×{slices} | " + " | ".join(f"{ratio:.2f}" for ratio in ratios) + " |")
     others = [backend for backend in args.backends if backend != "torch"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import gzip
 import json
 import math
 import multiprocessing
@@ -114,6 +115,23 @@ def test_truncated_nifti_is_refused_not_zero_filled(tmp_path, suffix):
     assert rows[cut.name]["status"] == "failed" and rows[cut.name]["output"] == ""
     assert rows[cut.name]["error"].startswith(str(cut)) and "truncated" in rows[cut.name]["error"]
     assert not (out / "cut.seg.nrrd").exists() and not (out / "cut.case.json").exists()
+
+
+def test_corrupt_compressed_nifti_is_refused_and_a_multi_member_one_is_read(tmp_path):
+    """Flipped bytes inside a .nii.gz (which ITK may read without a word, zero-filling or garbling voxels) fail on the
+    gzip CRC; a file of two gzip members (what concatenating or some streaming writers make) is one valid NIfTI."""
+    good = write(tmp_path / "in" / "good.nii.gz", image_of(chest()))
+    data = bytearray(good.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(byte ^ 0x5A for byte in data[middle : middle + 64])
+    corrupt = tmp_path / "in" / "corrupt.nii.gz"
+    corrupt.write_bytes(bytes(data))
+    content = gzip.decompress(good.read_bytes())
+    two_members = tmp_path / "in" / "two-members.nii.gz"
+    two_members.write_bytes(gzip.compress(content[:1000]) + gzip.compress(content[1000:]))
+    rows = run([corrupt, two_members], tmp_path / "out")
+    assert rows[corrupt.name]["status"] == "failed" and "corrupt compressed data" in rows[corrupt.name]["error"]
+    assert rows[two_members.name]["status"] == "ok" and float(rows[two_members.name]["lung_ml"]) == pytest.approx(LUNG_ML, abs=1e-3)
 
 
 @pytest.mark.parametrize(("spacing", "shown"), [(0.0, "(0.0, 0.8, 2.5)"), (float("nan"), "(nan, 0.8, 2.5)"), (-0.8, "(-0.8, 0.8, 2.5)")])
