@@ -29,7 +29,7 @@ REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 def test_default_guard_rails_are_the_ones_recommended_on_the_fold_models():
-    results = json.loads((REPOSITORY / "Training" / "results" / "guard-rails-v2-hu" / "guard_rails.json").read_text(encoding="utf-8"))
+    results = json.loads((REPOSITORY / "Training" / "results" / "guard-rails-v2-5folds" / "guard_rails.json").read_text(encoding="utf-8"))
     assert GuardRails().to_dict() == results["pooled"][results["recommended"]]["guard_rails"]
 
 
