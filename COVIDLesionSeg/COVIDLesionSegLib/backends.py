@@ -39,7 +39,7 @@ import logging
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -278,9 +278,13 @@ def masks_dice(expected: np.ndarray, found: np.ndarray) -> list[float]:
     return dices
 
 
-def quantize_int8(model: bytes, config, batch_size: int = 4) -> bytes:
+def quantize_int8(model: bytes, config, batch_size: int = 4, calibration: str = INT8_SETTINGS["calibration"],
+                  op_types: Sequence[str] | None = None, fp32_nodes: Sequence[str] = ()) -> bytes:
     """The fp32 ONNX ``model`` quantized as :data:`INT8_SETTINGS` say, calibrated on :func:`calibration_inputs`;
-    RuntimeError when a channel's mask on those slices has a Dice below :data:`INT8_MIN_DICE` against fp32's."""
+    RuntimeError when a channel's mask on those slices has a Dice below :data:`INT8_MIN_DICE` against fp32's.
+    The export cache uses the defaults; ``calibration`` (an ONNX Runtime ``CalibrationMethod``: MinMax, Percentile,
+    Entropy), ``op_types`` (the operator types quantized; None: all) and ``fp32_nodes`` (nodes left in fp32) are for
+    comparing other quantizations (``Testing/benchmarks/backend_agreement.py --int8-variants``)."""
     import tempfile
 
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -299,7 +303,8 @@ def quantize_int8(model: bytes, config, batch_size: int = 4) -> bytes:
         fp32_path.write_bytes(model)
         quantize_static(str(fp32_path), str(int8_path), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=getattr(CalibrationMethod, INT8_SETTINGS["calibration"]))
+                        calibrate_method=getattr(CalibrationMethod, calibration), op_types_to_quantize=op_types,
+                        nodes_to_exclude=list(fp32_nodes))
         quantized = int8_path.read_bytes()
     fp32, int8 = OnnxRuntimeBackend(onnxruntime_session(model)), OnnxRuntimeBackend(onnxruntime_session(quantized))
     batches = range(0, len(inputs), 8)

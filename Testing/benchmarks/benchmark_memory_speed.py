@@ -192,6 +192,16 @@ def network_speeds(backends: list[str], batch_size: int, threads: int, seconds: 
     return speeds
 
 
+def print_wall_ratios(name: str, short: str, references: dict[int, dict], rows: list[tuple], backends: list[str]) -> None:
+    """A markdown table of each backend's CLI wall time over ``references``' (by slice count) on the same volume."""
+    print(f"\nCLI wall / {name}'s wall on the same volume (below 1: faster than {short}):\n")
+    print("| volume | " + " | ".join(backends) + " |")
+    print("|---|" + "---|" * len(backends))
+    for slices, reference in references.items():
+        ratios = [result["wall_s"] / reference["wall_s"] for count, _, result in rows if count == slices]
+        print(f"| 512×512×{slices} | " + " | ".join(f"{ratio:.2f}" for ratio in ratios) + " |")
+
+
 def machine() -> str:
     model = platform.processor() or platform.machine()
     try:
@@ -265,27 +275,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nMachine: {described}; {args.threads} threads; {code}; CLI at default settings (shipped default model) but --backend.\n")
     print("| volume | backend | peak RSS (MiB) | wall (s) | CLI slices/s | to first batch (s) |")
     print("|---|---|---|---|---|---|")
-    baseline = f"baseline {args.baseline.name} (its defaults)" if args.baseline else ""
+    baseline = f"baseline {args.baseline} (its defaults)" if args.baseline else ""
     table_rows = (rows + [(slices, baseline, result) for slices, result in baselines.items()]
                   + [(slices, f"{LUNGMASK} (R231, random weights)", result) for slices, result in references.items()])
     for slices, backend, result in sorted(table_rows, key=lambda row: row[0]):
         first = "—" if result["first_batch_s"] is None else f"{result['first_batch_s']:.1f}"
         print(f"| 512×512×{slices} | {backend} | {result['peak_rss_mib']:.0f} | {result['wall_s']:.1f} | "
               f"{slices / result['wall_s']:.2f} | {first} |")
-    if references:
-        print(f"\nCLI wall / {LUNGMASK}'s wall on the same volume (below 1: faster than lungmask):\n")
-        print("| volume | " + " | ".join(args.backends) + " |")
-        print("|---|" + "---|" * len(args.backends))
-        for slices, reference in references.items():
-            ratios = [result["wall_s"] / reference["wall_s"] for count, _, result in rows if count == slices]
-            print(f"| 512×512×{slices} | " + " | ".join(f"{ratio:.2f}" for ratio in ratios) + " |")
-    if baselines:
-        print(f"\nCLI wall / the {baseline}'s wall on the same volume (below 1: faster than the baseline):\n")
-        print("| volume | " + " | ".join(args.backends) + " |")
-        print("|---|" + "---|" * len(args.backends))
-        for slices, reference in baselines.items():
-            ratios = [result["wall_s"] / reference["wall_s"] for count, _, result in rows if count == slices]
-            print(f"| 512×512×{slices} | " + " | ".join(f"{ratio:.2f}" for ratio in ratios) + " |")
+    for name, short, by_volume in ((LUNGMASK, "lungmask", references), (f"the {baseline}", "the baseline", baselines)):
+        if by_volume:
+            print_wall_ratios(name, short, by_volume, rows, args.backends)
     others = [backend for backend in args.backends if backend != "torch"]
     if "torch" in args.backends and others:
         by_run = {(slices, backend): result for slices, backend, result in rows}
