@@ -337,8 +337,8 @@ def load_segmentation(path: str | Path, volume_node, segmentation_node) -> list[
     """Import the segments of ``path`` (written on ``volume_node``'s grid) into ``segmentation_node``; returns their IDs.
 
     Segments this tool wrote before (IDs in ``segments.SEGMENTS``) are replaced, other segments are kept. The node
-    gets display nodes, a closed surface (3D view), the volume as reference image geometry and the volume's study. Its parent transform is left
-    as it is: when it differs from the volume's, the segments are transformed so that they cover the same anatomy.
+    gets display nodes, a closed surface (3D view), the volume as reference image geometry and the volume's study. Its
+    parent transform is left as it is: when it differs from the volume's, the segments are transformed so that they cover the same anatomy.
     """
     reader_scene = slicer.vtkMRMLScene()  # a private scene, so nothing transient appears in the user's scene
     source = reader_scene.AddNewNodeByClass("vtkMRMLSegmentationNode")

@@ -307,7 +307,8 @@ def test_sr_needs_dicom_seg(tmp_path, capsys):
 
 def test_core_works_without_highdicom_and_dicom_seg_says_how_to_get_it(tmp_path, monkeypatch, capsys):
     imported = subprocess.run([sys.executable, "-c", "import sys, COVIDLesionSegLib.cli, COVIDLesionSegLib.predictor, "
-                               "COVIDLesionSegLib.dicom_outputs; print('highdicom' in sys.modules)"], capture_output=True, text=True, check=True)
+                               "COVIDLesionSegLib.dicom_outputs; print('highdicom' in sys.modules)"],
+                              capture_output=True, text=True, check=True)
     assert imported.stdout.strip() == "False"  # imported lazily, only when a DICOM output is written
     folder = write_series(tmp_path / "chest", ct_image("axial"))
     monkeypatch.setitem(sys.modules, "highdicom", None)  # as if not installed

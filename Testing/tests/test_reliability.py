@@ -246,7 +246,8 @@ def duplicate_slice(files):
 
 
 DICOM_FAULTS = {
-    "corrupt slice": (corrupt_slice, [5.0 * k for k in range(12)], r"1 DICOM file\(s\) unreadable or not part of the series \(slice005.dcm\)"),
+    "corrupt slice": (corrupt_slice, [5.0 * k for k in range(12)],
+                      r"1 DICOM file\(s\) unreadable or not part of the series \(slice005.dcm\)"),
     "missing slice": (missing_slice, [5.0 * k for k in range(12)],
                       r"slice gap of 10.00 mm between slice004.dcm and slice006.dcm \(z 20.00 → 30.00 mm\) where the other slices are "
                       r"5.00 mm apart: missing or unreadable slice"),

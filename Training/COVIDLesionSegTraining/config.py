@@ -73,8 +73,8 @@ class TrainConfig:
         object.__setattr__(self, "negative_validation", tuple(self.negative_validation))
         if self.negative_validation and not self.negatives_dir:
             raise ValueError("negative_validation needs negatives_dir")
-        if set(self.negative_validation) & set(self.negative_holdout):
-            raise ValueError(f"patients both held out and validated on: {sorted(set(self.negative_validation) & set(self.negative_holdout))}")
+        if both := sorted(set(self.negative_validation) & set(self.negative_holdout)):
+            raise ValueError(f"patients both held out and validated on: {both}")
         if (self.negatives_dir is None) != (self.negative_fraction == 0.0) or not 0.0 <= self.negative_fraction < 1.0:
             raise ValueError("negatives_dir and a negative_fraction in (0, 1) go together (or neither)")
         for name in ("image_size", "batch_size", "epochs"):

@@ -27,9 +27,9 @@ On CUDA (the CPU path is unchanged): ``precision`` "bf16"/"auto" trains under bf
 autocast with a GradScaler (its scale is saved in ``last.state.json``); weights, optimizer and loss stay fp32.
 A training or validation set whose items are fixed (no augmentation, no lesion-free mix) and small enough is
 preprocessed once and kept on the GPU, batches gathered there; the loss is summed on the GPU and read once
-per log row, so a bf16 step makes no host round trip (fp16's GradScaler reads its overflow check at each step). :class:`RunControl` sets how a run is executed without
-changing what it learns: a wall-clock deadline (stop, validate, save: a cut run resumes), how often ``last``,
-``best`` and the curves are written, the progress bar.
+per log row, so a bf16 step makes no host round trip (fp16's GradScaler reads its overflow check at each step).
+:class:`RunControl` sets how a run is executed without changing what it learns: a wall-clock deadline (stop,
+validate, save: a cut run resumes), how often ``last``, ``best`` and the curves are written, the progress bar.
 """
 
 from __future__ import annotations
@@ -484,7 +484,8 @@ def train_process(config: TrainConfig, resume: bool, context: DistributedContext
         negatives = NegativeVolumeDataset(config.negatives_dir, exclude_patients=not_trained, augment=config.augment, **options)
         train_set = MixedSliceDataset(train_set, negatives, config.negative_fraction, config.seed)
         if context.is_main:
-            logger.info("lesion-free slices: %d from %s, %d per epoch", len(negatives), ", ".join(negatives.cases), train_set.negative_count)
+            logger.info("lesion-free slices: %d from %s, %d per epoch", len(negatives), ", ".join(negatives.cases),
+                        train_set.negative_count)
     if config.negative_validation:
         val_negatives = NegativeVolumeDataset(config.negatives_dir, only_patients=config.negative_validation, **options)
         val_set = ConcatDataset([val_set, val_negatives])
@@ -736,8 +737,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--augment", choices=AUGMENT_MODES, help=f"(default {defaults.augment})")
     group.add_argument("--seed", type=int, help=f"initialisation, sample order, augmentation (default {defaults.seed})")
     group = parser.add_argument_group("data recipe")
-    group.add_argument("--orientation", choices=ORIENTATIONS, help=f"manifest slices as stored or all radiological (default {defaults.orientation})")
-    group.add_argument("--field-of-view", choices=FIELDS_OF_VIEW, help=f"whole slice or each volume's body box (default {defaults.field_of_view})")
+    group.add_argument("--orientation", choices=ORIENTATIONS,
+                       help=f"manifest slices as stored or all radiological (default {defaults.orientation})")
+    group.add_argument("--field-of-view", choices=FIELDS_OF_VIEW,
+                       help=f"whole slice or each volume's body box (default {defaults.field_of_view})")
     group.add_argument("--negatives", dest="negatives_dir", help="folder of lesion-free HU volumes (chest-ct-hu-no-covid) to mix in")
     group.add_argument("--negative-fraction", type=float, help="share of each epoch drawn from --negatives, e.g. 0.25")
     group.add_argument("--negative-holdout", nargs="+", metavar="PATIENT", help="--negatives patients never trained on")
