@@ -4,7 +4,7 @@
 512×512×600 CT, 600 MiB beside the masks themselves. :class:`ChunkedComponents` labels
 :data:`CHUNK_SLICES` slices at a time inside the mask's bounding box, joins the pieces that touch across
 the chunks' faces (union–find) and keeps only per-piece sums; a second pass labels each chunk again (the
-labelling is deterministic) to say which component each voxel is in.
+labelling is deterministic) to give each voxel a value of its component.
 """
 
 from __future__ import annotations
@@ -108,10 +108,11 @@ class ChunkedComponents:
             both = (lower > 0) & (upper > 0)
             yield lower[both], upper[both]
 
-    def component_roots(self) -> Iterator[tuple[int, np.ndarray]]:
-        """``(start, roots)`` per chunk: int64 ``[k, y, x]`` (the box's rows and columns), each voxel's root, −1 outside."""
+    def component_values(self, per_root: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        """``(start, values)`` per chunk: ``[k, y, x]`` over the box's rows and columns, each voxel's
+        ``per_root[root of its component]`` (``per_root`` indexed like ``sums``; only roots are read), 0 outside."""
         for start, labels in self.chunks():
-            roots = np.full(labels.shape, -1, dtype=np.int64)
-            inside = labels > 0
-            roots[inside] = self.root_of_piece[labels[inside].astype(np.int64) + self.first_piece[start] - 1]
-            yield start, roots
+            offset, count = self.first_piece[start], int(labels.max())
+            lookup = np.zeros(count + 1, dtype=per_root.dtype)  # chunk label -> value; label 0 is outside
+            lookup[1:] = per_root[self.root_of_piece[offset : offset + count]]
+            yield start, lookup[labels]

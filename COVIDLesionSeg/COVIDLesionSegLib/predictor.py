@@ -175,10 +175,9 @@ def components_at_least(mask: np.ndarray, voxel_ml: float, min_ml: float) -> np.
     if not mask.any():
         return kept
     components = ChunkedComponents(mask, fully_connected=True)
-    large = components.sums[:, 0] * voxel_ml >= min_ml  # meaningful at the roots, which is all that is looked up
     _, rows, columns = components.box
-    for start, roots in components.component_roots():
-        kept[start : start + len(roots), rows, columns] = (roots >= 0) & large[np.maximum(roots, 0)]
+    for start, large in components.component_values(components.sums[:, 0] * voxel_ml >= min_ml):
+        kept[start : start + len(large), rows, columns] = large
     return kept
 
 

@@ -290,8 +290,8 @@ class SideRule:
             self.side_of_root[right], self.side_of_root[left] = 1, 2
         else:
             self.midline = self.centroid_x(sums[self.components.roots].sum(axis=0))
-        self.chunk_roots = iter(self.components.component_roots()) if self.two_lungs else iter(())
-        self.chunk: tuple[int, np.ndarray] | None = None  # (start, roots) of the chunk right_of_slice is in
+        self.chunk_sides = iter(self.components.component_values(self.side_of_root)) if self.two_lungs else iter(())
+        self.chunk: tuple[int, np.ndarray] | None = None  # (start, sides) of the chunk right_of_slice is in
 
     def centroid_x(self, sums: np.ndarray) -> float:
         """LPS x (mm) of the centroid of voxels whose count and x, y, z index sums are ``sums``."""
@@ -305,11 +305,11 @@ class SideRule:
         z_range, rows, columns = self.components.box
         if self.two_lungs and z_range.start <= z < z_range.stop:  # each lung whole to its side, even across the midline
             while self.chunk is None or z >= self.chunk[0] + len(self.chunk[1]):
-                self.chunk = next(self.chunk_roots)
-            start, roots = self.chunk
+                self.chunk = next(self.chunk_sides)
+            start, sides = self.chunk
             if z < start:
                 raise ValueError(f"SideRule.right_of_slice: slice {z} asked for after slice {start}")
-            side = self.side_of_root[np.maximum(roots[z - start], 0)] * (roots[z - start] >= 0)
+            side = sides[z - start]
             box = right[rows, columns]
             right[rows, columns] = np.where(side == 0, box, side == 1)
         return right

@@ -219,8 +219,8 @@ def test_chunked_components_are_the_whole_grid_components(fully_connected):
         components = ChunkedComponents(mask, fully_connected, chunk_slices)
         roots = np.full(mask.shape, -1)
         _, rows, columns = components.box
-        for start, chunk in components.component_roots():
-            roots[start : start + len(chunk), rows, columns] = chunk
+        for start, chunk in components.component_values(np.arange(1, len(components.sums) + 1)):  # root + 1; 0 outside
+            roots[start : start + len(chunk), rows, columns] = chunk - 1
         sums = components.sums
         ranked = sorted(components.roots, key=lambda root: (-sums[root, 0], root))
         assert len(ranked) == labels.max()
