@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Machine: {described}", flush=True)
     network_backends = [name for name in ("torch", "onnxruntime", "onnxruntime-int8")
                         if name in args.backends or (name == "onnxruntime" and "auto" in args.backends)]
-    for backend in network_backends[network_backends[0] == "torch":]:
+    for backend in [name for name in network_backends if name != "torch"]:  # ONNX exports made before the CLI runs
         started = time.perf_counter()
         in_child(f"from COVIDLesionSegLib.backends import open_backend; open_backend(*default_model(), {backend!r}, 'cpu')", args.threads)
         print(f"{backend}: export of the default model made or found valid in {time.perf_counter() - started:.1f} s", flush=True)
