@@ -10,7 +10,13 @@ from COVIDLesionSegLib.io import read_image, to_radiological
 from COVIDLesionSegLib.preprocessing import PreprocessingConfig, crop_slice, prepare_volume, resize_mask, to_network_input
 from COVIDLesionSegTraining.config import TrainConfig
 from COVIDLesionSegTraining.data import ManifestSliceDataset, read_manifest
-from COVIDLesionSegTraining.negatives import MixedSliceDataset, NegativeVolumeDataset, read_negative_cases, tumour_free_slices
+from COVIDLesionSegTraining.negatives import (
+    MixedSliceDataset,
+    NegativeVolumeDataset,
+    add_dependent_density,
+    read_negative_cases,
+    tumour_free_slices,
+)
 
 NEGATIVES = Path(__file__).resolve().parents[3] / "shared" / "data" / "chest-ct-hu-no-covid"
 BODY = PreprocessingConfig(field_of_view="body")
@@ -83,6 +89,57 @@ def test_negative_slices_are_the_inference_preprocessing_with_empty_lesions(nega
     assert item["target"][0].sum() == 0 and item["target"][1].mean() > 0.1  # mid-chest: no lesion, lungs
     no_lung = [i for i, (name, _) in enumerate(dataset.slices) if name == "totalsegmentator_example_ct_dicom"]
     assert no_lung and all(dataset[i]["target"][1].sum() == 0 for i in no_lung[:3])  # upper abdomen only
+
+
+def test_dependent_density_is_densest_at_the_dependent_pleura_inside_the_lung_only():
+    hu = np.full((40, 30), 40.0, dtype=np.float32)  # soft tissue
+    lung = np.zeros((40, 30), dtype=bool)
+    lung[5:35, 3:27] = True  # one lung, its dependent (posterior) edge at row 34
+    hu[lung] = -850.0
+    hu[20, 10] = 30.0  # a vessel inside the lung
+    added = add_dependent_density(hu, lung, row_mm=1.0, rng=np.random.default_rng(0))
+    assert added.dtype == np.float32 and added.shape == hu.shape
+    assert (added[~lung] == 0).all() and added[20, 10] == 0  # nothing outside the lung or on dense tissue
+    column = added[5:35, 15]
+    assert (np.diff(column) > 0).all()  # rising towards the back in every column…
+    assert 0 < column[0] < column[-1] <= 450 + 80  # at most the band's amplitude plus the gradient
+    again = add_dependent_density(hu, lung, row_mm=1.0, rng=np.random.default_rng(0))
+    np.testing.assert_array_equal(added, again)  # reproducible from its generator
+    assert not np.array_equal(added, add_dependent_density(hu, lung, row_mm=1.0, rng=np.random.default_rng(1)))
+
+
+def test_dependent_density_renders_lung_slices_anew_and_keeps_their_targets(negatives_dir):
+    options = {"channels": ("lesion", "lung"), "preprocessing": BODY, "only_patients": ["pyradiomics_lung1", "totalsegmentator_example"]}
+    plain = NegativeVolumeDataset(negatives_dir, **options)
+    dense = NegativeVolumeDataset(negatives_dir, dependent_density=1.0, **options)
+    assert plain.volumes == {} and dense.slices == plain.slices  # HU kept only when it is used
+    with_lung = dense.slices.index(("pyradiomics_lung1", 20))
+    image, lesion, lung = dense.load_slice(with_lung)
+    plain_image, _, plain_lung = plain.load_slice(with_lung)
+    assert not np.array_equal(image, plain_image) and not lesion.any()
+    np.testing.assert_array_equal(lung, plain_lung)
+    lung_rows = np.flatnonzero(lung.any(axis=1))
+    back = slice(lung_rows[-1] - 15, lung_rows[-1])  # the dependent lung became brighter than it was
+    assert image[back][lung[back]].mean() > plain_image[back][lung[back]].mean()
+    no_lung = next(i for i, _ in enumerate(dense.slices) if not dense.lungs[i].any())
+    np.testing.assert_array_equal(dense.load_slice(no_lung)[0], plain.load_slice(no_lung)[0])
+    with pytest.raises(ValueError, match="probability"):
+        NegativeVolumeDataset(negatives_dir, dependent_density=1.5, **options)
+    with pytest.raises(ValueError, match="dependent_density"):
+        TrainConfig(data_dir="d", output_dir="o", dependent_density=0.5)  # no lesion-free slices to apply it to
+    config = TrainConfig(data_dir="d", output_dir="o", negatives_dir="n", negative_fraction=0.25, dependent_density=0.5)
+    assert "dependent density" in "\n".join(config.differences_from_paper())
+
+
+def test_montage_shows_the_lesion_free_slices_and_their_dependent_density(tiny_data, negatives_dir, tmp_path):
+    import cv2
+
+    from COVIDLesionSegTraining.montage import main as montage_main
+
+    assert montage_main(["--data", str(tiny_data), "--negatives", str(negatives_dir), "--output", str(tmp_path)]) == 0
+    pictures = {name: cv2.imread(str(tmp_path / name)) for name in ("orientation.png", "negatives.png", "dependent-density.png")}
+    assert all(picture is not None and picture.std() > 10 for picture in pictures.values())
+    assert pictures["dependent-density.png"].shape[1] == 8 * 128  # four pairs per lung-bearing case
 
 
 def test_mixed_epochs_hold_the_chosen_share_of_negatives_drawn_anew_each_epoch(tiny_data, negatives_dir):

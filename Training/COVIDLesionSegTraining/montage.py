@@ -12,7 +12,9 @@ writes
   every right-hand tile should show the spine and table at the bottom;
 - ``negatives.png``: slices of each lesion-free HU volume as the network sees them (the inference
   preprocessing with the body crop), with the derived classical lung mask in green; tiles of slices left
-  out for a nearby tumour are crossed out in red.
+  out for a nearby tumour are crossed out in red;
+- ``dependent-density.png``: lung-bearing lesion-free slices as they are (left of each pair) and with the
+  synthetic dependent density that ``--dependent-density`` trains on (right), drawn with seed 0.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from COVIDLesionSegLib.checkpoints import atomic_output
 from COVIDLesionSegLib.preprocessing import PreprocessingConfig
 
 from .data import ManifestSliceDataset, read_manifest
-from .negatives import prepare_negative_case, read_negative_cases, tumour_free_slices
+from .negatives import DEPENDENT_DENSITY_STREAM, add_dependent_density, prepare_negative_case, read_negative_cases, tumour_free_slices
 
 TILE = 128
 RED, GREEN, YELLOW = (0, 0, 255), (0, 200, 0), (0, 220, 255)
@@ -75,14 +77,33 @@ def orientation_montage(data_dir: Path, preprocessing: PreprocessingConfig) -> n
 def negatives_montage(negatives_dir: Path, preprocessing: PreprocessingConfig, per_case: int = 8) -> np.ndarray:
     rows = []
     for case in read_negative_cases(negatives_dir):
-        prepared, lung = prepare_negative_case(case, preprocessing)
-        kept = tumour_free_slices(case, len(prepared))
+        volume = prepare_negative_case(case, preprocessing)
+        kept = tumour_free_slices(case, len(volume.hu))
         tiles = []
-        for z in np.linspace(0, len(prepared) - 1, per_case).round().astype(int):
-            one = tile(prepared[z], [(lung[z], GREEN)], f"{case.case} z{z}" if z == 0 else f"z{z}")
+        for z in np.linspace(0, len(volume.hu) - 1, per_case).round().astype(int):
+            image, lung = volume.render(z)
+            one = tile(image, [(lung, GREEN)], f"{case.case} z{z}" if z == 0 else f"z{z}")
             if not kept[z]:
                 cv2.line(one, (0, 0), (TILE - 1, TILE - 1), RED, 2)
             tiles.append(one)
+        rows.append(np.hstack(tiles))
+    return np.vstack(rows)
+
+
+def dependent_density_montage(negatives_dir: Path, preprocessing: PreprocessingConfig, pairs_per_case: int = 4) -> np.ndarray:
+    """Per HU case with lung: ``pairs_per_case`` lung-bearing slices, each as is and with dependent density."""
+    rows = []
+    for case in read_negative_cases(negatives_dir):
+        volume = prepare_negative_case(case, preprocessing)
+        with_lung = np.flatnonzero(volume.lung.sum(axis=(1, 2)) > 0.05 * volume.lung[0].size)
+        if not volume.hounsfield or len(with_lung) == 0:
+            continue
+        tiles = []
+        for z in with_lung[np.linspace(0, len(with_lung) - 1, pairs_per_case).round().astype(int)]:
+            rng = np.random.default_rng((0, 0, int(z), DEPENDENT_DENSITY_STREAM))
+            plain, _ = volume.render(z)
+            dense, _ = volume.render(z, add_dependent_density(volume.hu[z], volume.lung[z], volume.row_mm, rng))
+            tiles += [tile(plain, label=f"{case.case} z{z}"), tile(dense, label="+ dependent")]
         rows.append(np.hstack(tiles))
     return np.vstack(rows)
 
@@ -98,12 +119,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, required=True, help="the covid19-ct-seg-20cases-png256 folder")
     parser.add_argument("--negatives", type=Path, help="the chest-ct-hu-no-covid folder")
     parser.add_argument("--field-of-view", default="body", choices=("full", "body"), help="the recipe's field of view (default body)")
-    parser.add_argument("--output", type=Path, required=True, help="folder for orientation.png (and negatives.png)")
+    parser.add_argument("--output", type=Path, required=True, help="folder for orientation.png (and negatives.png, dependent-density.png)")
     args = parser.parse_args(argv)
     preprocessing = PreprocessingConfig(field_of_view=args.field_of_view)
     write_png(orientation_montage(args.data, preprocessing), args.output / "orientation.png")
     if args.negatives:
         write_png(negatives_montage(args.negatives, preprocessing), args.output / "negatives.png")
+        write_png(dependent_density_montage(args.negatives, preprocessing), args.output / "dependent-density.png")
     return 0
 
 

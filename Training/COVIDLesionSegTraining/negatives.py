@@ -12,7 +12,10 @@ network trained on it alone has never seen a healthy lung, an apex or base, or a
 - slices holding a lung tumour (the folder's ``tumour_masks/``), and one slice on either side, are left
   out: a tumour is an opacity but not COVID-19, so it must not be taught as "no lesion";
 - ``exclude_patients`` keeps patients out (the held-out false-positive test patients); ``only_patients``
-  keeps only those (lesion-free validation patients).
+  keeps only those (lesion-free validation patients);
+- ``dependent_density`` (a probability) renders a slice now and then from its HU with synthetic
+  gravity-dependent density added in the lung (:func:`add_dependent_density`), still labelled "no lesion":
+  the shipped models' false lesion on healthy lungs lies in this dependent, posterior density.
 
 :class:`MixedSliceDataset` puts them beside the lesion slices at a chosen share of every epoch.
 """
@@ -30,7 +33,14 @@ from torch.utils.data import Dataset
 
 from COVIDLesionSegLib.classical_lung import classical_lung_mask
 from COVIDLesionSegLib.io import read_image, to_radiological
-from COVIDLesionSegLib.preprocessing import PreprocessingConfig, crop_slice, prepare_volume, resize_mask
+from COVIDLesionSegLib.preprocessing import (
+    PreprocessingConfig,
+    body_crop_box,
+    crop_slice,
+    is_hounsfield,
+    resize_mask,
+    slice_to_uint8,
+)
 
 from .data import SliceDataset
 
@@ -76,25 +86,107 @@ def tumour_free_slices(case: NegativeCase, depth: int) -> np.ndarray:
     return ~near
 
 
-def prepare_negative_case(case: NegativeCase, preprocessing: PreprocessingConfig) -> tuple[np.ndarray, np.ndarray]:
-    """One lesion-free volume as the network sees it: ``(uint8 [z, size, size]`` from the inference preprocessing,
-    ``bool [z, size, size]`` classical lung mask cut and resized like it), radiologically oriented."""
+@dataclass(frozen=True)
+class PreparedNegative:
+    """One lesion-free volume, radiologically oriented and cut to its field-of-view box.
+
+    ``hu``: float32 ``[z, side, side]`` on the box at the scan's resolution (padded with the volume's
+    minimum); ``lung``: bool, the classical lung mask on the same grid; ``row_mm``: the pixel height in mm;
+    ``hounsfield``: whether the volume is in HU (decided once per volume, as inference does).
+    :meth:`render` turns a slice into what the network sees.
+    """
+
+    hu: np.ndarray
+    lung: np.ndarray
+    row_mm: float
+    hounsfield: bool
+    preprocessing: PreprocessingConfig
+
+    def render(self, z: int, added_hu: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Slice ``z`` (plus ``added_hu`` ``[side, side]``) as uint8 ``[size, size]`` through the inference
+        preprocessing (the slice of ``prepare_volume``), and its lung mask resized like it."""
+        hu = self.hu[z] if added_hu is None else self.hu[z] + added_hu
+        return slice_to_uint8(hu, self.preprocessing, self.hounsfield), resize_mask(self.lung[z], self.preprocessing)
+
+
+def prepare_negative_case(case: NegativeCase, preprocessing: PreprocessingConfig) -> PreparedNegative:
+    """Read ``case``'s HU volume, orient it, derive its classical lung mask and cut both to the body box."""
     image = to_radiological(read_image(case.volume))
-    hu = sitk.GetArrayFromImage(image)
-    prepared, box = prepare_volume(hu, preprocessing)
+    hu = sitk.GetArrayFromImage(image).astype(np.float32)
     lung = classical_lung_mask(hu, image.GetSpacing())
-    return prepared, np.stack([resize_mask(crop_slice(plane, box), preprocessing) for plane in lung])
+    box = body_crop_box(hu, preprocessing)
+    if box is not None:
+        fill = float(hu.min())
+        hu = np.stack([crop_slice(plane, box, fill) for plane in hu])
+        lung = np.stack([crop_slice(plane, box) for plane in lung])
+    return PreparedNegative(hu, lung, float(image.GetSpacing()[1]), is_hounsfield(hu, preprocessing), preprocessing)
+
+
+@dataclass(frozen=True)
+class DependentDensity:
+    """Ranges of :func:`add_dependent_density` (each slice draws uniformly from them)."""
+
+    amplitude_hu: tuple[float, float] = (100.0, 450.0)  # added at the dependent pleura
+    decay_mm: tuple[float, float] = (4.0, 25.0)  # e-folding distance up from the dependent pleura
+    gradient_hu: tuple[float, float] = (0.0, 80.0)  # gentle anterior → posterior gradient over the whole lung
+    modulation: tuple[float, float] = (0.3, 1.0)  # left–right variation of the amplitude (fraction)
+    modulation_knots: int = 6  # control points of that variation across the slice
+
+
+DEPENDENT_DENSITY = DependentDensity()
+DEPENDENT_DENSITY_STREAM = 11  # its random numbers are drawn apart from the augmentation's (seed, epoch, index)
+
+
+def add_dependent_density(
+    hu: np.ndarray, lung: np.ndarray, row_mm: float, rng: np.random.Generator, params: DependentDensity = DEPENDENT_DENSITY
+) -> np.ndarray:
+    """HU to add to ``hu[H, W]`` for synthetic gravity-dependent density inside ``lung[H, W]`` (float32 ``[H, W]``).
+
+    Supine CT shows healthy lung denser towards the back (radiological slices: the bottom rows), most at the
+    dependent pleura (subsegmental atelectasis, up to several hundred HU): an exponential band
+    ``A·exp(−d/λ)`` along each column, ``d`` the distance in mm down to where the lung ends, varied
+    left–right, plus a linear gradient over the lung's height. Dense tissue (vessels, walls) is left as it
+    is: the addition fades from full below −600 HU to none above −100 HU.
+    """
+    height, width = hu.shape
+    cells_below = np.zeros((height, width), dtype=np.float32)  # lung pixels from each pixel down to the lung's edge
+    cells_below[-1] = lung[-1]
+    for row in range(height - 2, -1, -1):
+        cells_below[row] = np.where(lung[row], cells_below[row + 1] + 1, 0)
+    distance_mm = np.maximum(cells_below - 0.5, 0) * row_mm
+    amplitude, decay, gradient = (rng.uniform(*r) for r in (params.amplitude_hu, params.decay_mm, params.gradient_hu))
+    knots = rng.uniform(*params.modulation, size=params.modulation_knots)
+    across = np.interp(np.arange(width), np.linspace(0, width - 1, params.modulation_knots), knots).astype(np.float32)
+    added = np.float32(amplitude) * np.exp(-distance_mm / np.float32(decay)) * across[None, :]
+    rows = np.flatnonzero(lung.any(axis=1))
+    if len(rows) > 1:
+        depth = np.clip((np.arange(height, dtype=np.float32) - rows[0]) / (rows[-1] - rows[0]), 0, 1)
+        added += np.float32(gradient) * depth[:, None]
+    fade = np.clip((-100.0 - hu) / 500.0, 0.0, 1.0).astype(np.float32)
+    return np.where(lung, added * fade, np.float32(0))
 
 
 class NegativeVolumeDataset(SliceDataset):
     """Every tumour-free axial slice of the lesion-free volumes in ``root``: patients in ``exclude_patients`` left
-    out; if ``only_patients`` is given, only those.
+    out; if ``only_patients`` is given, only those. ``dependent_density``: the probability that an item is
+    rendered with :func:`add_dependent_density` (drawn from its own stream of (seed, epoch, index), so the
+    other augmentation draws stay as without it).
 
     Items are those of :class:`~.data.SliceDataset` with an all-zero lesion target.
     """
 
-    def __init__(self, root: str | Path, exclude_patients: Sequence[str] = (), only_patients: Sequence[str] | None = None, **options):
+    def __init__(
+        self,
+        root: str | Path,
+        exclude_patients: Sequence[str] = (),
+        only_patients: Sequence[str] | None = None,
+        dependent_density: float = 0.0,
+        **options,
+    ):
         super().__init__(**options)
+        if not 0.0 <= dependent_density <= 1.0:
+            raise ValueError(f"dependent_density is a probability, got {dependent_density}")
+        self.dependent_density = dependent_density
         cases = read_negative_cases(root)
         unknown = sorted(set(exclude_patients).union(only_patients or ()) - {case.patient for case in cases})
         if unknown:
@@ -104,14 +196,18 @@ class NegativeVolumeDataset(SliceDataset):
         self.images: list[np.ndarray] = []  # per kept slice: uint8 [size, size]
         self.lungs: list[np.ndarray] = []  # per kept slice: bool [size, size]
         self.slices: list[tuple[str, int]] = []  # (case, z)
+        self.volumes: dict[str, PreparedNegative] = {}  # kept only to render dependent density
         for case in cases:
             if case.patient in exclude_patients:
                 continue
-            prepared, lung = prepare_negative_case(case, self.preprocessing)
-            for z in np.flatnonzero(tumour_free_slices(case, len(prepared))):
-                self.images.append(prepared[z])
-                self.lungs.append(lung[z])
+            volume = prepare_negative_case(case, self.preprocessing)
+            for z in np.flatnonzero(tumour_free_slices(case, len(volume.hu))):
+                image, lung = volume.render(z)
+                self.images.append(image)
+                self.lungs.append(lung)
                 self.slices.append((case.case, int(z)))
+            if dependent_density > 0:
+                self.volumes[case.case] = volume
         self.cases = list(dict.fromkeys(case for case, _ in self.slices))
 
     def __len__(self) -> int:
@@ -119,7 +215,14 @@ class NegativeVolumeDataset(SliceDataset):
 
     def load_slice(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         lung = self.lungs[index]
-        return self.images[index], np.zeros_like(lung), lung
+        image = self.images[index]
+        if self.dependent_density > 0:
+            rng = np.random.default_rng((self.seed, self.epoch, index, DEPENDENT_DENSITY_STREAM))
+            case, z = self.slices[index]
+            volume = self.volumes[case]
+            if rng.random() < self.dependent_density and volume.hounsfield and volume.lung[z].any():
+                image, _ = volume.render(z, add_dependent_density(volume.hu[z], volume.lung[z], volume.row_mm, rng))
+        return image, np.zeros_like(lung), lung
 
     def volume_id(self, index: int) -> str:
         return self.slices[index][0]

@@ -481,7 +481,8 @@ def train_process(config: TrainConfig, resume: bool, context: DistributedContext
     val_set = ManifestSliceDataset(split.val, orientation=config.orientation, **options)
     if config.negatives_dir:
         not_trained = (*config.negative_holdout, *config.negative_validation)
-        negatives = NegativeVolumeDataset(config.negatives_dir, exclude_patients=not_trained, augment=config.augment, **options)
+        negatives = NegativeVolumeDataset(config.negatives_dir, exclude_patients=not_trained, augment=config.augment,
+                                          dependent_density=config.dependent_density, **options)
         train_set = MixedSliceDataset(train_set, negatives, config.negative_fraction, config.seed)
         if context.is_main:
             logger.info("lesion-free slices: %d from %s, %d per epoch", len(negatives), ", ".join(negatives.cases),
@@ -749,6 +750,12 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         metavar="PATIENT",
         help="--negatives patients added to the validation slices (so the kept checkpoint is judged on false lesion too), never trained on",
+    )
+    group.add_argument(
+        "--dependent-density",
+        type=float,
+        metavar="P",
+        help="probability that a --negatives slice is shown with synthetic gravity-dependent density in its lung (default 0)",
     )
     group.add_argument(
         "--init-from", metavar="CHECKPOINT", help="start from this checkpoint's weights (file or registry name): fine-tuning; same network"
