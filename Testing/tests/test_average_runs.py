@@ -30,7 +30,7 @@ def write_run(folder, seed: int, **changes) -> Checkpoint:
 
 
 def test_soup_is_the_mean_of_the_seeds_weights_and_refuses_other_recipes(tmp_path, capsys):
-    runs = [write_run(tmp_path / f"s{seed}", seed) for seed in range(3)]
+    runs = [write_run(tmp_path / f"s{seed}", seed, device=("cpu", "cuda", "auto")[seed]) for seed in range(3)]  # where they ran
     output = tmp_path / "soup"
     assert average_main(["--runs", *(str(tmp_path / f"s{seed}") for seed in range(3)), "--output", str(output)]) == 0
     soup = load_checkpoint(output / "last.safetensors")

@@ -6,9 +6,9 @@
 
 Averaging weights is meaningful only for networks in one basin of the loss: runs fine-tuned from the same
 checkpoint with the same recipe, differing only in their seed. So the runs' ``config.json`` must agree on
-everything but ``seed`` and ``output_dir`` (and the network, channels and preprocessing of their
-checkpoints). Every floating tensor is averaged, batch-norm running statistics included; integer tensors
-(batch counts) are the first run's.
+everything but ``seed``, ``output_dir`` and where they ran (``device``, ``num_workers``), and their
+checkpoints on the network, channels and preprocessing. Every floating tensor is averaged, batch-norm
+running statistics included; integer tensors (batch counts) are the first run's.
 
 The output is a run folder that :mod:`.compare_runs`, :mod:`.evaluate` and the CLI's ``--weights`` take:
 ``<checkpoint>.safetensors`` (metrics: ``step`` of the runs, ``averaged_from``), ``config.json`` (the first
@@ -27,7 +27,7 @@ from COVIDLesionSegLib.checkpoints import Checkpoint, atomic_output, load_checkp
 
 from .config import TrainConfig
 
-ALLOWED_DIFFERENCES = ("seed", "output_dir")
+ALLOWED_DIFFERENCES = ("seed", "output_dir", "device", "num_workers")
 
 
 def average_checkpoints(checkpoints: Sequence[Checkpoint]) -> Checkpoint:
@@ -56,7 +56,7 @@ def average_runs(run_dirs: Sequence[Path], checkpoint: str, output_dir: Path) ->
         differing = sorted(name for name, value in config.to_dict().items() if name not in ALLOWED_DIFFERENCES and value != first[name])
         if differing:
             raise ValueError(f"{run_dir} differs from {run_dirs[0]} in {', '.join(differing)}: only runs of one recipe that differ "
-                             f"in {' and '.join(ALLOWED_DIFFERENCES)} can be averaged")
+                             f"in no more than {', '.join(ALLOWED_DIFFERENCES)} can be averaged")
     sources = [str(Path(run_dir) / f"{checkpoint}.safetensors") for run_dir in run_dirs]
     checkpoints = [load_checkpoint(source) for source in sources]
     soup = average_checkpoints(checkpoints)
