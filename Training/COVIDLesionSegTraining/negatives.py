@@ -4,9 +4,10 @@ The slice set of COVID-19-CT-Seg holds only lesion-bearing slices from the middl
 network trained on it alone has never seen a healthy lung, an apex or base, or a slice without lung.
 :class:`NegativeVolumeDataset` adds such slices:
 
-- each volume is read, put in radiological orientation and prepared by the very function inference
-  uses (:func:`~COVIDLesionSegLib.preprocessing.prepare_volume`: field-of-view crop, HU window, resize,
-  min–max, CLAHE), so the network sees HU-derived slices exactly as inference makes them;
+- each volume is read, put in radiological orientation and prepared by the functions inference uses
+  (the steps of :func:`~COVIDLesionSegLib.preprocessing.prepare_volume`: field-of-view box and crop, then per
+  slice HU window, resize, min–max, CLAHE), so the network sees HU-derived slices exactly as inference makes
+  them (a test compares them with ``prepare_volume``);
 - the lesion target is empty; the lung target is the classical lung mask
   (:func:`~COVIDLesionSegLib.classical_lung.classical_lung_mask`), cut and resized like the image;
 - slices holding a lung tumour (the folder's ``tumour_masks/``), and one slice on either side, are left
