@@ -155,6 +155,41 @@ def test_resume_after_a_budget_or_a_signal_continues_exactly(tiny_data, tmp_path
         assert all(torch.equal(weights[name], expected[name]) for name in expected), run_dir.name
 
 
+def test_weight_average_is_a_moving_average_of_parameters_and_batch_norm_statistics():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    average = train_module.WeightAverage(model, decay=0.75)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            tensor.add_(4)  # parameters, running statistics and the batch count all move
+    average.update(model)
+    for name, tensor in average.network.state_dict().items():
+        expected = before[name] + 4 if name.endswith("num_batches_tracked") else before[name] + 0.25 * 4
+        torch.testing.assert_close(tensor, expected)
+    assert not average.network.training and not any(parameter.requires_grad for parameter in average.network.parameters())
+    with pytest.raises(ValueError, match="weight_average_decay"):
+        TrainConfig(data_dir="d", output_dir="o", weight_average_decay=1.0)
+
+
+def test_an_averaged_run_saves_the_average_and_resumes_exactly(tiny_data, tmp_path):
+    averaged = {"weight_average_decay": 0.5, "augment": "robust"}
+    train(tiny_config(tiny_data, tmp_path / "straight", max_steps=4, **averaged))
+    train(tiny_config(tiny_data, tmp_path / "budget", max_steps=2, **averaged))
+    train(tiny_config(tiny_data, tmp_path / "budget", max_steps=4, **averaged), resume=True)
+    expected = final_weights(tmp_path / "straight")
+    resumed = final_weights(tmp_path / "budget")
+    assert all(torch.equal(resumed[name], expected[name]) for name in expected)
+    from safetensors.torch import load_file
+
+    state = load_file(str(tmp_path / "straight" / "last.state.safetensors"))
+    trained = {name.removeprefix("training_weights."): tensor for name, tensor in state.items() if name.startswith("training_weights.")}
+    assert trained.keys() == expected.keys()
+    assert any(not torch.equal(trained[name], expected[name]) for name in expected)  # the checkpoint is the average, not the last step
+    plain = train(tiny_config(tiny_data, tmp_path / "plain", max_steps=4, augment="robust"))
+    assert plain["step"] == 4
+    assert not any(name.startswith("training_weights.") for name in load_file(str(tmp_path / "plain" / "last.state.safetensors")))
+
+
 def test_validation_every_n_steps_crosses_epochs_and_leaves_training_unchanged(tiny_data, tmp_path):
     train(tiny_config(tiny_data, tmp_path / "per_epoch", max_steps=5))
     every_two = tmp_path / "every_two"

@@ -49,6 +49,7 @@ class TrainConfig:
     negative_holdout: tuple[str, ...] = ()  # negatives_dir patients never trained on (false-positive tests)
     negative_validation: tuple[str, ...] = ()  # negatives_dir patients validated on (checkpoint choice sees false lesion), never trained on
     dependent_density: float = 0.0  # probability that a lesion-free slice is rendered with synthetic dependent density (negatives.py)
+    weight_average_decay: float | None = None  # checkpoints hold an exponential moving average of the weights (e.g. 0.99); None = off
     init_from: str | None = None  # checkpoint (file or registry name) whose weights start the run (fine-tuning); None = fresh
     init_recipe: dict | None = None  # that checkpoint's train_config (recorded by training): the stage this run fine-tunes
     device: str = "auto"  # "auto" (CUDA if available), "cpu", "cuda", "cuda:1", …
@@ -78,6 +79,8 @@ class TrainConfig:
             raise ValueError(f"patients both held out and validated on: {both}")
         if (self.negatives_dir is None) != (self.negative_fraction == 0.0) or not 0.0 <= self.negative_fraction < 1.0:
             raise ValueError("negatives_dir and a negative_fraction in (0, 1) go together (or neither)")
+        if self.weight_average_decay is not None and not 0.0 < self.weight_average_decay < 1.0:
+            raise ValueError(f"weight_average_decay must be in (0, 1) or None, got {self.weight_average_decay}")
         if not 0.0 <= self.dependent_density <= 1.0 or (self.dependent_density > 0 and not self.negatives_dir):
             raise ValueError(f"dependent_density is a probability applied to negatives_dir's slices, got {self.dependent_density}")
         for name in ("image_size", "batch_size", "epochs"):
@@ -165,6 +168,8 @@ class TrainConfig:
             differences.append(
                 f"lesion-free HU slices from {self.negatives_dir}: {self.negative_fraction:.0%} of each epoch (paper: lesion slices only)"
             )
+        if self.weight_average_decay is not None:
+            differences.append(f"weight_average_decay: checkpoints hold a moving average of weights (decay {self.weight_average_decay})")
         if self.dependent_density:
             differences.append(f"dependent_density: {self.dependent_density:.0%} of lesion-free slices with synthetic dependent density")
         precision = self.effective_precision(device_type or "cpu")

@@ -283,9 +283,12 @@ class StopRequest:
             signal.signal(signal_number, handler)
 
 
-def save_training_state(run_dir: Path, optimizer: torch.optim.Optimizer, progress: TrainingProgress, scaler=None) -> None:
-    """``last.state.safetensors`` (optimizer tensors, RNG states) and ``last.state.json`` (the rest, with the fp16
-    GradScaler's state if any)."""
+def save_training_state(
+    run_dir: Path, optimizer: torch.optim.Optimizer, progress: TrainingProgress, scaler=None, training_weights: dict | None = None
+) -> None:
+    """``last.state.safetensors`` (optimizer tensors, RNG states; ``training_weights``, the weights being trained, when
+    the checkpoints hold their moving average) and ``last.state.json`` (the rest, with the fp16 GradScaler's state if
+    any)."""
     from safetensors.torch import save_file
 
     state = optimizer.state_dict()
@@ -297,6 +300,8 @@ def save_training_state(run_dir: Path, optimizer: torch.optim.Optimizer, progres
             else:
                 scalars[f"{parameter_id}.{key}"] = value
     tensors["rng.torch"] = torch.get_rng_state()
+    for name, tensor in (training_weights or {}).items():
+        tensors[f"training_weights.{name}"] = tensor.detach().cpu().contiguous()
     if torch.cuda.is_available():
         tensors.update({f"rng.cuda.{index}": rng for index, rng in enumerate(torch.cuda.get_rng_state_all())})
     with atomic_output(run_dir / "last.state.safetensors") as temporary:
@@ -308,8 +313,11 @@ def save_training_state(run_dir: Path, optimizer: torch.optim.Optimizer, progres
         temporary.write_text(json.dumps(document, indent=1))
 
 
-def load_training_state(run_dir: Path, optimizer: torch.optim.Optimizer, scaler=None) -> TrainingProgress:
-    """Restore the optimizer, RNG (and GradScaler) states written by :func:`save_training_state`; returns the progress."""
+def load_training_state(
+    run_dir: Path, optimizer: torch.optim.Optimizer, scaler=None, trained_model: nn.Module | None = None
+) -> TrainingProgress:
+    """Restore the optimizer, RNG (and GradScaler) states written by :func:`save_training_state`, and the weights being
+    trained into ``trained_model`` (runs whose checkpoints hold a moving average); returns the progress."""
     from safetensors.torch import load_file
 
     document = json.loads((run_dir / "last.state.json").read_text())
@@ -329,6 +337,12 @@ def load_training_state(run_dir: Path, optimizer: torch.optim.Optimizer, scaler=
         torch.cuda.set_rng_state_all(cuda_states)
     if scaler is not None and document.get("grad_scaler"):
         scaler.load_state_dict(document["grad_scaler"])
+    if trained_model is not None:
+        prefix = "training_weights."
+        weights = {name[len(prefix) :]: tensor for name, tensor in tensors.items() if name.startswith(prefix)}
+        if not weights:
+            raise ValueError(f"{run_dir / 'last.state.safetensors'} holds no training weights to continue the averaged run from")
+        trained_model.load_state_dict(weights)
     return TrainingProgress(**document["progress"])
 
 
@@ -375,6 +389,28 @@ def plot_loss_curves(log_path: Path, image_path: Path) -> None:
     with atomic_output(image_path) as temporary:
         figure.savefig(temporary, format="png", dpi=100)
     plt.close(figure)
+
+
+class WeightAverage:
+    """An exponential moving average of a network's weights: after each optimizer step every floating tensor of the
+    state (parameters and batch-norm statistics) becomes ``decay × average + (1 − decay) × current``; integer
+    buffers are copied. ``network`` (a copy of the model, in eval mode) is what a run with
+    ``weight_average_decay`` validates and saves; the model itself trains on."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        import copy
+
+        self.decay = decay
+        self.network = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        current = model.state_dict()
+        for name, average in self.network.state_dict().items():
+            if average.is_floating_point():
+                average.lerp_(current[name], 1.0 - self.decay)
+            else:
+                average.copy_(current[name])
 
 
 def start_from_weights(model: nn.Module, config: TrainConfig) -> TrainConfig:
@@ -497,12 +533,14 @@ def train_process(config: TrainConfig, resume: bool, context: DistributedContext
     model = build_model(config.model, **config.model_kwargs()).to(device, memory_format=torch.channels_last)
     if config.init_from and not resume:
         config = start_from_weights(model, config)
+    average = WeightAverage(model, config.weight_average_decay) if config.weight_average_decay is not None else None
+    published = model if average is None else average.network  # the network validated and saved
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, **({"fused": True} if device.type == "cuda" else {}))
     progress = TrainingProgress()
     if resume:
         last = load_checkpoint(run_dir / "last.safetensors")
-        model.load_state_dict(last.state_dict)
-        progress = load_training_state(run_dir, optimizer, scaler)
+        published.load_state_dict(last.state_dict)
+        progress = load_training_state(run_dir, optimizer, scaler, None if average is None else model)
         trim_log(run_dir / "log.csv", progress.step)
         if progress.batches_done and progress.processes != context.world_size:
             raise ValueError(
@@ -547,9 +585,9 @@ def train_process(config: TrainConfig, resume: bool, context: DistributedContext
         nonlocal last_saved
         if pending_best:
             state_dict, best_metrics = pending_best.pop()
-            save_checkpoint(checkpoint_of(model, config, best_metrics, state_dict), run_dir / "best.safetensors")
-        save_training_state(run_dir, optimizer, progress, scaler)
-        save_checkpoint(checkpoint_of(model, config, metrics), run_dir / "last.safetensors")
+            save_checkpoint(checkpoint_of(published, config, best_metrics, state_dict), run_dir / "best.safetensors")
+        save_training_state(run_dir, optimizer, progress, scaler, None if average is None else model.state_dict())
+        save_checkpoint(checkpoint_of(published, config, metrics), run_dir / "last.safetensors")
         last_saved = time.monotonic()
 
     def past_deadline() -> float:
@@ -592,6 +630,8 @@ def train_process(config: TrainConfig, resume: bool, context: DistributedContext
                 else:
                     loss.backward()
                     optimizer.step()
+                if average is not None:
+                    average.update(model)
                 progress.step += 1
                 progress.batches_done += 1
                 loss_sum, batches = loss_sum + loss.detach().double(), batches + 1
@@ -620,7 +660,7 @@ def train_process(config: TrainConfig, resume: bool, context: DistributedContext
             if between_validations and stopped == "epochs" and progress.epoch < config.epochs:
                 continue  # an epoch ended between two validations
             loss_sum, batches = sum_over_processes([loss_sum.item(), batches], device, context)
-            val_loss, val_dice = validate(model, val_set, loss_function, device, config.batch_size, context, autocast, val_cache)
+            val_loss, val_dice = validate(published, val_set, loss_function, device, config.batch_size, context, autocast, val_cache)
             row = {
                 "epoch": round(progress.epoch + progress.batches_done / steps_per_epoch, 4),
                 "step": progress.step,
@@ -633,9 +673,9 @@ def train_process(config: TrainConfig, resume: bool, context: DistributedContext
             if val_loss < progress.best_val_loss:
                 progress.best_val_loss, progress.best_step = val_loss, progress.step
                 if context.is_main and control.save_every_seconds > 0:
-                    pending_best[:] = [({name: value.detach().clone() for name, value in model.state_dict().items()}, metrics)]
+                    pending_best[:] = [({name: value.detach().clone() for name, value in published.state_dict().items()}, metrics)]
                 elif context.is_main:
-                    save_checkpoint(checkpoint_of(model, config, metrics), run_dir / "best.safetensors")
+                    save_checkpoint(checkpoint_of(published, config, metrics), run_dir / "best.safetensors")
             if context.is_main:
                 append_log_row(run_dir / "log.csv", row)
                 final = stopped != "epochs" or progress.epoch >= config.epochs
@@ -737,6 +777,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--image-size", type=int, help=f"network input side in pixels (default {defaults.image_size})")
     group.add_argument("--augment", choices=AUGMENT_MODES, help=f"(default {defaults.augment})")
     group.add_argument("--seed", type=int, help=f"initialisation, sample order, augmentation (default {defaults.seed})")
+    group.add_argument(
+        "--weight-average-decay",
+        type=float,
+        metavar="D",
+        help="validate and save an exponential moving average of the weights (decay D per step, e.g. 0.99); default off",
+    )
     group = parser.add_argument_group("data recipe")
     group.add_argument("--orientation", choices=ORIENTATIONS,
                        help=f"manifest slices as stored or all radiological (default {defaults.orientation})")
