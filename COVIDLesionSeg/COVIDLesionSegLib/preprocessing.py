@@ -227,10 +227,16 @@ def prepare_volume(volume: np.ndarray, config: PreprocessingConfig, preprocessed
     box = body_crop_box(volume, config)
     if preprocessed:
         return np.stack([resize_slice(crop_slice(plane, box, 0), config.size) for plane in volume]), box
-    if box is not None:
-        fill = float(np.min(volume))
-        volume = np.stack([crop_slice(plane, box, fill) for plane in volume])
-    return volume_to_uint8(volume, config), box
+    return volume_to_uint8(crop_volume(volume, box), config), box
+
+
+def crop_volume(volume: np.ndarray, box: CropBox | None) -> np.ndarray:
+    """``volume[z, y, x]`` cut to ``box`` slice by slice → ``[z, side, side]``, padded with the volume's minimum where
+    the box leaves the image (the field-of-view crop of :func:`prepare_volume`); as is for None."""
+    if box is None:
+        return volume
+    fill = float(np.min(volume))
+    return np.stack([crop_slice(plane, box, fill) for plane in volume])
 
 
 def uncrop_probabilities(probabilities: np.ndarray, box: CropBox | None, height: int, width: int) -> np.ndarray:

@@ -30,7 +30,15 @@ from COVIDLesionSegLib.checkpoints import atomic_output
 from COVIDLesionSegLib.preprocessing import PreprocessingConfig
 
 from .data import ManifestSliceDataset, read_manifest
-from .negatives import DEPENDENT_DENSITY_STREAM, add_dependent_density, prepare_negative_case, read_negative_cases, tumour_free_slices
+from .negatives import (
+    DEPENDENT_DENSITY_STREAM,
+    NegativeCase,
+    PreparedNegative,
+    add_dependent_density,
+    prepare_negative_case,
+    read_negative_cases,
+    tumour_free_slices,
+)
 
 TILE = 128
 RED, GREEN, YELLOW = (0, 0, 255), (0, 200, 0), (0, 220, 255)
@@ -74,10 +82,14 @@ def orientation_montage(data_dir: Path, preprocessing: PreprocessingConfig) -> n
     return grid(tiles, 8)
 
 
-def negatives_montage(negatives_dir: Path, preprocessing: PreprocessingConfig, per_case: int = 8) -> np.ndarray:
+def prepared_negatives(negatives_dir: Path, preprocessing: PreprocessingConfig) -> list[tuple[NegativeCase, PreparedNegative]]:
+    """Every case of the lesion-free folder with its prepared volume (read once for both pictures)."""
+    return [(case, prepare_negative_case(case, preprocessing)) for case in read_negative_cases(negatives_dir)]
+
+
+def negatives_montage(negatives: Sequence[tuple[NegativeCase, PreparedNegative]], per_case: int = 8) -> np.ndarray:
     rows = []
-    for case in read_negative_cases(negatives_dir):
-        volume = prepare_negative_case(case, preprocessing)
+    for case, volume in negatives:
         kept = tumour_free_slices(case, len(volume.hu))
         tiles = []
         for z in np.linspace(0, len(volume.hu) - 1, per_case).round().astype(int):
@@ -90,11 +102,10 @@ def negatives_montage(negatives_dir: Path, preprocessing: PreprocessingConfig, p
     return np.vstack(rows)
 
 
-def dependent_density_montage(negatives_dir: Path, preprocessing: PreprocessingConfig, pairs_per_case: int = 4) -> np.ndarray:
+def dependent_density_montage(negatives: Sequence[tuple[NegativeCase, PreparedNegative]], pairs_per_case: int = 4) -> np.ndarray:
     """Per HU case with lung: ``pairs_per_case`` lung-bearing slices, each as is and with dependent density."""
     rows = []
-    for case in read_negative_cases(negatives_dir):
-        volume = prepare_negative_case(case, preprocessing)
+    for case, volume in negatives:
         with_lung = np.flatnonzero(volume.lung.sum(axis=(1, 2)) > 0.05 * volume.lung[0].size)
         if not volume.hounsfield or len(with_lung) == 0:
             continue
@@ -124,8 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     preprocessing = PreprocessingConfig(field_of_view=args.field_of_view)
     write_png(orientation_montage(args.data, preprocessing), args.output / "orientation.png")
     if args.negatives:
-        write_png(negatives_montage(args.negatives, preprocessing), args.output / "negatives.png")
-        write_png(dependent_density_montage(args.negatives, preprocessing), args.output / "dependent-density.png")
+        negatives = prepared_negatives(args.negatives, preprocessing)
+        write_png(negatives_montage(negatives), args.output / "negatives.png")
+        write_png(dependent_density_montage(negatives), args.output / "dependent-density.png")
     return 0
 
 

@@ -38,6 +38,7 @@ from COVIDLesionSegLib.preprocessing import (
     PreprocessingConfig,
     body_crop_box,
     crop_slice,
+    crop_volume,
     is_hounsfield,
     resize_mask,
     slice_to_uint8,
@@ -116,10 +117,8 @@ def prepare_negative_case(case: NegativeCase, preprocessing: PreprocessingConfig
     hu = sitk.GetArrayFromImage(image).astype(np.float32)
     lung = classical_lung_mask(hu, image.GetSpacing())
     box = body_crop_box(hu, preprocessing)
-    if box is not None:
-        fill = float(hu.min())
-        hu = np.stack([crop_slice(plane, box, fill) for plane in hu])
-        lung = np.stack([crop_slice(plane, box) for plane in lung])
+    hu = crop_volume(hu, box)
+    lung = np.stack([crop_slice(plane, box) for plane in lung])
     return PreparedNegative(hu, lung, float(image.GetSpacing()[1]), is_hounsfield(hu, preprocessing), preprocessing)
 
 

@@ -35,6 +35,7 @@ validate, save: a cut run resumes), how often ``last``, ``best`` and the curves 
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import logging
@@ -398,8 +399,6 @@ class WeightAverage:
     ``weight_average_decay`` validates and saves; the model itself trains on."""
 
     def __init__(self, model: nn.Module, decay: float):
-        import copy
-
         self.decay = decay
         self.network = copy.deepcopy(model).eval().requires_grad_(False)
 
