@@ -155,19 +155,21 @@ def test_one_fold_with_a_changed_augmentation_is_labelled_and_kept_out_of_the_mo
         "--output",
         str(tmp_path / "out"),
     ]
-    arguments += ["--num-folds", "2", "--folds", "1", "--augment", "flip", "--max-steps", "1", "--device", "cpu"]
+    arguments += ["--num-folds", "2", "--folds", "1", "--augment", "flip", "--max-steps", "1", "--weight-average-decay", "0.9"]
+    arguments += ["--device", "cpu"]
     assert main(arguments) == 0
     assert not (tmp_path / "runs" / "fold0").exists()
     saved = TrainConfig.load(tmp_path / "runs" / "fold1" / "config.json")
-    assert (saved.augment, saved.max_steps, saved.dice_weight) == ("flip", 1, RECIPE["dice_weight"])
+    assert (saved.augment, saved.max_steps, saved.dice_weight, saved.weight_average_decay) == ("flip", 1, RECIPE["dice_weight"], 0.9)
     results = json.loads((tmp_path / "out" / "crossval.json").read_text())
     assert [fold["fold"] for fold in results["folds"]] == [1] and results["split"]["folds_run"] == [1]
     markdown = (tmp_path / "out" / "crossval.md").read_text()
     assert markdown.startswith("# Fold 1 of a patient-level 2-fold cross-validation")
-    assert "**max_steps 1** (recipe: 3), **augment flip** (recipe: robust)" in markdown
+    assert "**max_steps 1** (recipe: 3), **augment flip** (recipe: robust), **weight_average_decay 0.9** (recipe: None)" in markdown
     with pytest.raises(ValueError, match="cross-validation of the model's own recipe"):
         crossval_section(results, "out/crossval.json")
-    results["recipe"]["changes"].pop("augment")  # one fold of the recipe itself: quoted, and said to be partial
+    for name in ("augment", "weight_average_decay"):  # one fold of the recipe itself: quoted, and said to be partial
+        results["recipe"]["changes"].pop(name)
     assert "**Partial: fold 1 of 2 only**" in crossval_section(results, "out/crossval.json")[0]
     assert main([*arguments[:8], "--num-folds", "2", "--folds", "2"]) == 1
 

@@ -50,7 +50,7 @@ from .splits import make_split
 
 logger = logging.getLogger(__name__)
 REPORTED_METRICS = ("F1", "Pc", "Sen", "Sp", "IoU")
-CLI_CHANGES = ("max_steps", "augment", "dice_weight")  # TrainConfig fields the command line may change
+CLI_CHANGES = ("max_steps", "augment", "dice_weight", "weight_average_decay")  # TrainConfig fields the command line may change
 HEALTHY_CT_FIELDS = ("file", "false_lesion_ml", "slices_with_false_lesion", "lung_ml", "false_percent_opacity")
 
 
@@ -402,6 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--max-steps", type=int, help="step budget")
     group.add_argument("--augment", choices=AUGMENT_MODES, help="augmentation")
     group.add_argument("--dice-weight", type=float, help="loss = BCE + this × soft Dice")
+    group.add_argument("--weight-average-decay", type=float, metavar="D", help="checkpoints hold a moving average of the weights (decay D)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     return parser
 
