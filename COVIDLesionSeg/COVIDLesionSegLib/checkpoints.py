@@ -335,8 +335,9 @@ def verify_sha256(path: Path, expected: str) -> None:
         raise ValueError(f"{path}: SHA-256 mismatch (expected {expected}, got {actual}); the file is corrupt or not the registered model")
 
 
-def download(url: str, target: Path, expected_sha256: str) -> None:
-    """Download ``url`` to ``target`` through a temporary file, keeping it only if the SHA-256 matches."""
+def download(url: str, target: Path, expected_sha256: str, offline_option: str = "--weights FILE") -> None:
+    """Download ``url`` to ``target`` through a temporary file, keeping it only if the SHA-256 matches. Offline,
+    the error says to pass the file with ``offline_option`` or to place it at ``target``."""
     try:
         with atomic_output(target) as temporary:
             with urllib.request.urlopen(url, timeout=60) as response, open(temporary, "wb") as stream:
@@ -345,5 +346,5 @@ def download(url: str, target: Path, expected_sha256: str) -> None:
     except OSError as error:
         raise ConnectionError(
             f"could not download {url} ({error}). Without network access, download the file elsewhere and "
-            f"pass it with --weights FILE, or place it at {target}"
+            f"pass it with {offline_option}, or place it at {target}"
         ) from error

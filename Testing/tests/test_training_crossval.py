@@ -178,18 +178,18 @@ def test_held_out_lesion_free_volumes_are_the_named_patients_and_are_aggregated_
     from pathlib import Path
 
     from COVIDLesionSegTraining.crossval import aggregate
-    from COVIDLesionSegTraining.model_card import held_out_negative_volumes
+    from COVIDLesionSegTraining.model_card import held_out_negative_cases
 
     negatives = Path(__file__).resolve().parents[3] / "shared" / "data" / "chest-ct-hu-no-covid"
     if not negatives.is_dir():
         pytest.skip(f"lesion-free volumes not present at {negatives}")
-    assert [path.name for path in held_out_negative_volumes(negatives, ["lung_pet_ct_dx_A0001"])] == [
+    assert [case.volume.name for case in held_out_negative_cases(negatives, ["lung_pet_ct_dx_A0001"])] == [
         "lpct_A0001_series2_5mm.nii.gz",
         "lpct_A0001_series3_5mm.nii.gz",
     ]
-    assert held_out_negative_volumes(None, []) == []
+    assert held_out_negative_cases(None, []) == []
     with pytest.raises(ValueError, match="not in"):
-        held_out_negative_volumes(negatives, ["nobody"])
+        held_out_negative_cases(negatives, ["nobody"])
     _, results = two_folds
     folds = json.loads(json.dumps(results["folds"]))
     for fold, millilitres in zip(folds, (2.0, 4.0), strict=True):

@@ -32,7 +32,7 @@ from COVIDLesionSegLib.predictor import Predictor
 
 from .config import TrainConfig
 from .evaluate import evaluate_checkpoint
-from .model_card import healthy_ct_check, held_out_negative_volumes
+from .model_card import healthy_ct_check, held_out_negative_cases
 from .reproduce import markdown_table
 
 
@@ -63,7 +63,7 @@ def score_run(
     with tempfile.TemporaryDirectory() as scratch:
         channels = evaluate_checkpoint(path, config.data_dir, scratch, subset="val", device=device)["channels"]
     predictor = Predictor.from_checkpoint(path, device)
-    lesion_free = [healthy_ct_check(predictor, volume) for volume in held_out_negative_volumes(negatives_dir, patients)]
+    lesion_free = [healthy_ct_check(predictor, case) for case in held_out_negative_cases(negatives_dir, patients)]
     return {
         "run": str(run_dir),
         "checkpoint": checkpoint,

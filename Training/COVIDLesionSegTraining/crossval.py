@@ -44,14 +44,16 @@ from COVIDLesionSegLib.predictor import Predictor
 from .augment import AUGMENT_MODES
 from .config import TrainConfig
 from .evaluate import COUNT_NAMES, evaluate_checkpoint, metrics_from_counts, nan_to_none
-from .model_card import healthy_ct_check, held_out_negative_volumes, shifted_input_scores
+from .model_card import healthy_ct_check, held_out_negative_cases, shifted_input_scores
 from .reproduce import format_duration, format_number, markdown_table, pyplot, save_figure, train_or_resume, training_record
 from .splits import make_split
 
 logger = logging.getLogger(__name__)
 REPORTED_METRICS = ("F1", "Pc", "Sen", "Sp", "IoU")
 CLI_CHANGES = ("max_steps", "augment", "dice_weight", "weight_average_decay")  # TrainConfig fields the command line may change
-HEALTHY_CT_FIELDS = ("file", "false_lesion_ml", "slices_with_false_lesion", "lung_ml", "false_percent_opacity")
+HEALTHY_CT_FIELDS = (
+    "file", "false_lesion_ml", "false_lesion_ml_off_tumour", "slices_with_false_lesion", "lung_ml", "false_percent_opacity"
+)
 
 
 def fold_config(recipe: dict, data_dir: str | Path, runs_dir: str | Path, fold: int, num_folds: int, changes: dict) -> TrainConfig:
@@ -104,7 +106,7 @@ def fold_result(config: TrainConfig, device: str) -> dict:
     predictor = Predictor.from_checkpoint(run_dir / "best.safetensors", device)
     test_volumes = list(dict.fromkeys(record.volume_id for record in split.test))
     healthy = healthy_ct_check(predictor)
-    negatives = held_out_negative_volumes(config.negatives_dir, config.negative_holdout)
+    negatives = held_out_negative_cases(config.negatives_dir, config.negative_holdout)
     return {
         "fold": config.split.fold,
         "test_groups": sorted({record.split_group for record in split.test}),
@@ -114,7 +116,7 @@ def fold_result(config: TrainConfig, device: str) -> dict:
         "test": evaluation["channels"],
         "shifted_inputs_lesion_dice": shifted_input_scores(predictor, Path(config.data_dir), test_volumes),
         "healthy_ct": select(healthy, HEALTHY_CT_FIELDS),
-        "held_out_lesion_free": [select(healthy_ct_check(predictor, path), HEALTHY_CT_FIELDS) for path in negatives],
+        "held_out_lesion_free": [select(healthy_ct_check(predictor, case), HEALTHY_CT_FIELDS) for case in negatives],
     }
 
 

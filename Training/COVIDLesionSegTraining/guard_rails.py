@@ -43,7 +43,7 @@ from COVIDLesionSegLib.preprocessing import is_hounsfield
 from COVIDLesionSegLib.statistics import VoxelGrid
 
 from .config import TrainConfig
-from .model_card import as_hounsfield, ctchest4, held_out_negative_volumes
+from .model_card import as_hounsfield, ctchest4, held_out_negative_cases
 from .reproduce import markdown_table
 from .sample import NOMINAL_SPACING_MM, stack_volume
 from .splits import make_split
@@ -104,7 +104,7 @@ def evaluate_run(run_dir: Path, device: str) -> dict:
                 totals[name][rendering] += (2 * np.logical_and(lesion, reference).sum(), lesion.sum() + reference.sum())
                 totals[name]["seconds"] += seconds
                 totals[name]["slices"] += len(volume)
-    for path in [ctchest4(), *held_out_negative_volumes(config.negatives_dir, config.negative_holdout)]:
+    for path in [ctchest4(), *(case.volume for case in held_out_negative_cases(config.negatives_dir, config.negative_holdout))]:
         image = io.to_radiological(io.read_image(path))
         hu = sitk.GetArrayFromImage(image)
         image_grid = VoxelGrid.of_image(image)

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import SimpleITK as sitk
 import torch
 
 from COVIDLesionSegLib import io
@@ -44,7 +45,7 @@ from COVIDLesionSegLib.resources import default_model_name, load_registry, resou
 from COVIDLesionSegLib.statistics import VoxelGrid
 
 from .data import ORIENTATIONS
-from .negatives import read_negative_cases
+from .negatives import NegativeCase, read_negative_cases, tumour_free_slices
 from .sample import NOMINAL_SPACING_MM, model_orientation, stack_volume
 
 GOLDEN_SLICE_STEP = 2
@@ -138,8 +139,8 @@ def shifted_input_scores(predictor: Predictor, data_dir: Path, volume_ids: Seque
     return {name: dice(np.concatenate([p for p, _ in pairs]), np.concatenate([r for _, r in pairs])) for name, pairs in variants.items()}
 
 
-def held_out_negative_volumes(negatives_dir: str | Path | None, patients: Sequence[str]) -> list[Path]:
-    """The volumes of the lesion-free ``patients`` in ``negatives_dir`` (chest-ct-hu-no-covid)."""
+def held_out_negative_cases(negatives_dir: str | Path | None, patients: Sequence[str]) -> list[NegativeCase]:
+    """The volumes (cases) of the lesion-free ``patients`` in ``negatives_dir`` (chest-ct-hu-no-covid's layout)."""
     if not patients:
         return []
     if not negatives_dir:
@@ -148,7 +149,7 @@ def held_out_negative_volumes(negatives_dir: str | Path | None, patients: Sequen
     unknown = sorted(set(patients) - {case.patient for case in cases})
     if unknown:
         raise ValueError(f"patients {unknown} are not in {Path(negatives_dir) / 'manifest.csv'}")
-    return [case.volume for case in cases if case.patient in patients]
+    return [case for case in cases if case.patient in patients]
 
 
 def ctchest4() -> Path:
@@ -158,16 +159,33 @@ def ctchest4() -> Path:
     return Path(get_testdata_file("CTChest4.nrrd"))
 
 
-def healthy_ct_check(predictor: Predictor, path: Path | None = None) -> dict:
-    """The model on a CT without COVID-19 (default :func:`ctchest4`): every lesion voxel is false."""
-    path = Path(path or ctchest4())
+def lesion_free_training_patients(train_config: dict) -> list[str] | None:
+    """The patients of the recipe's lesion-free folder that it trained on; None without one, or when the folder is absent."""
+    folder = train_config.get("negatives_dir")
+    if not folder or not (Path(folder) / "manifest.csv").is_file():
+        return None
+    excluded = {*train_config.get("negative_holdout", []), *train_config.get("negative_validation", [])}
+    return sorted({case.patient for case in read_negative_cases(folder)} - excluded)
+
+
+def healthy_ct_check(predictor: Predictor, case: NegativeCase | None = None) -> dict:
+    """The model on a CT without COVID-19, a lesion-free folder's ``case`` (default :func:`ctchest4`): every lesion
+    voxel is false. Where the case has a tumour mask, ``false_lesion_ml_off_tumour`` leaves out the slices that
+    training leaves out (:func:`~.negatives.tumour_free_slices`: a tumour is an opacity, if not COVID-19)."""
+    path = case.volume if case else ctchest4()
     image = io.read_image(path)
     started = time.perf_counter()
     result = predictor.segment_image(image)
     seconds = time.perf_counter() - started
     stats = result.statistics
+    off_tumour = None
+    if case and case.tumour_mask:
+        lesion = sitk.GetArrayViewFromImage(io.to_radiological(result.masks["lesion"])) > 0
+        kept = tumour_free_slices(case, len(lesion))
+        off_tumour = float(lesion[kept].sum()) * VoxelGrid.of_image(image).voxel_ml
     return {"file": path.name, "size": list(image.GetSize()), "spacing_mm": list(image.GetSpacing()),
-            "false_lesion_ml": stats.lesion_ml, "slices_with_false_lesion": stats.lesion_slices, "lung_ml": stats.lung_ml,
+            "false_lesion_ml": stats.lesion_ml, "false_lesion_ml_off_tumour": off_tumour,
+            "slices_with_false_lesion": stats.lesion_slices, "lung_ml": stats.lung_ml,
             "false_percent_opacity": stats.percent_opacity, "seconds": seconds, "seconds_per_slice": seconds / image.GetSize()[2]}
 
 
@@ -194,10 +212,15 @@ def measure(
         "golden": {"slice_step": GOLDEN_SLICE_STEP, **held_out_scores(predictor, data_dir, holdout, GOLDEN_SLICE_STEP)},
         "shifted_inputs_lesion_dice": shifted_input_scores(predictor, data_dir, holdout),
         "healthy_ct": healthy_ct_check(predictor),
-        "held_out_lesion_free": [healthy_ct_check(predictor, path) for path in held_out_negative_volumes(negatives_dir, negative_patients)],
+        "held_out_lesion_free": [healthy_ct_check(predictor, case) for case in held_out_negative_cases(negatives_dir, negative_patients)],
+        "lesion_free_training_patients": lesion_free_training_patients(config),
         "cpu": {"threads": torch.get_num_threads(), "held_out_seconds_per_slice_network_path": 1 / slices_per_second},
         "date": date.today().isoformat(), "torch": torch.__version__,
     }
+
+
+def patients_text(patients: list[str] | None) -> str:
+    return "a few patients" if not patients else f"{len(patients)} patients ({', '.join(patients)})"
 
 
 def number(value, digits: int = 3) -> str:
@@ -321,17 +344,20 @@ def card_markdown(card: dict, command: str, po_validation: str, crossval: dict |
         + " |"
         for name, scores in card.get("held_out_by_orientation", {}).items()
     )
+    lesion_free = [healthy, *card.get("held_out_lesion_free", [])]
     lesion_free_rows = "\n".join(
         f"| `{entry['file']}` | {entry['size'][0]}×{entry['size'][1]}×{entry['size'][2]} | {number(entry['false_lesion_ml'], 1)} | "
-        f"{entry['slices_with_false_lesion']} | {number(entry['lung_ml'], 0)} | {number(entry['false_percent_opacity'], 2)} |"
-        for entry in [healthy, *card.get("held_out_lesion_free", [])]
+        f"{number(entry.get('false_lesion_ml_off_tumour'), 1)} | {entry['slices_with_false_lesion']} | {number(entry['lung_ml'], 0)} | "
+        f"{number(entry['false_percent_opacity'], 2)} |"
+        for entry in lesion_free
     )
     body_crop = config.get("field_of_view") == "body"
     guard_rails = ", ".join(f"`{name}` = {value}" for name, value in card.get("guard_rails", {}).items()) or "none (predate them)"
     if config.get("negatives_dir"):
         false_positive_limit = (
-            "- Lesion-free training slices come from only four patients (two scanner makers); the false-lesion figures above are "
-            "on two lesion-free volumes it never trained on. Look at the visual report (`--report`) before trusting a small PO."
+            f"- Lesion-free training slices come from only {patients_text(card.get('lesion_free_training_patients'))}; the false-lesion "
+            f"figures above are on {len(lesion_free)} lesion-free volumes it never trained on. Look at the visual report (`--report`) "
+            "before trusting a small PO."
         )
     else:
         false_positive_limit = (
@@ -389,11 +415,12 @@ every {card['golden']['slice_step']}nd held-out slice ({card['golden']['slices']
 {shifted}
 
 ## Chest CT without COVID-19 (never trained on; every lesion voxel is false)
-| volume | size | false lesion (mL) | slices with it | predicted lung (mL) | false PO (%) |
-|---|---|---|---|---|---|
+| volume | size | false lesion (mL) | off the tumour slices (mL) | slices with it | predicted lung (mL) | false PO (%) |
+|---|---|---|---|---|---|---|
 {lesion_free_rows}
 
-`{healthy['file']}` is slicerio's test data (raw HU); the others are lesion-free patients it never trained on.
+`{healthy['file']}` is slicerio's test data (raw HU); the others are lesion-free patients it never trained on. Where a volume holds
+a marked lung tumour or nodule (an opacity, but not COVID-19), "off the tumour slices" leaves out the slices that training leaves out.
 
 ## Percentage of opacity (PO) against the reference
 {without_heading(po_validation) if po_validation else 'Not measured in this run (pass --po-validation).'}
