@@ -146,3 +146,20 @@ def test_false_lesion_off_the_tumour_slices_leaves_out_what_training_leaves_out(
     assert checked["false_lesion_ml"] == pytest.approx(12 * 24 * 20 * voxel_ml)
     assert checked["false_lesion_ml_off_tumour"] == pytest.approx(5 * 24 * 20 * voxel_ml)  # slices 0, 5, 6, 7, 8
     assert healthy_ct_check(predictor, other)["false_lesion_ml_off_tumour"] is None  # no tumour mask
+
+
+def test_fold_models_are_tested_on_lesion_free_patients_of_another_folder_only_if_never_trained_on(wheel, tmp_path):
+    from COVIDLesionSegTraining.config import TrainConfig
+    from COVIDLesionSegTraining.crossval import lesion_free_tests
+
+    recipe_folder = included_folder(tmp_path)  # patient "other" only
+    output = make_folder(tmp_path / "out", [recipe_folder], wheel)
+    trained = TrainConfig(data_dir="d", output_dir="runs/fold0", negatives_dir=str(recipe_folder), negative_fraction=0.25)
+    assert lesion_free_tests(trained) == []  # the recipe holds no patient out
+    assert [case.volume for case in lesion_free_tests(trained, output, [CASE])] == [output / "volumes" / f"{CASE}.nii.gz"]
+    with pytest.raises(ValueError, match=r"runs/fold0: trained on the lesion-free patients \['other'\]"):
+        lesion_free_tests(trained, output, ["other", CASE])
+    held_out = TrainConfig(data_dir="d", output_dir="o", negatives_dir=str(recipe_folder), negative_fraction=0.25,
+                           negative_holdout=("other",))
+    assert [case.volume for case in lesion_free_tests(held_out)] == [recipe_folder / "volumes" / "other.nii.gz"]
+    assert [case.patient for case in lesion_free_tests(held_out, output, ["other", CASE])] == ["other", CASE]

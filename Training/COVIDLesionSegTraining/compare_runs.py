@@ -33,13 +33,18 @@ from COVIDLesionSegLib.predictor import Predictor
 from .config import TrainConfig
 from .evaluate import evaluate_checkpoint
 from .model_card import healthy_ct_check, held_out_negative_cases
+from .negatives import read_negative_cases
 from .reproduce import markdown_table
 
 
 def trained_on(config: TrainConfig, patients: Sequence[str]) -> list[str]:
     """Those of the lesion-free ``patients`` that the run of ``config``, or the run it fine-tuned (``init_recipe``),
-    trained on: all but its held-out and validation patients when it drew lesion-free slices, none otherwise."""
-    trained = set(patients) - set(config.negative_validation) - set(config.negative_holdout) if config.negatives_dir else set()
+    trained on: those of its lesion-free folder (``manifest.csv`` read) but its held-out and validation patients
+    when it drew lesion-free slices, none otherwise."""
+    trained = set()
+    if config.negatives_dir:
+        in_folder = {case.patient for case in read_negative_cases(config.negatives_dir)}
+        trained = (set(patients) & in_folder) - set(config.negative_validation) - set(config.negative_holdout)
     if config.init_recipe:
         trained |= set(trained_on(TrainConfig.from_dict(config.init_recipe), patients))
     return sorted(trained)
@@ -49,14 +54,14 @@ def score_run(
     run_dir: Path, checkpoint: str, device: str, lesion_free_patients: Sequence[str] | None = None, negatives_dir: Path | None = None
 ) -> dict:
     """One run's validation scores (see the module docstring); ``lesion_free_patients`` replaces the recipe's
-    ``negative_validation`` (each must be one the run never trained on), found in the recipe's lesion-free
-    folder or, for a run that drew none, in ``negatives_dir``."""
+    ``negative_validation`` (each must be one the run never trained on), found in ``negatives_dir`` or, when that
+    is None, in the recipe's lesion-free folder."""
     config = TrainConfig.load(run_dir / "config.json")
     patients = config.negative_validation if lesion_free_patients is None else tuple(lesion_free_patients)
     trained = trained_on(config, patients)
     if trained:
         raise ValueError(f"{run_dir}: trained on the lesion-free patients {trained}; they cannot validate it")
-    negatives_dir = config.negatives_dir or negatives_dir
+    negatives_dir = negatives_dir or config.negatives_dir
     if patients and not negatives_dir:
         raise ValueError(f"{run_dir}: its recipe has no lesion-free folder; name one with --negatives")
     path = run_dir / f"{checkpoint}.safetensors"
@@ -151,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--lesion-free-patients", nargs="+", metavar="PATIENT", help="score on these lesion-free patients instead of each recipe's "
         "negative_validation (each must be held out or validated on by every run)"
     )
-    parser.add_argument("--negatives", type=Path, metavar="DIR", help="the lesion-free folder (chest-ct-hu-no-covid) for runs whose "
-                        "recipe drew no lesion-free slices")
+    parser.add_argument("--negatives", type=Path, metavar="DIR", help="the lesion-free folder (chest-ct-hu-no-covid's layout) to find "
+                        "the lesion-free patients in (default: each recipe's)")
     parser.add_argument("--device", default="auto")
     return parser
 

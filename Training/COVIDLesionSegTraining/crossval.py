@@ -42,9 +42,11 @@ from COVIDLesionSegLib.checkpoints import atomic_output, load_checkpoint, locate
 from COVIDLesionSegLib.predictor import Predictor
 
 from .augment import AUGMENT_MODES
+from .compare_runs import trained_on
 from .config import TrainConfig
 from .evaluate import COUNT_NAMES, evaluate_checkpoint, metrics_from_counts, nan_to_none
 from .model_card import healthy_ct_check, held_out_negative_cases, shifted_input_scores
+from .negatives import NegativeCase
 from .reproduce import format_duration, format_number, markdown_table, pyplot, save_figure, train_or_resume, training_record
 from .splits import make_split
 
@@ -98,15 +100,25 @@ def summarise(values: Sequence[float | None]) -> dict:
     }
 
 
-def fold_result(config: TrainConfig, device: str) -> dict:
-    """Evaluate the fold's best checkpoint on its test patients; return its groups, training and metrics."""
+def lesion_free_tests(config: TrainConfig, folder: str | Path | None = None, patients: Sequence[str] | None = None) -> list[NegativeCase]:
+    """The lesion-free volumes a fold model is tested on: ``patients`` (default: the recipe's held-out ones) of
+    ``folder`` (default: the recipe's lesion-free folder); refused where the fold trained on one of them."""
+    patients = list(config.negative_holdout if patients is None else patients)
+    trained = trained_on(config, patients)
+    if trained:
+        raise ValueError(f"{config.output_dir}: trained on the lesion-free patients {trained}; they cannot test it")
+    return held_out_negative_cases(folder or config.negatives_dir, patients)
+
+
+def fold_result(config: TrainConfig, device: str, lesion_free: Sequence[NegativeCase]) -> dict:
+    """Evaluate the fold's best checkpoint on its test patients and on the ``lesion_free`` volumes; return its
+    groups, training and metrics."""
     run_dir = Path(config.output_dir)
     split = make_split(config.split, config.data_dir)
     evaluation = evaluate_checkpoint(run_dir / "best.safetensors", config.data_dir, run_dir / "test", device=device)
     predictor = Predictor.from_checkpoint(run_dir / "best.safetensors", device)
     test_volumes = list(dict.fromkeys(record.volume_id for record in split.test))
     healthy = healthy_ct_check(predictor)
-    negatives = held_out_negative_cases(config.negatives_dir, config.negative_holdout)
     return {
         "fold": config.split.fold,
         "test_groups": sorted({record.split_group for record in split.test}),
@@ -116,7 +128,7 @@ def fold_result(config: TrainConfig, device: str) -> dict:
         "test": evaluation["channels"],
         "shifted_inputs_lesion_dice": shifted_input_scores(predictor, Path(config.data_dir), test_volumes),
         "healthy_ct": select(healthy, HEALTHY_CT_FIELDS),
-        "held_out_lesion_free": [select(healthy_ct_check(predictor, case), HEALTHY_CT_FIELDS) for case in negatives],
+        "held_out_lesion_free": [select(healthy_ct_check(predictor, case), HEALTHY_CT_FIELDS) for case in lesion_free],
     }
 
 
@@ -191,9 +203,12 @@ def crossval(
     folds: Sequence[int] | None = None,
     device: str = "auto",
     command: str = "",
+    lesion_free_dir: str | Path | None = None,
+    lesion_free_patients: Sequence[str] | None = None,
 ) -> dict:
     """Train (or resume, or skip) and evaluate the ``folds`` (default: all) of the recipe with ``changes``
-    (TrainConfig fields, e.g. ``{"max_steps": 1500}``); write ``crossval.json``, ``.md`` and the figure."""
+    (TrainConfig fields, e.g. ``{"max_steps": 1500}``); write ``crossval.json``, ``.md`` and the figure. The fold
+    models are tested on :func:`lesion_free_tests` of ``lesion_free_dir`` and ``lesion_free_patients``."""
     changes = dict(changes or {})
     folds = list(range(num_folds)) if folds is None else sorted(set(folds))
     if not folds or not all(0 <= fold < num_folds for fold in folds):
@@ -208,7 +223,7 @@ def crossval(
         for config in stages:
             logger.info("fold %d: %s (%s)", fold, train_or_resume(config), config.output_dir)
         configs.append(stages[-1])
-    fold_results = [fold_result(config, device) for config in configs]
+    fold_results = [fold_result(config, device, lesion_free_tests(config, lesion_free_dir, lesion_free_patients)) for config in configs]
     results = nan_to_none(
         {
             "command": command,
@@ -222,6 +237,7 @@ def crossval(
                 "val_fraction": configs[0].split.val_fraction,
                 "folds_run": folds,
             },
+            "lesion_free_tests": {"folder": str(lesion_free_dir) if lesion_free_dir else None, "patients": lesion_free_patients},
             "folds": fold_results,
             "volumes": per_volume_rows(fold_results),
             "overall": aggregate(fold_results),
@@ -405,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--augment", choices=AUGMENT_MODES, help="augmentation")
     group.add_argument("--dice-weight", type=float, help="loss = BCE + this × soft Dice")
     group.add_argument("--weight-average-decay", type=float, metavar="D", help="checkpoints hold a moving average of the weights (decay D)")
+    group = parser.add_argument_group("lesion-free test volumes (default: the recipe's held-out patients in its own folder)")
+    group.add_argument("--lesion-free", metavar="DIR", help="a lesion-free folder (chest-ct-hu-no-covid's layout) to find them in")
+    group.add_argument("--lesion-free-patients", nargs="+", metavar="PATIENT", help="these patients (none may be trained on)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     return parser
 
@@ -416,7 +435,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = shlex.join(["covidlesionseg-crossval", *argv])
     try:
         changes = {name: value for name in CLI_CHANGES if (value := getattr(args, name)) is not None}
-        results = crossval(args.recipe, args.data, args.runs, args.output, args.num_folds, changes, args.folds, args.device, command)
+        results = crossval(args.recipe, args.data, args.runs, args.output, args.num_folds, changes, args.folds, args.device, command,
+                           args.lesion_free, args.lesion_free_patients)
     except (OSError, ValueError) as error:
         print(f"ERROR {error}", file=sys.stderr)
         return 1
