@@ -393,7 +393,7 @@ def robustness_section(results: dict) -> list[str]:
         "Each fold's model through the full inference path (`Predictor.predict_masks`, as the CLI runs it): its test "
         "patients' slices re-rendered (pooled lesion Dice; see `model_card.py` for the renderings), and "
         f"`{healthy_file}`, a chest CT without COVID-19 in raw HU (slicerio's test data), where every lesion voxel is false"
-        + (f", and the recipe's held-out lesion-free volumes ({', '.join(negatives)})." if negatives else "."),
+        + (f", and lesion-free volumes it never trained on ({', '.join(negatives)})." if negatives else "."),
         "",
         *markdown_table(
             ("fold", *renderings, f"{healthy_file} false lesion (mL)", "slices with it", "false PO (%)")
