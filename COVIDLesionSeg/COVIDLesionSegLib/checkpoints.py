@@ -310,12 +310,7 @@ def resolve_model_file(entry: RegistryEntry, resources: Path | None = None, cach
         return path
     if not entry.url:
         raise ValueError(f"registry entry {entry.name!r} has neither a file nor a url")
-    target = (cache or cache_dir()) / f"{entry.name}-{entry.sha256[:12]}.safetensors"
-    if target.is_file():
-        verify_sha256(target, entry.sha256)
-        return target
-    download(entry.url, target, entry.sha256)
-    return target
+    return cached_download(entry.url, (cache or cache_dir()) / f"{entry.name}-{entry.sha256[:12]}.safetensors", entry.sha256)
 
 
 def locate_model(source: str | Path) -> tuple[Path, str]:
@@ -333,6 +328,15 @@ def verify_sha256(path: Path, expected: str) -> None:
     actual = sha256_of(path)
     if actual != expected.lower():
         raise ValueError(f"{path}: SHA-256 mismatch (expected {expected}, got {actual}); the file is corrupt or not the registered model")
+
+
+def cached_download(url: str, target: Path, expected_sha256: str, offline_option: str = "--weights FILE") -> Path:
+    """``target``, verified: the cached copy when there is one, else :func:`download` of ``url``."""
+    if target.is_file():
+        verify_sha256(target, expected_sha256)
+    else:
+        download(url, target, expected_sha256, offline_option)
+    return target
 
 
 def download(url: str, target: Path, expected_sha256: str, offline_option: str = "--weights FILE") -> None:

