@@ -40,6 +40,7 @@ import textwrap
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -114,6 +115,26 @@ def find_cases(inputs: list[str | Path], exclude: Path | None = None) -> list[Ca
                 if path.is_file() and io.image_suffix(path) and not path.name.startswith("."):
                     cases.setdefault(str(path), Case(io.case_name(path), path))
     return list(cases.values())
+
+
+class PrefetchedRead:
+    """:func:`io.read_image` of one case, started in a background thread: the CLI reads its first case while the model
+    loads (SimpleITK and ONNX Runtime work without the GIL). :meth:`take` hands the image over once."""
+
+    def __init__(self, pool: ThreadPoolExecutor, case: Case):
+        self.source = (case.path, case.series_id)
+        self.notes: list[str] = []
+        self.future = pool.submit(io.read_image, case.path, case.series_id, self.notes)
+
+    def take(self, case: Case, notes: list[str]) -> sitk.Image | None:
+        """The image if it is ``case``'s and was not taken yet, its warnings appended to ``notes``; else None. A read
+        that failed raises its error here, as :func:`io.read_image` would have."""
+        if self.future is None or (case.path, case.series_id) != self.source:
+            return None
+        future, self.future = self.future, None  # held no longer than the case needs it
+        image = future.result()
+        notes.extend(self.notes)
+        return image
 
 
 def output_names(cases: list[Case], output_dir: Path) -> list[Case]:
@@ -318,12 +339,13 @@ def write_case_report(path: Path, image: sitk.Image, result, title: str, notes: 
 def segment_cases(cases: list[Case], predictor, output_dir: Path, output_format: str = "seg.nrrd", overwrite: bool = False,
                   include_lung: bool = True, summary_path: Path | None = None, progress: str = "bar", report: bool = False,
                   high_opacity_threshold_hu: float = DEFAULT_HIGH_OPACITY_THRESHOLD_HU, sr: bool = False,
-                  probabilities: bool = False) -> list[dict]:
+                  probabilities: bool = False, first_read: PrefetchedRead | None = None) -> list[dict]:
     """Segment ``cases`` with ``predictor`` into ``output_dir``; returns this run's summary rows.
 
     Writes the ``.json`` sidecar of ``summary_path`` (CSV, default ``output_dir/summary.csv``) first and merges
     each case's row into the CSV as soon as the case ends; ``report`` adds a ``<case>.report.png`` per case,
     ``sr`` a ``<case>.sr.dcm`` (with ``output_format`` dicom-seg), ``probabilities`` a ``<case>.lesion-probability.nrrd``.
+    ``first_read``: a case's reading already under way, used when that case is segmented.
     Raises ValueError when the folder holds results of another model or threshold and ``overwrite`` is off."""
     output_dir = Path(output_dir).absolute()
     summary_path = Path(summary_path).absolute() if summary_path else output_dir / "summary.csv"
@@ -354,7 +376,7 @@ def segment_cases(cases: list[Case], predictor, output_dir: Path, output_format:
         else:
             on_progress = functools.partial(reporter.slices, index, case.name)
             row = segment_case(case, target, predictor, output_dir, include_lung, report, high_opacity_threshold_hu, notes,
-                               on_progress, row, started, output_format, sr, probabilities)
+                               on_progress, row, started, output_format, sr, probabilities, first_read)
         rows.append(row)
         merge_summary(summary_path, row)  # after every case, so an interrupted batch keeps its record
         reporter.case_done(case.name, row["status"])
@@ -364,7 +386,8 @@ def segment_cases(cases: list[Case], predictor, output_dir: Path, output_format:
 
 def segment_case(case: Case, target: Path, predictor, output_dir: Path, include_lung: bool, report: bool,
                  high_opacity_threshold_hu: float, notes: list[str], on_progress, row: dict, started: float,
-                 output_format: str = "seg.nrrd", sr: bool = False, probabilities: bool = False) -> dict:
+                 output_format: str = "seg.nrrd", sr: bool = False, probabilities: bool = False,
+                 first_read: PrefetchedRead | None = None) -> dict:
     """Segment one case as an atomic unit (report, probability map, SR, record, then segmentation); returns its summary
     row, status ``failed`` with a one-line error for any exception (the traceback goes to the debug log)."""
     warnings: list[str] = []
@@ -373,7 +396,9 @@ def segment_case(case: Case, target: Path, predictor, output_dir: Path, include_
             from .dicom_outputs import require_dicom_series
 
             require_dicom_series(case.path)  # before any work on a case that cannot have the output
-        image = io.read_image(case.path, case.series_id, warnings)
+        image = first_read.take(case, warnings) if first_read is not None else None
+        if image is None:
+            image = io.read_image(case.path, case.series_id, warnings)
         result = predictor.segment_image(image, on_progress=on_progress, high_opacity_threshold_hu=high_opacity_threshold_hu,
                                          return_probabilities=probabilities, probability_dtype="uint8")
         row.update(result.statistics.formatted(), warnings="; ".join(warnings))
@@ -564,29 +589,31 @@ def segment_command(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"ERROR guard rails: {error}", file=sys.stderr)
         return 2
-    try:
-        if args.weights:
-            predictor = Predictor.from_checkpoint(args.weights, args.device, args.batch_size, guard_rails, args.backend)
-        elif args.model:
-            predictor = Predictor.from_checkpoint(args.model, args.device, args.batch_size, guard_rails, args.backend)
-        else:
-            predictor = Predictor.default(args.device, args.batch_size, guard_rails, args.backend)
-    except BackendUnavailableError as error:  # --backend onnxruntime that cannot run here: the message says what to do
-        print(f"ERROR {error}", file=sys.stderr)
-        return 1
-    except Exception as error:  # a checkpoint the schema let through can still fail to build
-        logger.debug("traceback", exc_info=True)
-        print(f"ERROR model: {error if isinstance(error, (OSError, ValueError)) else one_line(error)}", file=sys.stderr)
-        return 1
-    summary_name = "summary.csv" if args.num_parts == 1 else f"summary.part{args.part_id}.csv"
-    try:
-        rows = segment_cases(cases, predictor, args.output_dir, args.output_format, args.overwrite, not args.no_lung,
-                             args.output_dir / summary_name, args.progress, args.report, args.high_opacity_threshold,
-                             args.sr, args.probabilities)
-    except (OSError, ValueError) as error:
-        logger.debug("traceback", exc_info=True)
-        print(f"ERROR {error}", file=sys.stderr)
-        return 1
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        first_read = PrefetchedRead(reader, cases[0])  # read while the model loads
+        try:
+            if args.weights:
+                predictor = Predictor.from_checkpoint(args.weights, args.device, args.batch_size, guard_rails, args.backend)
+            elif args.model:
+                predictor = Predictor.from_checkpoint(args.model, args.device, args.batch_size, guard_rails, args.backend)
+            else:
+                predictor = Predictor.default(args.device, args.batch_size, guard_rails, args.backend)
+        except BackendUnavailableError as error:  # --backend onnxruntime that cannot run here: the message says what to do
+            print(f"ERROR {error}", file=sys.stderr)
+            return 1
+        except Exception as error:  # a checkpoint the schema let through can still fail to build
+            logger.debug("traceback", exc_info=True)
+            print(f"ERROR model: {error if isinstance(error, (OSError, ValueError)) else one_line(error)}", file=sys.stderr)
+            return 1
+        summary_name = "summary.csv" if args.num_parts == 1 else f"summary.part{args.part_id}.csv"
+        try:
+            rows = segment_cases(cases, predictor, args.output_dir, args.output_format, args.overwrite, not args.no_lung,
+                                 args.output_dir / summary_name, args.progress, args.report, args.high_opacity_threshold,
+                                 args.sr, args.probabilities, first_read)
+        except (OSError, ValueError) as error:
+            logger.debug("traceback", exc_info=True)
+            print(f"ERROR {error}", file=sys.stderr)
+            return 1
     failed = [row for row in rows if row["status"] == "failed"]
     print(f"{len(rows) - len(failed)} of {len(rows)} cases done ({len(failed)} failed); summary: {args.output_dir / summary_name}",
           file=sys.stderr)

@@ -155,6 +155,7 @@ def resize_probabilities(probabilities: np.ndarray, height: int, width: int) -> 
 
 
 BODY_BOX_THREADS = min(4, os.cpu_count() or 1)
+BODY_BOX_MAX_SLICES = 200  # above it the box is decided from this many evenly spaced slices (all training volumes have fewer)
 
 
 def body_crop_box(volume: np.ndarray, config: PreprocessingConfig) -> CropBox | None:
@@ -165,7 +166,9 @@ def body_crop_box(volume: np.ndarray, config: PreprocessingConfig) -> CropBox | 
     HU volumes, else above 45 % of the volume's value range (−575 HU in the lung window). The tissue is
     opened (radius ``OPENING_RADIUS``: the table, lines, the field-of-view rim go), its largest connected
     component (holes filled) is the body; the bounding box of the bodies of all slices is squared about
-    its centre and widened by ``body_margin`` on each side.
+    its centre and widened by ``body_margin`` on each side. A volume of more than ``BODY_BOX_MAX_SLICES`` slices
+    (thin sections) is judged from that many evenly spaced slices, the first and last among them: neighbouring thin
+    slices show nearly the same body, and the time before the first slice stays bounded.
     """
     if config.field_of_view == "full":
         return None
@@ -194,8 +197,9 @@ def body_crop_box(volume: np.ndarray, config: PreprocessingConfig) -> CropBox | 
 
     # OpenCV lets go of the GIL: the slices (most of the time before a volume's first batch) go over BODY_BOX_THREADS
     # threads; the box of the bodies' union is the union of each slice's box, in any order
-    with ThreadPoolExecutor(max_workers=max(1, min(BODY_BOX_THREADS, len(volume)))) as pool:
-        extents = [extent for extent in pool.map(body_extent, volume) if extent is not None]
+    judged = np.linspace(0, len(volume) - 1, min(len(volume), BODY_BOX_MAX_SLICES)).round().astype(int)
+    with ThreadPoolExecutor(max_workers=max(1, min(BODY_BOX_THREADS, len(judged)))) as pool:
+        extents = [extent for extent in pool.map(lambda z: body_extent(volume[z]), judged) if extent is not None]
     if not extents:
         return None
     top, bottom = min(extent[0] for extent in extents), max(extent[1] for extent in extents)

@@ -107,3 +107,29 @@ def test_cli_io_and_measure_import_without_torch():
     read or write images, or run ``covidlesionseg measure``."""
     code = "import sys; from COVIDLesionSegLib import cli, io, measure; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_the_first_case_read_while_the_model_loads_keeps_its_warnings_and_is_taken_once(tmp_path, tiny_checkpoint):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    chest = np.full((3, 64, 64), -1000, np.int16)
+    chest[:, 8:56, 8:56] = 40
+    chest[:, 16:48, 12:30] = chest[:, 16:48, 34:52] = -850
+    for name, values in [("a_unsigned.nrrd", (chest + 1024).astype(np.uint16)), ("b_hu.nrrd", chest)]:
+        sitk.WriteImage(sitk.GetImageFromArray(values), str(folder / name))
+    out = tmp_path / "out"
+    arguments = ["segment", str(folder), "-o", str(out), "--weights", str(tiny_checkpoint), "--device", "cpu", "--progress", "none"]
+    assert cli.main(arguments) == 0
+    rows = read_rows(out / "summary.csv")
+    assert "converted to HU" in rows["a_unsigned.nrrd"]["warnings"] and rows["b_hu.nrrd"]["warnings"] == ""
+    assert rows["a_unsigned.nrrd"]["lung_ml"] == rows["b_hu.nrrd"]["lung_ml"]  # the same CT once converted
+
+    first, second = cli.find_cases([folder])
+    with cli.ThreadPoolExecutor(max_workers=1) as pool:
+        prefetched = cli.PrefetchedRead(pool, first)
+        notes = []
+        assert prefetched.take(second, notes) is None  # another case's image is never handed over
+        image = prefetched.take(first, notes)
+        np.testing.assert_array_equal(sitk.GetArrayViewFromImage(image), chest)
+        assert len(notes) == 1 and "converted to HU" in notes[0]
+        assert prefetched.take(first, notes) is None and prefetched.future is None  # taken once, then let go

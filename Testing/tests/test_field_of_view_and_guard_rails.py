@@ -13,6 +13,7 @@ from COVIDLesionSegLib.backends import TorchBackend
 from COVIDLesionSegLib.classical_lung import classical_lung_mask
 from COVIDLesionSegLib.predictor import NO_GUARD_RAILS, GuardRails, Predictor, apply_guard_rails, components_at_least
 from COVIDLesionSegLib.preprocessing import (
+    BODY_BOX_MAX_SLICES,
     CropBox,
     PreprocessingConfig,
     body_crop_box,
@@ -75,6 +76,19 @@ def test_body_box_is_square_holds_the_body_with_a_margin_and_ignores_the_table()
     assert box.left == pytest.approx(100 - box.side / 2, abs=2) and box.top == pytest.approx(100 - box.side / 2, abs=2)
     assert body_crop_box(hu, PreprocessingConfig()) is None  # "full": v1 checkpoints
     assert body_crop_box(np.zeros((2, 40, 40)), BODY) is None  # no body: whole slice
+
+
+
+@pytest.mark.parametrize("depth, wide_slice, counted", [(200, 1, True), (401, 1, False), (401, 400, True), (401, 0, True)])
+def test_a_thin_section_volume_is_boxed_from_evenly_spaced_slices_the_first_and_last_among_them(depth, wide_slice, counted):
+    """Up to BODY_BOX_MAX_SLICES slices all count; beyond, that many evenly spaced ones do (401 slices: every other)."""
+    assert BODY_BOX_MAX_SLICES == 200
+    hu = np.full((depth, 60, 60), -1000, np.int16)
+    hu[:] = np.where(ellipse((60, 60), (30, 30), (10, 10)), 40, -1000)
+    hu[wide_slice] = np.where(ellipse((60, 60), (30, 30), (10, 25)), 40, -1000)
+    narrow, wide = body_crop_box(hu[100:101], BODY), body_crop_box(hu[wide_slice : wide_slice + 1], BODY)
+    assert narrow != wide
+    assert body_crop_box(hu, BODY) == (wide if counted else narrow)
 
 
 def test_body_crop_shows_a_wide_and_a_narrow_field_of_view_at_the_same_scale():

@@ -168,3 +168,10 @@ def test_reading_dicom_keeps_the_text_encoding(tmp_path):
     before = locale.getpreferredencoding(False)
     io.read_image(tmp_path / "series")
     assert locale.getpreferredencoding(False) == before
+
+
+def test_voxels_are_counted_a_few_slices_at_a_time_exactly():
+    volume = np.random.default_rng(0).integers(-1100, 300, (37, 20, 24)).astype(np.int16)  # 37 = 2 × 16 + 5: a short last chunk
+    for condition in (lambda chunk: chunk < io.AIR_BELOW_HU, lambda chunk: chunk > io.BODY_ABOVE_HU):
+        assert io.count_voxels(volume, condition) == np.count_nonzero(condition(volume))
+        assert io.count_voxels(volume, condition, slices_at_a_time=1) == np.count_nonzero(condition(volume))
