@@ -2,6 +2,7 @@
 its model card on held-out real slices (the golden test)."""
 
 import json
+import re
 
 import pytest
 
@@ -51,7 +52,8 @@ def test_readme_quotes_the_generated_card_and_cross_validation(shipped):
     assert f"pooled lesion Dice of {held_out['lesion_dice']:.3f} and a lung Dice of {held_out['lung_dice']:.3f}" in readme
     for entry in [card["healthy_ct"], *card["held_out_lesion_free"]]:
         assert f"{entry['false_lesion_ml']:.1f} mL (`{entry['file']}`)" in readme
-    crossval = json.loads((repository / "Training" / "results" / "crossval-v2" / "crossval.json").read_text(encoding="utf-8"))
+    command = (resources_dir() / "Models" / "MODEL_CARD.md").read_text(encoding="utf-8")  # the card's command names its recipe's CV
+    crossval = json.loads((repository / re.search(r"--crossval (\S+)", command).group(1)).read_text(encoding="utf-8"))
     lesion, lung = crossval["overall"]["channels"]["lesion"], crossval["overall"]["channels"]["lung"]
     folds = crossval["split"]["folds_run"]
     assert (
