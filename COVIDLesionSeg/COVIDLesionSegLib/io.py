@@ -309,7 +309,7 @@ def note(notes: list[str] | None, text: str) -> None:
 
 def count_voxels(array: np.ndarray, condition: Callable[[np.ndarray], np.ndarray], slices_at_a_time: int = 16) -> int:
     """How many voxels of ``array[z, y, x]`` meet ``condition`` (a boolean array of its argument's shape), counted a few
-    slices at a time: no boolean temporary of the volume's size (a third of the time on a 600-slice CT)."""
+    slices at a time: no boolean temporary of the volume's size."""
     return sum(int(np.count_nonzero(condition(array[start : start + slices_at_a_time])))
                for start in range(0, len(array), slices_at_a_time))
 

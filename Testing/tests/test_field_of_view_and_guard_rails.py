@@ -78,7 +78,6 @@ def test_body_box_is_square_holds_the_body_with_a_margin_and_ignores_the_table()
     assert body_crop_box(np.zeros((2, 40, 40)), BODY) is None  # no body: whole slice
 
 
-
 @pytest.mark.parametrize("depth, wide_slice, counted", [(200, 1, True), (401, 1, False), (401, 400, True), (401, 0, True)])
 def test_a_thin_section_volume_is_boxed_from_evenly_spaced_slices_the_first_and_last_among_them(depth, wide_slice, counted):
     """Up to BODY_BOX_MAX_SLICES slices all count; beyond, that many evenly spaced ones do (401 slices: every other)."""
