@@ -25,3 +25,12 @@ def test_card_measures_both_orientations_shifted_inputs_and_lesion_free_volumes(
     if negatives.is_dir():
         assert [entry["file"] for entry in card["held_out_lesion_free"]] == ["totalsegmentator_example_ct_dicom.nii.gz"]
         assert "| `totalsegmentator_example_ct_dicom.nii.gz` | 512×512×20 |" in markdown
+
+
+def test_recipe_says_when_the_weights_are_a_moving_average():
+    from COVIDLesionSegTraining.model_card import recipe_lines
+
+    recipe = {"model": "resattunet", "max_steps": 10, "split": {"val_fraction": 0.1}}
+    assert "best validation loss kept. Trained" in recipe_lines(recipe)
+    averaged = recipe_lines({**recipe, "weight_average_decay": 0.99})
+    assert "best validation loss kept (of a moving average of the weights, decay 0.99, which is what is validated and saved)." in averaged

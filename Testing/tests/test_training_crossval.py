@@ -136,12 +136,12 @@ def test_command_line_reports_and_refuses_a_checkpoint_without_a_recipe(two_fold
 
 def test_model_card_quotes_the_cross_validation_from_its_json(two_folds):
     _, results = two_folds
-    section, limit = crossval_section(json.loads(json.dumps(results)), "results/crossval.json")
+    section, limit = crossval_section(json.loads(json.dumps(results)), "results/crossval.json", results["recipe"]["train_config"])
     lesion = results["overall"]["channels"]["lesion"]
     assert f"| lesion | {lesion['pooled_over_folds']['F1']:.3f} | " in section
     assert "`results/crossval.md`, made by\n`test`" in section and "step budget cut to **2** (this model's: 3)" in section
     assert "trained each fold for 2 steps, not this model's 3" in limit
-    assert crossval_section(None, "")[0] == "Not run (pass --crossval)."
+    assert crossval_section(None, "", {})[0] == "Not run (pass --crossval)."
 
 
 def test_one_fold_with_a_changed_augmentation_is_labelled_and_kept_out_of_the_model_card(recipe_checkpoint, tiny_data, tmp_path):
@@ -166,11 +166,16 @@ def test_one_fold_with_a_changed_augmentation_is_labelled_and_kept_out_of_the_mo
     markdown = (tmp_path / "out" / "crossval.md").read_text()
     assert markdown.startswith("# Fold 1 of a patient-level 2-fold cross-validation")
     assert "**max_steps 1** (recipe: 3), **augment flip** (recipe: robust), **weight_average_decay 0.9** (recipe: None)" in markdown
-    with pytest.raises(ValueError, match="cross-validation of the model's own recipe"):
-        crossval_section(results, "out/crossval.json")
+    recipe = results["recipe"]["train_config"]
+    with pytest.raises(ValueError, match=r"differs in augment: cross-validated 'flip', model 'robust'; weight_average_decay"):
+        crossval_section(results, "out/crossval.json", recipe)
+    # a model trained with the changed recipe (other run folder and step budget): its own recipe, quoted
+    model = {**recipe, "augment": "flip", "weight_average_decay": 0.9, "output_dir": "elsewhere", "max_steps": 7}
+    section, limit = crossval_section(results, "out/crossval.json", model)
+    assert "**Partial: fold 1 of 2 only**" in section and "step budget cut to **1** (this model's: 7)" in section
     for name in ("augment", "weight_average_decay"):  # one fold of the recipe itself: quoted, and said to be partial
         results["recipe"]["changes"].pop(name)
-    assert "**Partial: fold 1 of 2 only**" in crossval_section(results, "out/crossval.json")[0]
+    assert "**Partial: fold 1 of 2 only**" in crossval_section(results, "out/crossval.json", recipe)[0]
     assert main([*arguments[:8], "--num-folds", "2", "--folds", "2"]) == 1
 
 

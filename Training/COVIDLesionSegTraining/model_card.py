@@ -38,7 +38,7 @@ import SimpleITK as sitk
 import torch
 
 from COVIDLesionSegLib import io
-from COVIDLesionSegLib.checkpoints import atomic_output
+from COVIDLesionSegLib.checkpoints import atomic_output, locate_model, read_checkpoint_metadata
 from COVIDLesionSegLib.predictor import Predictor
 from COVIDLesionSegLib.preprocessing import PreprocessingConfig, body_crop_box, crop_slice
 from COVIDLesionSegLib.resources import default_model_name, load_registry, resources_dir
@@ -246,18 +246,36 @@ def without_heading(markdown: str) -> str:
     return "\n".join(lines[1:] if lines and lines[0].startswith("#") else lines).strip()
 
 
-def crossval_section(crossval: dict | None, path: str) -> tuple[str, str]:
-    """(the card's cross-validation section, its known-limits line) from ``crossval.json``; None = not run."""
+# TrainConfig fields that say where and on what a run went, not how it trained; the step budget is reported apart.
+NOT_RECIPE_FIELDS = ("data_dir", "output_dir", "device", "precision", "max_steps")
+
+
+def recipe_mismatches(crossval: dict, model_config: dict) -> list[str]:
+    """The training settings in which the recipe that ``crossval.json`` cross-validated (its source
+    ``train_config`` with its ``changes``) differs from the model's own ``train_config``, as "field: cv X, model Y"."""
+    recipe = crossval["recipe"]
+    tested = TrainConfig.from_dict({**recipe["train_config"], **recipe["changes"]}).to_dict()
+    own = TrainConfig.from_dict(model_config).to_dict()
+    differing = [key for key in tested if key not in NOT_RECIPE_FIELDS and tested[key] != own[key]]
+    return [f"{key}: cross-validated {tested[key]!r}, model {own[key]!r}" for key in differing]
+
+
+def crossval_section(crossval: dict | None, path: str, model_config: dict) -> tuple[str, str]:
+    """(the card's cross-validation section, its known-limits line) from ``crossval.json`` of the recipe of the
+    model whose ``train_config`` is ``model_config``; None = not run."""
     from .crossval import mean_sd  # crossval imports this module's measurements
 
     if crossval is None:
         return "Not run (pass --crossval).", "- Patient-level cross-validation of this recipe was not run."
+    mismatches = recipe_mismatches(crossval, model_config)
+    if mismatches:
+        raise ValueError(
+            f"--crossval {path}: the model card quotes a cross-validation of the model's own recipe; it differs in {'; '.join(mismatches)}"
+        )
     channels, overall = crossval["overall"]["channels"], crossval["overall"]
     recipe = crossval["recipe"]
-    budget, own = recipe["changes"].get("max_steps"), recipe["train_config"].get("max_steps")
+    budget, own = recipe["changes"].get("max_steps"), model_config.get("max_steps")
     folds = crossval["folds"]
-    if set(recipe["changes"]) - {"max_steps"}:
-        raise ValueError("--crossval: the model card quotes a cross-validation of the model's own recipe (only --max-steps changed)")
     num_folds = crossval["split"]["num_folds"]
     partial = (
         f"**Partial: fold {', '.join(str(fold['fold']) for fold in folds)} of {num_folds} only** (the others not yet run; "
@@ -328,7 +346,13 @@ def recipe_lines(config: dict) -> str:
         f"  {first.get('channels')}, {first.get('image_size')}², augmentation `{first.get('augment')}`, loss BCE +\n"
         f"  {first.get('dice_weight')} × soft Dice, Adam lr {first.get('learning_rate')}, batch {first.get('batch_size')},\n"
         f"  step budget {first.get('max_steps')}, validation by patient group ({first.get('split', {}).get('val_fraction')} of the "
-        "training\n  groups), best validation loss kept. Trained on 2 CPU cores."
+        "training\n  groups), best validation loss kept"
+        + (
+            f" (of a moving average of the weights, decay {first['weight_average_decay']}, which is what is validated and saved)"
+            if first.get("weight_average_decay") is not None
+            else ""
+        )
+        + ". Trained on 2 CPU cores."
     ]
     if config.get("init_recipe"):
         validation = ", ".join(f"`{patient}`" for patient in config.get("negative_validation", [])) or "none"
@@ -349,7 +373,7 @@ def card_markdown(card: dict, command: str, po_validation: str, crossval: dict |
     )
     shifted = "\n".join(f"| {name} | {number(value)} |" for name, value in card["shifted_inputs_lesion_dice"].items())
     healthy = card["healthy_ct"]
-    crossval_text, crossval_limit = crossval_section(crossval, crossval_path)
+    crossval_text, crossval_limit = crossval_section(crossval, crossval_path, config)
     orientation = card.get("orientation", "as-stored")
     orientation_rows = "\n".join(
         f"| {name}{' (trained in)' if name == orientation else ''} | {number(scores['lesion_dice'])} | {number(scores['lung_dice'])} | "
@@ -464,11 +488,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output-dir", type=Path, default=None, help="default: Resources/Models")
     args = parser.parse_args(argv)
     output_dir = args.output_dir or resources_dir() / "Models"
+    po_text = args.po_validation.read_text(encoding="utf-8") if args.po_validation else ""
+    crossval = json.loads(args.crossval.read_text(encoding="utf-8")) if args.crossval else None
+    if crossval is not None:  # refused before the measurements, not after them
+        crossval_section(crossval, str(args.crossval), read_checkpoint_metadata(locate_model(args.model)[0]).train_config)
     card = measure(args.model, args.data, args.holdout, args.negatives, args.negative_patients)
     card_file = "MODEL_CARD.md" if card["model"] == default_model_name() else f"{card['model']}.card.md"
     command = "covidlesionseg-model-card " + " ".join(argv if argv is not None else sys.argv[1:])
-    po_text = args.po_validation.read_text(encoding="utf-8") if args.po_validation else ""
-    crossval = json.loads(args.crossval.read_text(encoding="utf-8")) if args.crossval else None
     with atomic_output(output_dir / f"{card['model']}.card.json") as temporary:
         temporary.write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
     with atomic_output(output_dir / card_file) as temporary:
