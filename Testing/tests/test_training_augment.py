@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from COVIDLesionSegLib.preprocessing import PreprocessingConfig
+from COVIDLesionSegLib.preprocessing import PreprocessingConfig, to_network_input
 from COVIDLesionSegTraining.augment import ROBUST, augment_slice
 from COVIDLesionSegTraining.data import read_manifest, read_png
 
@@ -92,3 +92,51 @@ def test_robust_changes_intensities_and_fields_of_view(real_slice):
 def test_unknown_mode_is_refused(real_slice):
     with pytest.raises(ValueError, match="robust"):
         augment_slice(*real_slice, np.random.default_rng(0), "strong", CONFIG)
+
+
+def test_lower_resolution_blurs_the_image_and_keeps_its_size(real_slice):
+    from COVIDLesionSegTraining.augment import lower_resolution
+
+    image, _ = real_slice
+    coarse = lower_resolution(image, 0.6)
+    assert coarse.shape == image.shape and coarse.dtype == np.uint8
+    detail = lambda values: np.abs(np.diff(values.astype(np.float64), axis=1)).mean()  # noqa: E731
+    assert detail(coarse) < 0.8 * detail(image)  # fine detail lost
+    assert abs(float(coarse.mean()) - float(image.mean())) < 2.0  # intensities kept
+    assert detail(lower_resolution(image, 0.9)) > detail(coarse)  # a milder scale loses less
+
+
+def test_low_resolution_items_keep_their_targets_and_the_other_draws(shared_data):
+    from COVIDLesionSegTraining.augment import LOW_RESOLUTION_SCALES, LOW_RESOLUTION_STREAM, lower_resolution
+    from COVIDLesionSegTraining.data import ManifestSliceDataset
+
+    records = [r for r in read_manifest(shared_data) if r.volume_id == "coronacases_003"][:6]
+    plain = ManifestSliceDataset(records, augment="robust", seed=3)
+    coarse = ManifestSliceDataset(records, augment="robust", seed=3, low_resolution=1.0)
+    unaugmented = ManifestSliceDataset(records, seed=3, low_resolution=1.0)
+    for index in range(len(records)):
+        assert not np.array_equal(plain[index]["image"].numpy(), coarse[index]["image"].numpy())
+        assert np.array_equal(plain[index]["target"].numpy(), coarse[index]["target"].numpy())  # same geometry draws
+        rng = np.random.default_rng((3, 0, index, LOW_RESOLUTION_STREAM))
+        rng.random()
+        expected = lower_resolution(read_png(records[index].image), rng.uniform(*LOW_RESOLUTION_SCALES))
+        assert np.array_equal(unaugmented[index]["image"].numpy(), to_network_input(expected[None], CONFIG)[0])
+    with pytest.raises(ValueError, match="low_resolution"):
+        ManifestSliceDataset(records, low_resolution=1.5)
+    with pytest.raises(ValueError, match="native_targets"):
+        ManifestSliceDataset(records, low_resolution=0.5, native_targets=True)
+
+
+def test_low_resolution_is_a_recipe_option_of_training_and_cross_validation():
+    from COVIDLesionSegTraining.config import TrainConfig
+    from COVIDLesionSegTraining.crossval import build_parser as crossval_parser
+    from COVIDLesionSegTraining.train import build_parser, config_from_arguments
+
+    arguments = vars(build_parser().parse_args(["--data", "d", "--output", "o", "--low-resolution", "0.3"]))
+    config = config_from_arguments({key: arguments[key] for key in ("data_dir", "output_dir", "low_resolution")})
+    assert config.low_resolution == 0.3 and TrainConfig.from_dict(config.to_dict()).low_resolution == 0.3
+    assert any(line.startswith("low_resolution: 30%") for line in config.differences_from_paper())
+    with pytest.raises(ValueError, match="low_resolution"):
+        TrainConfig(data_dir="d", output_dir="o", low_resolution=-0.1)
+    cv = crossval_parser().parse_args(["--recipe", "r", "--data", "d", "--runs", "x", "--output", "y", "--low-resolution", "0.3"])
+    assert cv.low_resolution == 0.3

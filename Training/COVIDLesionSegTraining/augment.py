@@ -91,6 +91,19 @@ def augment_slice(
     return np.ascontiguousarray(image), np.ascontiguousarray(masks)
 
 
+LOW_RESOLUTION_STREAM = 13  # lower_resolution's random numbers are drawn apart from the augmentation's (seed, epoch, index)
+LOW_RESOLUTION_SCALES = (0.6, 0.9)  # as RobustAugmentation.zoom_out_range: fields of view up to 1/0.6 of the training slices'
+
+
+def lower_resolution(image: np.ndarray, scale: float) -> np.ndarray:
+    """``image`` [H, W] uint8 shrunk to ``scale`` of its size (area average) and enlarged back (bicubic, as
+    :func:`~COVIDLesionSegLib.preprocessing.resize_slice`): what a wider field of view looks like once inference has
+    cut a volume to its body box and resized it, the body having covered fewer pixels."""
+    height, width = image.shape
+    small = cv2.resize(image, (max(1, round(width * scale)), max(1, round(height * scale))), interpolation=cv2.INTER_AREA)
+    return cv2.resize(small, (width, height), interpolation=cv2.INTER_CUBIC)
+
+
 def change_intensity(image: np.ndarray, rng: np.random.Generator, params: RobustAugmentation) -> np.ndarray:
     """Gamma, contrast/brightness, noise, then blur or sharpen, on intensities scaled to [0, 1]."""
     values = image.astype(np.float32) / 255.0

@@ -49,6 +49,7 @@ class TrainConfig:
     negative_holdout: tuple[str, ...] = ()  # negatives_dir patients never trained on (false-positive tests)
     negative_validation: tuple[str, ...] = ()  # negatives_dir patients validated on (checkpoint choice sees false lesion), never trained on
     dependent_density: float = 0.0  # probability that a lesion-free slice is rendered with synthetic dependent density (negatives.py)
+    low_resolution: float = 0.0  # probability that a training slice is shown at 0.6–0.9 of its resolution (augment.lower_resolution)
     weight_average_decay: float | None = None  # checkpoints hold an exponential moving average of the weights (e.g. 0.99); None = off
     init_from: str | None = None  # checkpoint (file or registry name) whose weights start the run (fine-tuning); None = fresh
     init_recipe: dict | None = None  # that checkpoint's train_config (recorded by training): the stage this run fine-tunes
@@ -79,6 +80,8 @@ class TrainConfig:
             raise ValueError(f"patients both held out and validated on: {both}")
         if (self.negatives_dir is None) != (self.negative_fraction == 0.0) or not 0.0 <= self.negative_fraction < 1.0:
             raise ValueError("negatives_dir and a negative_fraction in (0, 1) go together (or neither)")
+        if not 0.0 <= self.low_resolution <= 1.0:
+            raise ValueError(f"low_resolution is a probability, got {self.low_resolution}")
         if self.weight_average_decay is not None and not 0.0 < self.weight_average_decay < 1.0:
             raise ValueError(f"weight_average_decay must be in (0, 1) or None, got {self.weight_average_decay}")
         if not 0.0 <= self.dependent_density <= 1.0 or (self.dependent_density > 0 and not self.negatives_dir):
@@ -170,6 +173,8 @@ class TrainConfig:
             )
         if self.weight_average_decay is not None:
             differences.append(f"weight_average_decay: checkpoints hold a moving average of weights (decay {self.weight_average_decay})")
+        if self.low_resolution:
+            differences.append(f"low_resolution: {self.low_resolution:.0%} of training slices shown at 0.6–0.9 of their resolution")
         if self.dependent_density:
             differences.append(f"dependent_density: {self.dependent_density:.0%} of lesion-free slices with synthetic dependent density")
         precision = self.effective_precision(device_type or "cpu")

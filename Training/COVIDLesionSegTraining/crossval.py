@@ -51,7 +51,8 @@ from .splits import make_split
 
 logger = logging.getLogger(__name__)
 REPORTED_METRICS = ("F1", "Pc", "Sen", "Sp", "IoU")
-CLI_CHANGES = ("max_steps", "augment", "dice_weight", "weight_average_decay")  # TrainConfig fields the command line may change
+# TrainConfig fields the command line may change
+CLI_CHANGES = ("max_steps", "augment", "dice_weight", "low_resolution", "weight_average_decay")
 HEALTHY_CT_FIELDS = (
     "file", "false_lesion_ml", "false_lesion_ml_off_tumour", "slices_with_false_lesion", "lung_ml", "false_percent_opacity"
 )
@@ -419,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--max-steps", type=int, help="step budget")
     group.add_argument("--augment", choices=AUGMENT_MODES, help="augmentation")
     group.add_argument("--dice-weight", type=float, help="loss = BCE + this × soft Dice")
+    group.add_argument("--low-resolution", type=float, metavar="P", help="share of training slices shown at 0.6–0.9 of their resolution")
     group.add_argument("--weight-average-decay", type=float, metavar="D", help="checkpoints hold a moving average of the weights (decay D)")
     group = parser.add_argument_group("lesion-free test volumes (default: the recipe's held-out patients in its own folder)")
     group.add_argument("--lesion-free", metavar="DIR", help="a lesion-free folder (chest-ct-hu-no-covid's layout) to find them in")

@@ -49,7 +49,7 @@ from COVIDLesionSegLib.preprocessing import (
     to_network_input,
 )
 
-from .augment import augment_slice, check_augment_mode
+from .augment import LOW_RESOLUTION_SCALES, LOW_RESOLUTION_STREAM, augment_slice, check_augment_mode, lower_resolution
 
 CHANNEL_NAMES = ("lesion", "lung")
 ORIENTATIONS = ("as-stored", "radiological")  # what the manifest slices are turned to
@@ -133,6 +133,9 @@ class SliceDataset(Dataset):
     whatever the worker count, and :meth:`set_epoch` changes them from one epoch to the next.
     ``native_targets`` keeps the masks at their stored resolution (evaluation against the original
     256² labels when ``size`` is smaller); it cannot be combined with augmentation.
+    ``low_resolution`` is the probability that an item's image is shown at a lower resolution
+    (:func:`~.augment.lower_resolution`, before the augmentation; masks unchanged), drawn from its own stream of
+    (seed, epoch, index), so the augmentation's draws stay as without it.
     """
 
     def __init__(
@@ -142,12 +145,16 @@ class SliceDataset(Dataset):
         augment: str = "none",
         seed: int = 0,
         native_targets: bool = False,
+        low_resolution: float = 0.0,
     ):
         self.channels = check_channels(channels)
         self.preprocessing = preprocessing or PreprocessingConfig()
-        if native_targets and augment != "none":
+        if native_targets and (augment != "none" or low_resolution > 0):
             raise ValueError("native_targets is for evaluation and cannot be combined with augmentation")
+        if not 0.0 <= low_resolution <= 1.0:
+            raise ValueError(f"low_resolution is a probability, got {low_resolution}")
         self.augment = check_augment_mode(augment)
+        self.low_resolution = low_resolution
         self.seed = seed
         self.native_targets = native_targets
         self.epoch = 0
@@ -178,6 +185,10 @@ class SliceDataset(Dataset):
             masks = np.stack([crop_slice(mask, box) for mask in masks])
             if masks.shape[-2:] != (size, size):
                 masks = np.stack([resize_mask(mask, self.preprocessing) for mask in masks])
+        if self.low_resolution > 0:
+            rng = np.random.default_rng((self.seed, self.epoch, index, LOW_RESOLUTION_STREAM))
+            if rng.random() < self.low_resolution:
+                image = lower_resolution(image, rng.uniform(*LOW_RESOLUTION_SCALES))
         if self.augment != "none":
             rng = np.random.default_rng((self.seed, self.epoch, index))
             image, masks = augment_slice(image, masks, rng, self.augment, self.preprocessing)

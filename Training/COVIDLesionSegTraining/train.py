@@ -512,11 +512,12 @@ def train_process(config: TrainConfig, resume: bool, context: DistributedContext
     split = make_split(config.split, config.data_dir)
     preprocessing = config.preprocessing()
     options = {"channels": config.channels, "preprocessing": preprocessing, "seed": config.seed}
-    train_set = ManifestSliceDataset(split.train, orientation=config.orientation, augment=config.augment, **options)
+    augmentation = {"augment": config.augment, "low_resolution": config.low_resolution}
+    train_set = ManifestSliceDataset(split.train, orientation=config.orientation, **augmentation, **options)
     val_set = ManifestSliceDataset(split.val, orientation=config.orientation, **options)
     if config.negatives_dir:
         not_trained = (*config.negative_holdout, *config.negative_validation)
-        negatives = NegativeVolumeDataset(config.negatives_dir, exclude_patients=not_trained, augment=config.augment,
+        negatives = NegativeVolumeDataset(config.negatives_dir, exclude_patients=not_trained, **augmentation,
                                           dependent_density=config.dependent_density, **options)
         train_set = MixedSliceDataset(train_set, negatives, config.negative_fraction, config.seed)
         if context.is_main:
@@ -781,6 +782,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="D",
         help="validate and save an exponential moving average of the weights (decay D per step, e.g. 0.99); default off",
+    )
+    group.add_argument(
+        "--low-resolution",
+        type=float,
+        metavar="P",
+        help="probability that a training slice is shown at 0.6–0.9 of its resolution, as a wider field of view is after the body crop "
+        "(default 0)",
     )
     group = parser.add_argument_group("data recipe")
     group.add_argument("--orientation", choices=ORIENTATIONS,
