@@ -250,14 +250,16 @@ def without_heading(markdown: str) -> str:
 NOT_RECIPE_FIELDS = ("data_dir", "output_dir", "device", "precision", "max_steps")
 
 
-def recipe_mismatches(crossval: dict, model_config: dict) -> list[str]:
-    """The training settings in which the recipe that ``crossval.json`` cross-validated (its source
-    ``train_config`` with its ``changes``) differs from the model's own ``train_config``, as "field: cv X, model Y"."""
+def check_crossval_recipe(crossval: dict, path: str, model_config: dict) -> None:
+    """Refuse a ``crossval.json`` whose recipe (its source ``train_config`` with its ``changes``) differs from the
+    model's own ``train_config`` in a training setting, naming each difference."""
     recipe = crossval["recipe"]
     tested = TrainConfig.from_dict({**recipe["train_config"], **recipe["changes"]}).to_dict()
     own = TrainConfig.from_dict(model_config).to_dict()
     differing = [key for key in tested if key not in NOT_RECIPE_FIELDS and tested[key] != own[key]]
-    return [f"{key}: cross-validated {tested[key]!r}, model {own[key]!r}" for key in differing]
+    if differing:
+        mismatches = "; ".join(f"{key}: cross-validated {tested[key]!r}, model {own[key]!r}" for key in differing)
+        raise ValueError(f"--crossval {path}: the model card quotes a cross-validation of the model's own recipe; differs in {mismatches}")
 
 
 def crossval_section(crossval: dict | None, path: str, model_config: dict) -> tuple[str, str]:
@@ -267,11 +269,7 @@ def crossval_section(crossval: dict | None, path: str, model_config: dict) -> tu
 
     if crossval is None:
         return "Not run (pass --crossval).", "- Patient-level cross-validation of this recipe was not run."
-    mismatches = recipe_mismatches(crossval, model_config)
-    if mismatches:
-        raise ValueError(
-            f"--crossval {path}: the model card quotes a cross-validation of the model's own recipe; it differs in {'; '.join(mismatches)}"
-        )
+    check_crossval_recipe(crossval, path, model_config)
     channels, overall = crossval["overall"]["channels"], crossval["overall"]
     recipe = crossval["recipe"]
     budget, own = recipe["changes"].get("max_steps"), model_config.get("max_steps")
@@ -491,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     po_text = args.po_validation.read_text(encoding="utf-8") if args.po_validation else ""
     crossval = json.loads(args.crossval.read_text(encoding="utf-8")) if args.crossval else None
     if crossval is not None:  # refused before the measurements, not after them
-        crossval_section(crossval, str(args.crossval), read_checkpoint_metadata(locate_model(args.model)[0]).train_config)
+        check_crossval_recipe(crossval, str(args.crossval), read_checkpoint_metadata(locate_model(args.model)[0]).train_config)
     card = measure(args.model, args.data, args.holdout, args.negatives, args.negative_patients)
     card_file = "MODEL_CARD.md" if card["model"] == default_model_name() else f"{card['model']}.card.md"
     command = "covidlesionseg-model-card " + " ".join(argv if argv is not None else sys.argv[1:])
