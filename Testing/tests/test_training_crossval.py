@@ -120,6 +120,68 @@ def test_outputs_agree_and_a_rerun_trains_nothing(two_folds, recipe_checkpoint, 
     assert again["overall"] == results["overall"]
 
 
+def test_percent_opacity_of_every_test_volume_is_compared_with_its_reference(two_folds, tiny_data):
+    folder, results = two_folds
+    from COVIDLesionSegTraining.validate_po import validate
+
+    measured = {volume["volume_id"]: volume for fold in results["folds"] for volume in fold["percent_opacity"]}
+    assert sorted(measured) == sorted(volume["volume_id"] for volume in results["volumes"])
+    assert results["overall"]["percent_opacity"]["volumes"] == 4 and results["overall"]["percent_opacity"]["folds"] == [0, 1]
+    # the same figures as covidlesionseg-validate-po gives for the fold models
+    report = validate([(str(folder / "runs" / f"fold{fold['fold']}" / "best.safetensors"), fold["test_groups"])
+                       for fold in results["folds"]], tiny_data, folder / "po", device="cpu")
+    for volume in report["volumes"]:
+        assert measured[volume["volume_id"]]["model_percent_opacity"] == pytest.approx(volume["model_percent_opacity"])
+    assert results["overall"]["percent_opacity"]["mean_absolute_difference_pp"] == pytest.approx(
+        report["summary"]["mean_absolute_difference_pp"])
+    markdown = (folder / "out" / "crossval.md").read_text()
+    assert "### Percentage of opacity (PO) per test volume" in markdown and "over 4 volumes" in markdown
+    assert "ran before PO was measured" not in markdown
+
+
+def test_folds_carried_from_earlier_results_are_not_trained_again_and_are_named(two_folds, recipe_checkpoint, tiny_data, tmp_path,
+                                                                                 monkeypatch):
+    folder, results = two_folds
+    earlier = json.loads(json.dumps(results))
+    earlier["folds"] = [fold for fold in earlier["folds"] if fold["fold"] == 0]
+    for key in ("percent_opacity", "date"):  # as results written before these were recorded
+        earlier["folds"][0].pop(key)
+    earlier["folds"][0]["training"].pop("log")
+    (tmp_path / "fold0.json").write_text(json.dumps(earlier))
+    monkeypatch.setattr(reproduce_module, "train", lambda *args, **kwargs: pytest.fail("a finished fold was trained again"))
+
+    def run(carry, **options):
+        return crossval(str(recipe_checkpoint), tiny_data, folder / "runs", tmp_path / "out", num_folds=2, device="cpu", carry=carry,
+                        **{"changes": {"max_steps": 2}, **options})
+
+    merged = run([tmp_path / "fold0.json"])  # fold 1 is run (finished earlier: evaluated only), fold 0 carried
+    assert merged["split"]["folds_run"] == [0, 1] and merged["split"]["folds_carried"] == [0]
+    lesion = merged["overall"]["channels"]["lesion"]["pooled_over_folds"]
+    assert lesion == results["overall"]["channels"]["lesion"]["pooled_over_folds"]
+    assert merged["overall"]["percent_opacity"]["folds"] == [1]
+    markdown = (tmp_path / "out" / "crossval.md").read_text()
+    assert markdown.startswith("# Patient-level 2-fold cross-validation")
+    assert f"fold 0 from `{tmp_path / 'fold0.json'}` (run on {results['date']})" in markdown
+    assert "Fold 0 ran before PO was measured here" in markdown
+    assert (tmp_path / "out" / "crossval_validation.png").read_bytes().startswith(b"\x89PNG")
+
+    with pytest.raises(ValueError, match="both run and carried"):
+        run([tmp_path / "fold0.json"], folds=[0, 1])
+    with pytest.raises(ValueError, match="fold 0 is in"):
+        run([tmp_path / "fold0.json", tmp_path / "fold0.json"])
+    with pytest.raises(ValueError, match="another recipe, other changes"):
+        run([tmp_path / "fold0.json"], changes={"max_steps": 3})
+    with pytest.raises(ValueError, match="lesion-free patients"):
+        run([tmp_path / "fold0.json"], lesion_free_patients=["someone"])
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ValueError, match="broken.json: not a readable crossval.json"):
+        run([tmp_path / "broken.json"])
+    earlier["folds"][0]["test_groups"] = ["elsewhere"]
+    (tmp_path / "other.json").write_text(json.dumps(earlier))
+    with pytest.raises(ValueError, match="fold 0 tested other patients"):
+        run([tmp_path / "other.json"])
+
+
 def test_command_line_reports_and_refuses_a_checkpoint_without_a_recipe(two_folds, recipe_checkpoint, tiny_data, tiny_checkpoint, capsys):
     folder, _ = two_folds
     arguments = ["--data", str(tiny_data), "--runs", str(folder / "runs"), "--num-folds", "2", "--max-steps", "2", "--device", "cpu"]

@@ -21,6 +21,13 @@ is thus scored by the one model that never saw its patient.
 - ``crossval.md``: rendered from ``crossval.json`` alone;
 - ``crossval_validation.png``: each fold's validation loss and Dice against the optimizer step, the chosen
   (best validation loss) step marked — the evidence for the step budget.
+
+Each fold model also predicts its test volumes through the full inference path, for the percentage of opacity
+(PO, as ``covidlesionseg-validate-po``): Pearson r and mean absolute difference over every volume of the folds.
+
+``--carry-folds RESULTS.json ...`` takes folds from earlier ``crossval.json`` files of the same recipe, changes,
+split and lesion-free tests instead of training them again (their models need not exist any more), so a
+cross-validation longer than one sitting is completed piece by piece; ``crossval.md`` names the carried folds.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import shlex
 import statistics
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 
@@ -48,6 +56,7 @@ from .model_card import healthy_ct_check, held_out_negative_cases, shifted_input
 from .negatives import NegativeCase
 from .reproduce import format_duration, format_number, markdown_table, pyplot, save_figure, train_or_resume, training_record
 from .splits import make_split
+from .validate_po import VolumeResult, agreement, validate_fold
 
 logger = logging.getLogger(__name__)
 REPORTED_METRICS = ("F1", "Pc", "Sen", "Sp", "IoU")
@@ -119,8 +128,11 @@ def fold_result(config: TrainConfig, device: str, lesion_free: Sequence[Negative
     predictor = Predictor.from_checkpoint(run_dir / "best.safetensors", device)
     test_volumes = list(dict.fromkeys(record.volume_id for record in split.test))
     healthy = healthy_ct_check(predictor)
+    percent_opacity = validate_fold(predictor, test_volumes, Path(config.data_dir), str(run_dir / "best.safetensors"))
     return {
         "fold": config.split.fold,
+        "date": datetime.now().isoformat(timespec="seconds"),
+        "torch": torch.__version__,
         "test_groups": sorted({record.split_group for record in split.test}),
         "validation_groups": sorted({record.split_group for record in split.val}),
         "slices": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
@@ -129,7 +141,36 @@ def fold_result(config: TrainConfig, device: str, lesion_free: Sequence[Negative
         "shifted_inputs_lesion_dice": shifted_input_scores(predictor, Path(config.data_dir), test_volumes),
         "healthy_ct": select(healthy, HEALTHY_CT_FIELDS),
         "held_out_lesion_free": [select(healthy_ct_check(predictor, case), HEALTHY_CT_FIELDS) for case in lesion_free],
+        "percent_opacity": [asdict(result) for result in percent_opacity],
     }
+
+
+def carried_folds(paths: Sequence[str | Path], recipe: dict, changes: dict, num_folds: int, data_dir: str | Path,
+                  lesion_free_patients: Sequence[str] | None) -> list[dict]:
+    """The fold results of earlier ``crossval.json`` files, each refused unless it ran the same ``recipe`` with the
+    same ``changes``, split and lesion-free test patients; a fold carried twice is refused. Each fold records the
+    file it came from (``carried_from``)."""
+    folds: dict[int, dict] = {}
+    for path in paths:
+        try:
+            earlier = json.loads(Path(path).read_text(encoding="utf-8"))
+            source = (earlier["recipe"]["train_config"], earlier["recipe"]["changes"], earlier["split"]["num_folds"])
+            patients = earlier["lesion_free_tests"]["patients"]
+            earlier_folds = earlier["folds"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{path}: not a readable crossval.json ({error})") from None
+        if source != (recipe, changes, num_folds):
+            raise ValueError(f"{path}: ran another recipe, other changes or another number of folds; it cannot be carried")
+        if list(patients or []) != list(lesion_free_patients or []):
+            raise ValueError(f"{path}: tested on the lesion-free patients {patients}, not {lesion_free_patients}")
+        for fold in earlier_folds:
+            expected = make_split(fold_config(recipe, data_dir, ".", fold["fold"], num_folds, changes).split, data_dir).test
+            if sorted({record.split_group for record in expected}) != fold["test_groups"]:
+                raise ValueError(f"{path}: fold {fold['fold']} tested other patients than this split's; other data?")
+            if fold["fold"] in folds:
+                raise ValueError(f"fold {fold['fold']} is in {folds[fold['fold']]['carried_from']['file']} and in {path}")
+            folds[fold["fold"]] = {**fold, "carried_from": {"file": str(path), "date": fold.get("date", earlier["date"])}}
+    return list(folds.values())
 
 
 def aggregate(folds: list[dict]) -> dict:
@@ -149,6 +190,9 @@ def aggregate(folds: list[dict]) -> dict:
         for rendering in folds[0]["shifted_inputs_lesion_dice"]
     }
     result["healthy_ct_false_lesion_ml"] = summarise([fold["healthy_ct"]["false_lesion_ml"] for fold in folds])
+    with_po = [fold for fold in folds if "percent_opacity" in fold]  # folds run before PO was measured have none
+    volumes = [VolumeResult(**volume) for fold in with_po for volume in fold["percent_opacity"]]
+    result["percent_opacity"] = {**agreement(volumes), "folds": [fold["fold"] for fold in with_po]}
     result["held_out_lesion_free_false_lesion_ml"] = {
         entry["file"]: summarise(
             [check["false_lesion_ml"] for fold in folds for check in fold["held_out_lesion_free"] if check["file"] == entry["file"]]
@@ -167,15 +211,20 @@ def per_volume_rows(folds: list[dict]) -> list[dict]:
             entry = {"volume_id": volume_id, "fold": fold["fold"], "slices": first_channel["slices"]}
             for channel, summary in channels.items():
                 entry[channel] = {metric: summary["per_volume"][volume_id][metric] for metric in REPORTED_METRICS}
+            percent_opacity = {volume["volume_id"]: volume for volume in fold.get("percent_opacity", [])}
+            if volume_id in percent_opacity:
+                volume = percent_opacity[volume_id]
+                entry["percent_opacity"] = {"reference": volume["reference_percent_opacity"], "model": volume["model_percent_opacity"]}
             rows.append(entry)
     return rows
 
 
 def plot_validation(folds: list[dict], path: Path) -> None:
-    """Validation loss (left) and Dice (right) against the step, one line per fold; ● marks the kept checkpoint."""
+    """Validation loss (left) and Dice (right) against the step, one line per fold; ● marks the kept checkpoint.
+    Folds whose results hold no training log (carried from a file written before the log was kept) are left out."""
     plt = pyplot()
     figure, (loss_axes, dice_axes) = plt.subplots(1, 2, figsize=(10, 4))
-    for fold in folds:
+    for fold in (fold for fold in folds if "log" in fold["training"]):
         log = [row for row in fold["training"]["log"] if not np.isnan(row["val_loss"])]
         steps = [row["step"] for row in log]
         line = loss_axes.plot(steps, [row["val_loss"] for row in log], marker=".", label=f"fold {fold['fold']}")[0]
@@ -205,18 +254,25 @@ def crossval(
     command: str = "",
     lesion_free_dir: str | Path | None = None,
     lesion_free_patients: Sequence[str] | None = None,
+    carry: Sequence[str | Path] = (),
 ) -> dict:
-    """Train (or resume, or skip) and evaluate the ``folds`` (default: all) of the recipe with ``changes``
-    (TrainConfig fields, e.g. ``{"max_steps": 1500}``); write ``crossval.json``, ``.md`` and the figure. The fold
-    models are tested on :func:`lesion_free_tests` of ``lesion_free_dir`` and ``lesion_free_patients``."""
+    """Train (or resume, or skip) and evaluate the ``folds`` (default: all not carried) of the recipe with ``changes``
+    (TrainConfig fields, e.g. ``{"max_steps": 1500}``), add the folds of the ``carry`` files (:func:`carried_folds`);
+    write ``crossval.json``, ``.md`` and the figure. The fold models are tested on :func:`lesion_free_tests` of
+    ``lesion_free_dir`` and ``lesion_free_patients``."""
     changes = dict(changes or {})
-    folds = list(range(num_folds)) if folds is None else sorted(set(folds))
-    if not folds or not all(0 <= fold < num_folds for fold in folds):
-        raise ValueError(f"folds must be in 0..{num_folds - 1}, got {folds}")
     path, name = locate_model(recipe_source)
     recipe = load_checkpoint(path).train_config
     if not recipe:
         raise ValueError(f"{path}: the checkpoint records no train_config, so it has no recipe to cross-validate")
+    carried = carried_folds(carry, recipe, changes, num_folds, data_dir, lesion_free_patients)
+    carried_numbers = sorted(fold["fold"] for fold in carried)
+    folds = sorted(set(range(num_folds)) - set(carried_numbers)) if folds is None else sorted(set(folds))
+    if not folds + carried_numbers or not all(0 <= fold < num_folds for fold in folds):
+        raise ValueError(f"folds must be in 0..{num_folds - 1}, got {folds}")
+    if set(folds) & set(carried_numbers):
+        raise ValueError(f"folds {sorted(set(folds) & set(carried_numbers))} are both run and carried; run or carry each once")
+    split = fold_config(recipe, data_dir, runs_dir, (folds + carried_numbers)[0], num_folds, changes).split
     configs = []  # each fold's last stage: the model that is tested
     for fold in folds:
         stages = fold_stages(recipe, data_dir, runs_dir, fold, num_folds, changes)
@@ -224,6 +280,7 @@ def crossval(
             logger.info("fold %d: %s (%s)", fold, train_or_resume(config), config.output_dir)
         configs.append(stages[-1])
     fold_results = [fold_result(config, device, lesion_free_tests(config, lesion_free_dir, lesion_free_patients)) for config in configs]
+    fold_results = sorted(fold_results + carried, key=lambda fold: fold["fold"])
     results = nan_to_none(
         {
             "command": command,
@@ -233,9 +290,10 @@ def crossval(
             "split": {
                 "kind": "patient-kfold",
                 "num_folds": num_folds,
-                "seed": configs[0].split.seed,
-                "val_fraction": configs[0].split.val_fraction,
-                "folds_run": folds,
+                "seed": split.seed,
+                "val_fraction": split.val_fraction,
+                "folds_run": [fold["fold"] for fold in fold_results],
+                "folds_carried": carried_numbers,
             },
             "lesion_free_tests": {"folder": str(lesion_free_dir) if lesion_free_dir else None, "patients": lesion_free_patients},
             "folds": fold_results,
@@ -244,8 +302,6 @@ def crossval(
         }
     )
     output_dir = Path(output_dir)
-    for fold in results["folds"]:
-        fold["training"].pop("log")  # kept in RUNS; the figure carries it
     with atomic_output(output_dir / "crossval.json") as temporary:
         temporary.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     plot_validation(fold_results, output_dir / "crossval_validation.png")
@@ -290,6 +346,7 @@ def render_markdown(results: dict) -> str:
         "",
         f"Changed from the recipe for this run: {changed or 'nothing'}.",
         "",
+        *carried_lines(results["folds"]),
         "## Over all folds",
         "",
     ]
@@ -306,6 +363,7 @@ def render_markdown(results: dict) -> str:
             ]
         )
     lines += markdown_table(("", "Dice (F1)", "precision", "sensitivity", "specificity", "IoU"), rows)
+    lines += percent_opacity_lines(overall["percent_opacity"], split["folds_run"])
     lines += ["## Per fold", ""]
     rows = []
     for fold in results["folds"]:
@@ -340,11 +398,12 @@ def render_markdown(results: dict) -> str:
             str(volume["fold"]),
             str(volume["slices"]),
             *(format_number(volume[channel][m]) for channel in channels for m in ("F1", "Pc", "Sen")),
+            *(format_number(volume.get("percent_opacity", {}).get(source), 2) for source in ("reference", "model")),
         ]
         for volume in results["volumes"]
     ]
     header = [f"{channel} {label}" for channel in channels for label in ("Dice", "precision", "sensitivity")]
-    lines += markdown_table(("volume", "fold", "slices", *header), rows)
+    lines += markdown_table(("volume", "fold", "slices", *header, "PO reference (%)", "PO model (%)"), rows)
     lines += robustness_section(results)
     kept_last = sum(fold["training"]["best_step"] == fold["training"]["steps"] for fold in results["folds"])
     lines += [
@@ -357,6 +416,34 @@ def render_markdown(results: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def carried_lines(folds: list[dict]) -> list[str]:
+    """A paragraph naming the folds taken from earlier results, and when they ran; nothing when none was."""
+    carried = [fold for fold in folds if "carried_from" in fold]
+    if not carried:
+        return []
+    sources = "; ".join(f"fold {fold['fold']} from `{fold['carried_from']['file']}` (run on {fold['carried_from']['date']})"
+                        for fold in carried)
+    return [f"Carried from earlier runs of this same recipe, changes and split, not run again: {sources}.", ""]
+
+
+def percent_opacity_lines(summary: dict, folds_run: Sequence[int]) -> list[str]:
+    """The PO agreement over the folds' test volumes, naming folds that did not measure it."""
+    missing = sorted(set(folds_run) - set(summary["folds"]))
+    limits = summary["limits_of_agreement_pp"]
+    lines = [
+        "### Percentage of opacity (PO) per test volume",
+        "",
+        f"Each fold's model on its test volumes through the full inference path with the default guard rails (as "
+        f"`covidlesionseg-validate-po`; PO over the stored slices, which all hold lesion): over {summary['volumes_compared']} "
+        f"volumes, Pearson r = {format_number(summary['pearson_r'])}, mean absolute difference "
+        f"{format_number(summary['mean_absolute_difference_pp'], 2)} percentage points, bias {format_number(summary['bias_pp'], 2)} pp, "
+        f"95 % limits of agreement {'—' if limits is None else f'{limits[0]:.2f} … {limits[1]:.2f}'} pp.",
+    ]
+    if missing:
+        lines[-1] += f" Fold {', '.join(map(str, missing))} ran before PO was measured here, so its volumes are not in these figures."
+    return [*lines, ""]
 
 
 def robustness_section(results: dict) -> list[str]:
@@ -415,13 +502,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs", required=True, help="folder for the fold runs (fold0 … fold<k-1>); keep it out of the repository")
     parser.add_argument("--output", required=True, help="folder for crossval.json, crossval.md and crossval_validation.png")
     parser.add_argument("--num-folds", type=int, default=5, help="folds over the patient groups (default 5)")
-    parser.add_argument("--folds", type=int, nargs="+", metavar="K", help="run only these folds (default: all)")
+    parser.add_argument("--folds", type=int, nargs="+", metavar="K", help="run only these folds (default: all not carried)")
     group = parser.add_argument_group("changes to the recipe (default: keep it)")
     group.add_argument("--max-steps", type=int, help="step budget")
     group.add_argument("--augment", choices=AUGMENT_MODES, help="augmentation")
     group.add_argument("--dice-weight", type=float, help="loss = BCE + this × soft Dice")
     group.add_argument("--low-resolution", type=float, metavar="P", help="share of training slices shown at 0.6–0.9 of their resolution")
     group.add_argument("--weight-average-decay", type=float, metavar="D", help="checkpoints hold a moving average of the weights (decay D)")
+    parser.add_argument("--carry-folds", nargs="+", default=[], metavar="RESULTS_JSON",
+                        help="take folds from these earlier crossval.json files of the same recipe and changes, not training them again")
     group = parser.add_argument_group("lesion-free test volumes (default: the recipe's held-out patients in its own folder)")
     group.add_argument("--lesion-free", metavar="DIR", help="a lesion-free folder (chest-ct-hu-no-covid's layout) to find them in")
     group.add_argument("--lesion-free-patients", nargs="+", metavar="PATIENT", help="these patients (none may be trained on)")
@@ -437,7 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         changes = {name: value for name in CLI_CHANGES if (value := getattr(args, name)) is not None}
         results = crossval(args.recipe, args.data, args.runs, args.output, args.num_folds, changes, args.folds, args.device, command,
-                           args.lesion_free, args.lesion_free_patients)
+                           args.lesion_free, args.lesion_free_patients, args.carry_folds)
     except (OSError, ValueError) as error:
         print(f"ERROR {error}", file=sys.stderr)
         return 1
