@@ -56,7 +56,7 @@ from .model_card import healthy_ct_check, held_out_negative_cases, shifted_input
 from .negatives import NegativeCase
 from .reproduce import format_duration, format_number, markdown_table, pyplot, save_figure, train_or_resume, training_record
 from .splits import make_split
-from .validate_po import VolumeResult, agreement, validate_fold
+from .validate_po import VolumeResult, agreement, agreement_text, validate_fold
 
 logger = logging.getLogger(__name__)
 REPORTED_METRICS = ("F1", "Pc", "Sen", "Sp", "IoU")
@@ -207,11 +207,11 @@ def per_volume_rows(folds: list[dict]) -> list[dict]:
     rows = []
     for fold in folds:
         channels = fold["test"]
+        percent_opacity = {volume["volume_id"]: volume for volume in fold.get("percent_opacity", [])}
         for volume_id, first_channel in next(iter(channels.values()))["per_volume"].items():
             entry = {"volume_id": volume_id, "fold": fold["fold"], "slices": first_channel["slices"]}
             for channel, summary in channels.items():
                 entry[channel] = {metric: summary["per_volume"][volume_id][metric] for metric in REPORTED_METRICS}
-            percent_opacity = {volume["volume_id"]: volume for volume in fold.get("percent_opacity", [])}
             if volume_id in percent_opacity:
                 volume = percent_opacity[volume_id]
                 entry["percent_opacity"] = {"reference": volume["reference_percent_opacity"], "model": volume["model_percent_opacity"]}
@@ -431,15 +431,12 @@ def carried_lines(folds: list[dict]) -> list[str]:
 def percent_opacity_lines(summary: dict, folds_run: Sequence[int]) -> list[str]:
     """The PO agreement over the folds' test volumes, naming folds that did not measure it."""
     missing = sorted(set(folds_run) - set(summary["folds"]))
-    limits = summary["limits_of_agreement_pp"]
     lines = [
         "### Percentage of opacity (PO) per test volume",
         "",
         f"Each fold's model on its test volumes through the full inference path with the default guard rails (as "
         f"`covidlesionseg-validate-po`; PO over the stored slices, which all hold lesion): over {summary['volumes_compared']} "
-        f"volumes, Pearson r = {format_number(summary['pearson_r'])}, mean absolute difference "
-        f"{format_number(summary['mean_absolute_difference_pp'], 2)} percentage points, bias {format_number(summary['bias_pp'], 2)} pp, "
-        f"95 % limits of agreement {'—' if limits is None else f'{limits[0]:.2f} … {limits[1]:.2f}'} pp.",
+        f"volumes, {agreement_text(summary)}.",
     ]
     if missing:
         lines[-1] += f" Fold {', '.join(map(str, missing))} ran before PO was measured here, so its volumes are not in these figures."

@@ -171,19 +171,25 @@ def plot_bland_altman(results: Sequence[VolumeResult], summary: dict, path: Path
     return path
 
 
-def model_card_paragraph(summary: dict, command: str) -> str:
+def agreement_text(summary: dict) -> str:
+    """The figures of :func:`agreement` in words: r, mean absolute difference, bias and limits of agreement."""
     def number(value, digits=2):
         return "n/a" if value is None else f"{value:.{digits}f}"
 
     limits = summary["limits_of_agreement_pp"]
     return (
+        f"Pearson r = {number(summary['pearson_r'], 3)}, mean absolute difference {number(summary['mean_absolute_difference_pp'])} "
+        f"percentage points, bias {number(summary['bias_pp'])} pp, 95 % limits of agreement "
+        f"{'n/a' if limits is None else f'{limits[0]:.2f} … {limits[1]:.2f}'} pp"
+    )
+
+
+def model_card_paragraph(summary: dict, command: str) -> str:
+    return (
         "### Percentage of opacity (PO) against the reference\n\n"
         f"On {summary['volumes_compared']} held-out volumes ({summary['volumes']} run; models: "
         f"{', '.join(summary['models'])}), PO per volume over its stored slices (slices with lesion only): "
-        f"Pearson r = {number(summary['pearson_r'], 3)}, mean absolute difference {number(summary['mean_absolute_difference_pp'])} "
-        f"percentage points, bias {number(summary['bias_pp'])} pp, 95 % limits of agreement "
-        f"{'n/a' if limits is None else f'{limits[0]:.2f} … {limits[1]:.2f}'} pp "
-        f"(Bland–Altman plot: `po_bland_altman.png`). Reproduce with:\n\n    {command}\n"
+        f"{agreement_text(summary)} (Bland–Altman plot: `po_bland_altman.png`). Reproduce with:\n\n    {command}\n"
     )
 
 
