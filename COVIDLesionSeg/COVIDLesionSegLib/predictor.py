@@ -9,9 +9,10 @@
 
 Each axial slice goes through the training preprocessing (``preprocessing``), the network runs in
 batches (:mod:`.backends`: PyTorch, fp16 autocast on CUDA; or ONNX Runtime on the CPU), sigmoid probabilities are resized back
-to the slice size and thresholded at 0.5. With a lung channel, lesions are kept only inside the lung and
-the lung mask is made to include its lesions. :class:`GuardRails` (named options, recorded in the CLI's
-``summary.json``) clean the masks in 3D where the voxel size is known (``segment_image``).
+to the slice size and thresholded at 0.5 (the lesion at ``GuardRails.lesion_threshold``, 0.5 by default). With a lung
+channel, lesions are kept only inside the lung and the lung mask is made to include its lesions. :class:`GuardRails`
+(named options, recorded in the CLI's ``summary.json``) clean the masks in 3D where the voxel size is known
+(``segment_image``).
 
 **Memory**: the volume is streamed (:meth:`Predictor.stream_probabilities`): what is decided once per volume
 (the body field-of-view box, the HU test) is computed from the whole volume without copying it, then slices
@@ -67,10 +68,11 @@ CHUNK_BATCHES = 4  # batches of slices preprocessed together: bounded memory, wh
 PROBABILITY_DTYPES = ("float32", "uint8")  # segment_image's lesion probability: p, or round(255 × p) as written to disk
 
 
-def masks_from_probabilities(probabilities: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``{channel: probabilities}`` → ``{channel: uint8 0/1 mask}`` at 0.5; with a lung channel the lesion is
-    kept inside the lung (the lung channel was trained to include its lesions)."""
-    masks = {channel: (p >= 0.5).astype(np.uint8) for channel, p in probabilities.items()}
+def masks_from_probabilities(probabilities: dict[str, np.ndarray], lesion_threshold: float = 0.5) -> dict[str, np.ndarray]:
+    """``{channel: probabilities}`` → ``{channel: uint8 0/1 mask}``: the lesion where p ≥ ``lesion_threshold``, every
+    other channel at 0.5; with a lung channel the lesion is kept inside the lung (the lung channel was trained to
+    include its lesions)."""
+    masks = {channel: (p >= (lesion_threshold if channel == "lesion" else 0.5)).astype(np.uint8) for channel, p in probabilities.items()}
     if "lung" in masks:
         masks["lesion"] &= masks["lung"]
     return masks
@@ -140,6 +142,8 @@ class GuardRails:
     - ``lesion_min_hu``: for HU input only, lesion only where the CT, smoothed in-plane (Gaussian, σ
       ``HU_SMOOTHING_MM``), is at least this dense. Ground glass is by definition denser than aerated lung
       (about −850 HU); a lesion painted on aerated lung is not one. None: off.
+    - ``lesion_threshold``: lesion where the network's lesion probability is at least this (0.5: the network's own
+      decision, off); higher marks less lesion, false and true alike.
     """
 
     lung_min_ml: float = 0.0
@@ -147,6 +151,7 @@ class GuardRails:
     flip_tta: bool = False
     hu_lung_prior: bool = False
     lesion_min_hu: float | None = None
+    lesion_threshold: float = 0.5
 
     def __post_init__(self):
         for name in ("lung_min_ml", "lesion_min_ml"):
@@ -155,13 +160,16 @@ class GuardRails:
                 raise ValueError(f"{name} must be a finite volume ≥ 0 mL, got {value}")
         if self.lesion_min_hu is not None and not -1024 <= self.lesion_min_hu <= 0:
             raise ValueError(f"lesion_min_hu must be between -1024 and 0 HU (or None: off), got {self.lesion_min_hu}")
+        if not 0 < self.lesion_threshold < 1:
+            raise ValueError(f"lesion_threshold must be a probability between 0 and 1 (exclusive), got {self.lesion_threshold}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 # Every guard rail off, spelt out so that a change of GuardRails' defaults (or a new rail, on by default) cannot slip in.
-NO_GUARD_RAILS = GuardRails(lung_min_ml=0.0, lesion_min_ml=0.0, flip_tta=False, hu_lung_prior=False, lesion_min_hu=None)
+NO_GUARD_RAILS = GuardRails(lung_min_ml=0.0, lesion_min_ml=0.0, flip_tta=False, hu_lung_prior=False, lesion_min_hu=None,
+                            lesion_threshold=0.5)
 HU_PRIOR_DILATION_MM = 10.0
 HU_SMOOTHING_MM = 1.5  # lesion_min_hu compares the CT smoothed this much (σ, in-plane): noise must not punch holes in a lesion
 
@@ -340,7 +348,7 @@ class Predictor:
 
         def threshold(z: int, slice_probabilities: np.ndarray) -> None:
             by_channel = dict(zip(self.channels, slice_probabilities))
-            for channel, mask in masks_from_probabilities(by_channel).items():
+            for channel, mask in masks_from_probabilities(by_channel, self.guard_rails.lesion_threshold).items():
                 masks[channel][z] = mask
             if lesion_probability is not None:
                 probability = lesion_probability_of_slice(by_channel)
@@ -365,7 +373,8 @@ class Predictor:
         :meth:`predict_probabilities` for ``volume``, when already computed (the network is not run again)."""
         volume, squeeze = self.as_volume(volume, preprocessed)
         if probabilities is not None:
-            masks = masks_from_probabilities({channel: p[None] if squeeze else p for channel, p in probabilities.items()})
+            masks = masks_from_probabilities({channel: p[None] if squeeze else p for channel, p in probabilities.items()},
+                                           self.guard_rails.lesion_threshold)
         else:
             masks, _ = self.stream_masks(volume, on_progress, preprocessed)
         if grid is not None and not squeeze:
@@ -384,7 +393,7 @@ class Predictor:
         if not return_probabilities:
             return self.predict_masks(volume, on_progress)["lesion"]
         probabilities = self.predict_probabilities(volume, on_progress)
-        return masks_from_probabilities(probabilities)["lesion"], probabilities["lesion"]
+        return masks_from_probabilities(probabilities, self.guard_rails.lesion_threshold)["lesion"], probabilities["lesion"]
 
     def segment_image(
         self,
@@ -401,8 +410,9 @@ class Predictor:
         only decides whether the lung mask is returned (and so written). The HU measures are computed when the
         input is in HU by the checkpoint's own test (``preprocessing.is_hounsfield``). ``return_probabilities``
         adds ``lesion_probability``: the network's lesion probability, 0 where the lung channel is below 0.5, so
-        that it is ≥ 0.5 exactly on the lesion mask before the guard rails; float32, or with ``probability_dtype``
-        "uint8" round(255 × p) as ``io.write_probability_map`` writes it (a quarter of the memory)."""
+        that it is ≥ the lesion threshold (0.5 by default) exactly on the lesion mask before the other guard rails;
+        float32, or with ``probability_dtype`` "uint8" round(255 × p) as ``io.write_probability_map`` writes it (a
+        quarter of the memory)."""
         oriented = io.to_radiological(image)
         ct = sitk.GetArrayViewFromImage(oriented)
         grid = VoxelGrid.of_image(oriented)

@@ -95,6 +95,19 @@ def test_unknown_model_name_lists_the_registered_ones(tmp_path, cases, capsys):
     assert "neither a checkpoint file nor a registered model" in capsys.readouterr().err
 
 
+def test_guard_rails_given_on_the_command_line_are_used_and_recorded(tmp_path, cases, tiny_checkpoint, capsys):
+    import json
+
+    out = tmp_path / "out"
+    arguments = ["segment", str(cases / "patientA.nii.gz"), "-o", str(out), "--weights", str(tiny_checkpoint), "--device", "cpu",
+                 "--progress", "none"]
+    assert cli.main([*arguments, "--lesion-threshold", "0.8", "--lesion-min-hu", "off", "--lesion-min-ml", "0"]) == 0
+    recorded = json.loads((out / "summary.json").read_text(encoding="utf-8"))["parameters"]["guard_rails"]
+    assert (recorded["lesion_threshold"], recorded["lesion_min_hu"], recorded["lesion_min_ml"]) == (0.8, None, 0.0)
+    assert cli.main([*arguments, "--overwrite", "--lesion-threshold", "1.5"]) == 2
+    assert "ERROR guard rails: lesion_threshold" in capsys.readouterr().err
+
+
 def test_usage_errors(tmp_path):
     with pytest.raises(SystemExit):
         cli.main(["segment", "x", "-o", str(tmp_path), "--num-parts", "2", "--part-id", "2"])

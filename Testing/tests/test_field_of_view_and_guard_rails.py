@@ -31,7 +31,8 @@ REPOSITORY = Path(__file__).resolve().parents[2]
 
 def test_default_guard_rails_are_the_ones_recommended_on_the_fold_models():
     results = json.loads((REPOSITORY / "Training" / "results" / "guard-rails-v2-5folds" / "guard_rails.json").read_text(encoding="utf-8"))
-    assert GuardRails().to_dict() == results["pooled"][results["recommended"]]["guard_rails"]
+    recommended = results["pooled"][results["recommended"]]["guard_rails"]
+    assert GuardRails(**recommended) == GuardRails()  # the study predates lesion_threshold: its rails ran at 0.5, the default
 
 
 def ellipse(shape, centre, radii) -> np.ndarray:
@@ -200,6 +201,35 @@ def test_flip_tta_averages_a_slice_with_its_mirror(tiny_checkpoint):
     plain = replace(predictor.guard_rails, flip_tta=False)
     predictor.guard_rails = plain
     assert predictor.predict_probabilities(np.zeros((1, 64, 64)))["lesion"][0, :, :20].min() > 0.99
+
+
+class ColumnRampNetwork(torch.nn.Module):
+    """Lesion logit rising from −4 to +4 across the image's columns; lung everywhere."""
+
+    def forward(self, batch):
+        ramp = torch.linspace(-4.0, 4.0, batch.shape[-1]).expand_as(batch[:, :1])
+        return torch.cat([ramp, torch.full_like(ramp, 5.0)], dim=1)
+
+
+def test_lesion_threshold_marks_lesion_where_the_probability_reaches_it(tiny_checkpoint):
+    predictor = Predictor.from_checkpoint(tiny_checkpoint, device="cpu", guard_rails=OFF)
+    predictor.backend = TorchBackend(ColumnRampNetwork(), "cpu")
+    volume = np.random.default_rng(2).normal(0, 50, (3, 40, 40)).astype(np.int16)
+    probability = predictor.predict_probabilities(volume)["lesion"]
+    grid = VoxelGrid((1.0, 1.0, 1.0))
+    lesions = {}
+    for threshold in (0.5, 0.8):
+        predictor.guard_rails = replace(OFF, lesion_threshold=threshold)
+        lesions[threshold] = predictor.predict_masks(volume, grid=grid)["lesion"]
+        np.testing.assert_array_equal(lesions[threshold], probability >= threshold)
+        image = sitk.GetImageFromArray(volume)
+        result = predictor.segment_image(image, return_probabilities=True)  # the streamed path, with the map
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(result.masks["lesion"]), probability >= threshold)
+    assert 0 < lesions[0.8].sum() < lesions[0.5].sum() < volume.size
+    assert OFF.lesion_threshold == GuardRails().lesion_threshold == 0.5  # off and the default: the network's own decision
+    for wrong in (0.0, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="lesion_threshold"):
+            GuardRails(lesion_threshold=wrong)
 
 
 def test_segment_image_applies_guard_rails_with_the_image_spacing(tiny_checkpoint):

@@ -284,12 +284,17 @@ def test_guard_rail_candidates_are_scored_on_the_fold_models_test_patients_and_l
     assert written["pooled"][written["recommended"]]["relative_time"] <= 1.2
     # each candidate is exactly what its name says, whatever GuardRails' defaults are (the default lesion ≥ 0.5 mL once
     # slipped into "none" and every other single-setting candidate)
-    off = {"lung_min_ml": 0.0, "lesion_min_ml": 0.0, "flip_tta": False, "hu_lung_prior": False, "lesion_min_hu": None}
+    off = {"lung_min_ml": 0.0, "lesion_min_ml": 0.0, "flip_tta": False, "hu_lung_prior": False, "lesion_min_hu": None,
+           "lesion_threshold": 0.5}
     assert written["pooled"]["none"]["guard_rails"] == off
     assert written["pooled"]["lung ≥ 100 mL"]["guard_rails"]["lesion_min_ml"] == 0.0
     assert written["pooled"]["flip TTA"]["guard_rails"] == {**written["pooled"]["none"]["guard_rails"], "flip_tta": True}
     every_one = {**off, "flip_tta": True, "lung_min_ml": 100.0, "lesion_min_ml": 0.1, "hu_lung_prior": True}
     assert written["pooled"]["all"]["guard_rails"] == every_one  # as in results/guard-rails-v2-hu: the density rule not in it
+    assert written["pooled"]["lesion p ≥ 0.8, lesion ≥ 0.5 mL"]["guard_rails"] == {**off, "lesion_threshold": 0.8, "lesion_min_ml": 0.5}
+    thresholds = [written["pooled"][f"lesion p ≥ {t:g}, lesion ≥ 0.5 mL"] for t in (0.6, 0.7, 0.8, 0.9)]
+    for stricter, looser in zip(thresholds[1:], thresholds):  # a higher threshold marks a subset of the lesion
+        assert stricter["false_lesion_ml"]["CTChest4.nrrd"] <= looser["false_lesion_ml"]["CTChest4.nrrd"] + 1e-9
 
 
 def test_recommended_guard_rails_remove_the_most_false_lesion_at_no_dice_or_time_cost():

@@ -60,6 +60,10 @@ CANDIDATES = {
         f"lesion ≥ {hu:g} HU, lesion ≥ 0.5 mL": replace(NO_GUARD_RAILS, lesion_min_hu=float(hu), lesion_min_ml=0.5)
         for hu in (-800, -750, -700)
     },
+    **{
+        f"lesion p ≥ {threshold:g}, lesion ≥ 0.5 mL": replace(NO_GUARD_RAILS, lesion_threshold=threshold, lesion_min_ml=0.5)
+        for threshold in (0.6, 0.7, 0.8, 0.9)
+    },
     "flip TTA": replace(NO_GUARD_RAILS, flip_tta=True),
     "flip TTA, lung ≥ 100 mL, lesion ≥ 0.1 mL": replace(NO_GUARD_RAILS, flip_tta=True, lung_min_ml=100.0, lesion_min_ml=0.1),
     "all": replace(NO_GUARD_RAILS, flip_tta=True, lung_min_ml=100.0, lesion_min_ml=0.1, hu_lung_prior=True),
@@ -80,7 +84,8 @@ class TimedInputs:
     def masks(self, guard_rails: GuardRails, grid: VoxelGrid, ct_hu: np.ndarray | None) -> tuple[dict, float]:
         """Masks under ``guard_rails`` and the seconds they took (network + guard rails)."""
         started = time.perf_counter()
-        masks = apply_guard_rails(masks_from_probabilities(self.probabilities[guard_rails.flip_tta]), guard_rails, grid, ct_hu)
+        probabilities = self.probabilities[guard_rails.flip_tta]
+        masks = apply_guard_rails(masks_from_probabilities(probabilities, guard_rails.lesion_threshold), guard_rails, grid, ct_hu)
         return masks, self.seconds[guard_rails.flip_tta] + time.perf_counter() - started
 
 
