@@ -11,7 +11,7 @@ from COVIDLesionSegTraining import reproduce as reproduce_module
 from COVIDLesionSegTraining.config import TrainConfig
 from COVIDLesionSegTraining.crossval import crossval, main
 from COVIDLesionSegTraining.data import read_manifest
-from COVIDLesionSegTraining.model_card import crossval_section
+from COVIDLesionSegTraining.model_card import crossval_section, po_section
 from COVIDLesionSegTraining.splits import SplitSpec
 from COVIDLesionSegTraining.train import train
 
@@ -204,6 +204,11 @@ def test_model_card_quotes_the_cross_validation_from_its_json(two_folds):
     assert "`results/crossval.md`, made by\n`test`" in section and "step budget cut to **2** (this model's: 3)" in section
     assert "trained each fold for 2 steps, not this model's 3" in limit
     assert crossval_section(None, "", {})[0] == "Not run (pass --crossval)."
+    po = po_section("", json.loads(json.dumps(results)), "results/crossval.json")  # no --po-validation: the folds' own PO
+    compared = results["overall"]["percent_opacity"]["volumes_compared"]
+    assert f"over {compared} volumes, Pearson r = " in po and po.endswith("`results/crossval.md`.") and not po.startswith("#")
+    assert po_section("# PO\n\ngiven", results, "results/crossval.json") == "given"
+    assert po_section("", None, "").startswith("Not measured")
 
 
 def test_one_fold_with_a_changed_augmentation_is_labelled_and_kept_out_of_the_model_card(recipe_checkpoint, tiny_data, tmp_path):
@@ -293,7 +298,7 @@ def test_guard_rail_candidates_are_scored_on_the_fold_models_test_patients_and_l
     assert written["pooled"]["all"]["guard_rails"] == every_one  # as in results/guard-rails-v2-hu: the density rule not in it
     assert written["pooled"]["lesion p ≥ 0.8, lesion ≥ 0.5 mL"]["guard_rails"] == {**off, "lesion_threshold": 0.8, "lesion_min_ml": 0.5}
     thresholds = [written["pooled"][f"lesion p ≥ {t:g}, lesion ≥ 0.5 mL"] for t in (0.6, 0.7, 0.8, 0.9)]
-    for stricter, looser in zip(thresholds[1:], thresholds):  # a higher threshold marks a subset of the lesion
+    for stricter, looser in zip(thresholds[1:], thresholds[:-1], strict=True):  # a higher threshold marks a subset of the lesion
         assert stricter["false_lesion_ml"]["CTChest4.nrrd"] <= looser["false_lesion_ml"]["CTChest4.nrrd"] + 1e-9
 
 

@@ -246,6 +246,20 @@ def without_heading(markdown: str) -> str:
     return "\n".join(lines[1:] if lines and lines[0].startswith("#") else lines).strip()
 
 
+def po_section(po_validation: str, crossval: dict | None, crossval_path: str) -> str:
+    """The card's PO section: ``po_validation.md``'s text when given, else the PO that the recipe's cross-validation
+    measured on its fold models' test volumes."""
+    if po_validation:
+        return without_heading(po_validation)
+    summary = (crossval or {}).get("overall", {}).get("percent_opacity")
+    if not summary:
+        return "Not measured in this run (pass --po-validation, or a --crossval that measured it)."
+    from .crossval import percent_opacity_lines  # crossval imports this module's measurements
+
+    lines = percent_opacity_lines(summary, crossval["split"]["folds_run"])
+    return f"{without_heading(chr(10).join(lines))} From the cross-validation of this recipe: `{crossval_path.replace('.json', '.md')}`."
+
+
 # TrainConfig fields that say where and on what a run went, not how it trained; the step budget is reported apart.
 NOT_RECIPE_FIELDS = ("data_dir", "output_dir", "device", "precision", "max_steps")
 
@@ -458,7 +472,7 @@ every {card['golden']['slice_step']}nd held-out slice ({card['golden']['slices']
 a marked lung tumour or nodule (an opacity, but not COVID-19), "off the tumour slices" leaves out the slices that training leaves out.
 
 ## Percentage of opacity (PO) against the reference
-{without_heading(po_validation) if po_validation else 'Not measured in this run (pass --po-validation).'}
+{po_section(po_validation, crossval, crossval_path)}
 
 ## Speed
 CPU, {card['cpu']['threads']} thread(s) (while any other job shared the 2 cores):
