@@ -428,19 +428,22 @@ def carried_lines(folds: list[dict]) -> list[str]:
     return [f"Carried from earlier runs of this same recipe, changes and split, not run again: {sources}.", ""]
 
 
-def percent_opacity_lines(summary: dict, folds_run: Sequence[int]) -> list[str]:
-    """The PO agreement over the folds' test volumes, naming folds that did not measure it."""
+def percent_opacity_paragraph(summary: dict, folds_run: Sequence[int]) -> str:
+    """The PO agreement over the folds' test volumes in words, naming folds that did not measure it."""
     missing = sorted(set(folds_run) - set(summary["folds"]))
-    lines = [
-        "### Percentage of opacity (PO) per test volume",
-        "",
+    paragraph = (
         f"Each fold's model on its test volumes through the full inference path with the default guard rails (as "
         f"`covidlesionseg-validate-po`; PO over the stored slices, which all hold lesion): over {summary['volumes_compared']} "
-        f"volumes, {agreement_text(summary)}.",
-    ]
+        f"volumes, {agreement_text(summary)}."
+    )
     if missing:
-        lines[-1] += f" Fold {', '.join(map(str, missing))} ran before PO was measured here, so its volumes are not in these figures."
-    return [*lines, ""]
+        paragraph += f" Fold {', '.join(map(str, missing))} ran before PO was measured here, so its volumes are not in these figures."
+    return paragraph
+
+
+def percent_opacity_lines(summary: dict, folds_run: Sequence[int]) -> list[str]:
+    """The crossval.md section of :func:`percent_opacity_paragraph`."""
+    return ["### Percentage of opacity (PO) per test volume", "", percent_opacity_paragraph(summary, folds_run), ""]
 
 
 def robustness_section(results: dict) -> list[str]:

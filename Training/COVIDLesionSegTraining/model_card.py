@@ -254,10 +254,10 @@ def po_section(po_validation: str, crossval: dict | None, crossval_path: str) ->
     summary = (crossval or {}).get("overall", {}).get("percent_opacity")
     if not summary:
         return "Not measured in this run (pass --po-validation, or a --crossval that measured it)."
-    from .crossval import percent_opacity_lines  # crossval imports this module's measurements
+    from .crossval import percent_opacity_paragraph  # crossval imports this module's measurements
 
-    lines = percent_opacity_lines(summary, crossval["split"]["folds_run"])
-    return f"{without_heading(chr(10).join(lines))} From the cross-validation of this recipe: `{crossval_path.replace('.json', '.md')}`."
+    paragraph = percent_opacity_paragraph(summary, crossval["split"]["folds_run"])
+    return f"{paragraph} From the cross-validation of this recipe: `{crossval_path.replace('.json', '.md')}`."
 
 
 # TrainConfig fields that say where and on what a run went, not how it trained; the step budget is reported apart.
