@@ -165,8 +165,9 @@ def test_folds_carried_from_earlier_results_are_not_trained_again_and_are_named(
     assert "Fold 0 ran before PO was measured here" in markdown
     assert (tmp_path / "out" / "crossval_validation.png").read_bytes().startswith(b"\x89PNG")
 
-    with pytest.raises(ValueError, match="both run and carried"):
-        run([tmp_path / "fold0.json"], folds=[0, 1])
+    rerun = run([tmp_path / "fold0.json"], folds=[0, 1])  # fold 0 named: evaluated again (its run is finished), PO and all
+    assert rerun["split"]["folds_carried"] == [] and rerun["overall"]["percent_opacity"]["folds"] == [0, 1]
+    assert "carried_from" not in rerun["folds"][0] and rerun["overall"] == results["overall"]
     with pytest.raises(ValueError, match="fold 0 is in"):
         run([tmp_path / "fold0.json", tmp_path / "fold0.json"])
     with pytest.raises(ValueError, match="another recipe, other changes"):
@@ -300,6 +301,34 @@ def test_guard_rail_candidates_are_scored_on_the_fold_models_test_patients_and_l
     thresholds = [written["pooled"][f"lesion p ≥ {t:g}, lesion ≥ 0.5 mL"] for t in (0.6, 0.7, 0.8, 0.9)]
     for stricter, looser in zip(thresholds[1:], thresholds[:-1], strict=True):  # a higher threshold marks a subset of the lesion
         assert stricter["false_lesion_ml"]["CTChest4.nrrd"] <= looser["false_lesion_ml"]["CTChest4.nrrd"] + 1e-9
+
+
+def test_guard_rail_scores_of_earlier_sittings_are_carried_and_named(two_folds, tmp_path, capsys):
+    from COVIDLesionSegTraining.guard_rails import main as guard_rails_main
+
+    folder, _ = two_folds
+    fold0, fold1 = (str(folder / "runs" / f"fold{fold}") for fold in (0, 1))
+    assert guard_rails_main(["--runs", fold0, "--output", str(tmp_path / "a"), "--device", "cpu"]) == 0
+    earlier = tmp_path / "a" / "guard_rails.json"
+    assert guard_rails_main(["--runs", fold1, "--carry", str(earlier), "--output", str(tmp_path / "b"), "--device", "cpu"]) == 0
+    first, merged = (json.loads(path.read_text(encoding="utf-8")) for path in (earlier, tmp_path / "b" / "guard_rails.json"))
+    assert [run["fold"] for run in merged["runs"]] == [0, 1] and "carried_from" not in merged["runs"][1]
+    assert merged["runs"][0] == {**first["runs"][0], "carried_from": {"file": str(earlier), "date": first["date"]}}
+    none = [run["candidates"]["none"]["counts"]["8-bit"] for run in merged["runs"]]
+    assert merged["pooled"]["none"]["lesion_dice_8bit"] == pytest.approx((none[0][0] + none[1][0]) / (none[0][1] + none[1][1]))
+    assert f"fold 0 from `{earlier}` (scored on {first['date']})" in (tmp_path / "b" / "guard_rails.md").read_text(encoding="utf-8")
+    # carried again, a carried run keeps the file it was scored in
+    assert guard_rails_main(["--carry", str(tmp_path / "b" / "guard_rails.json"), "--output", str(tmp_path / "c")]) == 0
+    assert json.loads((tmp_path / "c" / "guard_rails.json").read_text(encoding="utf-8"))["runs"][0]["carried_from"]["file"] == str(earlier)
+
+    capsys.readouterr()
+    assert guard_rails_main(["--runs", fold0, "--carry", str(earlier), "--output", str(tmp_path / "d")]) == 1  # before scoring it
+    assert "a fold is scored twice" in capsys.readouterr().err
+    first["pooled"]["none"]["guard_rails"]["lesion_min_ml"] = 0.5
+    (tmp_path / "other.json").write_text(json.dumps(first), encoding="utf-8")
+    assert guard_rails_main(["--carry", str(tmp_path / "other.json"), "--output", str(tmp_path / "d")]) == 1
+    assert "other.json: scored other guard-rail candidates" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
 
 
 def test_recommended_guard_rails_remove_the_most_false_lesion_at_no_dice_or_time_cost():

@@ -234,3 +234,40 @@ def test_torchrun_with_two_cpu_processes(tiny_data, tmp_path):
     assert info["processes"] == 2 and info["steps_per_epoch"] == 2  # 6 slices over 2 processes at batch 2
     assert [row["step"] for row in read_log(run_dir)] == ["2"]
     assert load_checkpoint(run_dir / "last.safetensors").metrics["step"] == 2
+
+
+def test_batch_dice_counts_the_false_lesion_of_a_lesion_free_slice():
+    """Per slice, a lesion-free slice's soft Dice is ~0 whatever it predicts (almost no gradient against false
+    lesion); pooled over the batch, its false lesion lowers the batch's Dice like any false positive."""
+    from COVIDLesionSegTraining.train import SegmentationLoss, soft_dice_loss
+
+    targets = torch.zeros(2, 1, 256, 256)
+    targets[0, 0, 100:132, 100:132] = 1  # slice 0: 1,024 lesion pixels; slice 1 lesion-free
+    logits = torch.full_like(targets, -8.0)  # background p = 0.0003
+    logits[0, 0, 100:132, 100:132] = 8.0
+    logits[1, 0, :16, :16] = 0.0  # 256 uncertain (p = 0.5) false-lesion pixels on the lesion-free slice
+    probabilities = torch.sigmoid(logits)
+    pooled = (2 * (probabilities * targets).sum() + 1) / (probabilities.sum() + targets.sum() + 1)
+    assert soft_dice_loss(logits, targets, per_slice=False).item() == pytest.approx(1 - pooled.item(), rel=1e-5)
+    gradients = {}
+    for mode in ("per-slice", "batch"):
+        leaf = logits.clone().requires_grad_()
+        SegmentationLoss(1.0, mode)(leaf, targets).backward()
+        gradients[mode] = leaf.grad[1, 0, :16, :16].mean().item()
+    assert gradients["batch"] > 5 * gradients["per-slice"] > 0  # pushes the false lesion down far harder
+
+
+def test_dice_mode_is_a_recipe_option_of_training_and_cross_validation():
+    from COVIDLesionSegTraining.crossval import build_parser as crossval_parser
+    from COVIDLesionSegTraining.train import build_parser, config_from_arguments
+
+    arguments = vars(build_parser().parse_args(["--data", "d", "--output", "o", "--dice-weight", "1", "--dice-mode", "batch"]))
+    config = config_from_arguments({key: arguments[key] for key in ("data_dir", "output_dir", "dice_weight", "dice_mode")})
+    assert TrainConfig.from_dict(config.to_dict()).dice_mode == "batch"
+    pooled = "loss: BCEWithLogits + 1.0 × soft Dice, pooled over each batch (paper: BCEWithLogitsLoss only)"
+    assert pooled in config.differences_from_paper()
+    assert TrainConfig.from_dict({"data_dir": "d", "output_dir": "o"}).dice_mode == "per-slice"  # configs saved before it
+    with pytest.raises(ValueError, match="dice_mode"):
+        TrainConfig(data_dir="d", output_dir="o", dice_mode="volume")
+    cv = crossval_parser().parse_args(["--recipe", "r", "--data", "d", "--runs", "x", "--output", "y", "--dice-mode", "batch"])
+    assert cv.dice_mode == "batch"

@@ -24,6 +24,11 @@ PLAIN_ENCODER_MODELS = ("unet", "attunet")  # take ``widths``
 RESNET_ENCODER_MODELS = ("resunet", "resattunet")  # take ``encoder_weights``
 
 
+# soft Dice per slice (averaged over the batch), or pooled over the batch's slices: a lesion-free slice then adds its
+# false lesion to the batch's Dice like any false positive, where per slice its Dice is ~0 whatever it predicts
+DICE_MODES = ("per-slice", "batch")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     data_dir: str  # the covid19-ct-seg-20cases-png256 folder
@@ -35,6 +40,7 @@ class TrainConfig:
     image_size: int = 256  # network input side, pixels
     augment: str = "none"  # "none" | "flip" | "robust"
     dice_weight: float = 0.0  # loss = BCEWithLogits + dice_weight × soft Dice; 0 = the paper's BCE
+    dice_mode: str = "per-slice"  # soft Dice of each slice, averaged (v1–v4), or "batch": pooled over the batch's slices
     learning_rate: float = 1e-4  # Adam
     batch_size: int = 2  # per process
     epochs: int = 200
@@ -82,6 +88,8 @@ class TrainConfig:
             raise ValueError("negatives_dir and a negative_fraction in (0, 1) go together (or neither)")
         if not 0.0 <= self.low_resolution <= 1.0:
             raise ValueError(f"low_resolution is a probability, got {self.low_resolution}")
+        if self.dice_mode not in DICE_MODES:
+            raise ValueError(f"unknown dice_mode {self.dice_mode!r}; valid: {', '.join(DICE_MODES)}")
         if self.weight_average_decay is not None and not 0.0 < self.weight_average_decay < 1.0:
             raise ValueError(f"weight_average_decay must be in (0, 1) or None, got {self.weight_average_decay}")
         if not 0.0 <= self.dependent_density <= 1.0 or (self.dependent_density > 0 and not self.negatives_dir):
@@ -156,7 +164,8 @@ class TrainConfig:
         if self.model_widths is not None:
             differences.append(f"model_widths: {self.model_widths} (paper: 64…1024)")
         if self.dice_weight:
-            differences.append(f"loss: BCEWithLogits + {self.dice_weight} × soft Dice (paper: BCEWithLogitsLoss only)")
+            pooled = ", pooled over each batch" if self.dice_mode == "batch" else ""
+            differences.append(f"loss: BCEWithLogits + {self.dice_weight} × soft Dice{pooled} (paper: BCEWithLogitsLoss only)")
         if self.max_steps is not None:
             differences.append(f"max_steps: {self.max_steps} optimizer steps budget (paper: {paper.epochs} full epochs)")
         if self.validate_every_steps is not None:

@@ -28,6 +28,8 @@ Each fold model also predicts its test volumes through the full inference path, 
 ``--carry-folds RESULTS.json ...`` takes folds from earlier ``crossval.json`` files of the same recipe, changes,
 split and lesion-free tests instead of training them again (their models need not exist any more), so a
 cross-validation longer than one sitting is completed piece by piece; ``crossval.md`` names the carried folds.
+A fold named in ``--folds`` is run (or, when its run is finished, only evaluated) again and replaces its carried
+result: how a fold scored before PO was measured gets its PO.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from COVIDLesionSegLib.checkpoints import atomic_output, load_checkpoint, locate
 from COVIDLesionSegLib.predictor import Predictor
 
 from .augment import AUGMENT_MODES
-from .config import TrainConfig
+from .config import DICE_MODES, TrainConfig
 from .evaluate import COUNT_NAMES, evaluate_checkpoint, metrics_from_counts, nan_to_none
 from .model_card import healthy_ct_check, held_out_negative_cases, shifted_input_scores, trained_on
 from .negatives import NegativeCase
@@ -61,7 +63,7 @@ from .validate_po import VolumeResult, agreement, agreement_text, validate_fold
 logger = logging.getLogger(__name__)
 REPORTED_METRICS = ("F1", "Pc", "Sen", "Sp", "IoU")
 # TrainConfig fields the command line may change
-CLI_CHANGES = ("max_steps", "augment", "dice_weight", "low_resolution", "weight_average_decay")
+CLI_CHANGES = ("max_steps", "augment", "dice_weight", "dice_mode", "low_resolution", "weight_average_decay")
 HEALTHY_CT_FIELDS = (
     "file", "false_lesion_ml", "false_lesion_ml_off_tumour", "slices_with_false_lesion", "lung_ml", "false_percent_opacity"
 )
@@ -266,12 +268,15 @@ def crossval(
     if not recipe:
         raise ValueError(f"{path}: the checkpoint records no train_config, so it has no recipe to cross-validate")
     carried = carried_folds(carry, recipe, changes, num_folds, data_dir, lesion_free_patients)
+    if folds is not None:  # a fold named to run replaces its carried result
+        for fold in carried:
+            if fold["fold"] in folds:
+                logger.info("fold %d is run again: its result from %s is replaced", fold["fold"], fold["carried_from"]["file"])
+        carried = [fold for fold in carried if fold["fold"] not in folds]
     carried_numbers = sorted(fold["fold"] for fold in carried)
     folds = sorted(set(range(num_folds)) - set(carried_numbers)) if folds is None else sorted(set(folds))
     if not folds + carried_numbers or not all(0 <= fold < num_folds for fold in folds):
         raise ValueError(f"folds must be in 0..{num_folds - 1}, got {folds}")
-    if set(folds) & set(carried_numbers):
-        raise ValueError(f"folds {sorted(set(folds) & set(carried_numbers))} are both run and carried; run or carry each once")
     split = fold_config(recipe, data_dir, runs_dir, (folds + carried_numbers)[0], num_folds, changes).split
     configs = []  # each fold's last stage: the model that is tested
     for fold in folds:
@@ -507,10 +512,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--max-steps", type=int, help="step budget")
     group.add_argument("--augment", choices=AUGMENT_MODES, help="augmentation")
     group.add_argument("--dice-weight", type=float, help="loss = BCE + this × soft Dice")
+    group.add_argument("--dice-mode", choices=DICE_MODES, help="soft Dice per slice or pooled over the batch")
     group.add_argument("--low-resolution", type=float, metavar="P", help="share of training slices shown at 0.6–0.9 of their resolution")
     group.add_argument("--weight-average-decay", type=float, metavar="D", help="checkpoints hold a moving average of the weights (decay D)")
     parser.add_argument("--carry-folds", nargs="+", default=[], metavar="RESULTS_JSON",
-                        help="take folds from these earlier crossval.json files of the same recipe and changes, not training them again")
+                        help="take folds from these earlier crossval.json files of the same recipe and changes, not training them again "
+                             "(a fold also given with --folds is run again and replaces the carried one)")
     group = parser.add_argument_group("lesion-free test volumes (default: the recipe's held-out patients in its own folder)")
     group.add_argument("--lesion-free", metavar="DIR", help="a lesion-free folder (chest-ct-hu-no-covid's layout) to find them in")
     group.add_argument("--lesion-free-patients", nargs="+", metavar="PATIENT", help="these patients (none may be trained on)")

@@ -19,6 +19,10 @@ Writes ``guard_rails.json`` and ``guard_rails.md`` (rendered from it), with the 
 (:func:`recommend`): among the settings that lose at most ``MAX_DICE_LOSS`` lesion Dice on either rendering
 and cost at most ``MAX_RELATIVE_TIME`` of the time, the one with the least false lesion in total (the
 cheaper on a tie). ``predictor.GuardRails``' defaults are meant to be that setting.
+
+``--carry RESULTS.json ...`` adds the fold models scored in earlier ``guard_rails.json`` files (their models need
+not exist any more), refused unless scored on the same candidates and lesion-free volumes, so the fold models of one
+cross-validation can be scored in several sittings; ``guard_rails.md`` names the carried ones.
 """
 
 from __future__ import annotations
@@ -136,6 +140,36 @@ def evaluate_run(run_dir: Path, device: str) -> dict:
     }
 
 
+def carried_runs(paths: Sequence[Path]) -> list[dict]:
+    """The scored fold models of earlier ``guard_rails.json`` files, each recording its file (``carried_from``);
+    refused unless every candidate is the one of :data:`CANDIDATES` of the same name."""
+    runs = []
+    for path in paths:
+        try:
+            earlier = json.loads(Path(path).read_text(encoding="utf-8"))
+            settings = {name: entry["guard_rails"] for name, entry in earlier["pooled"].items()}
+            earlier_runs = earlier["runs"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"{path}: not a readable guard_rails.json ({error})") from None
+        if settings != {name: guard_rails.to_dict() for name, guard_rails in CANDIDATES.items()}:
+            raise ValueError(f"{path}: scored other guard-rail candidates than these; score its fold models again")
+        runs += [{**run, "carried_from": run.get("carried_from", {"file": str(path), "date": earlier["date"]})} for run in earlier_runs]
+    return runs
+
+
+def check_distinct_folds(folds: Sequence[int]) -> None:
+    """Refuse a fold scored twice (pooling it twice would weigh it double)."""
+    if len(set(folds)) != len(folds):
+        raise ValueError(f"fold models {sorted(folds)}: a fold is scored twice; score or carry each once")
+
+
+def check_same_lesion_free_volumes(runs: list[dict]) -> None:
+    """Refuse fold models tested on different lesion-free volumes (their false lesion cannot be averaged)."""
+    volumes = {run["fold"]: sorted(run["candidates"]["none"]["false_lesion_ml"]) for run in runs}
+    if len({tuple(names) for names in volumes.values()}) > 1:
+        raise ValueError(f"the fold models were tested on different lesion-free volumes: {volumes}")
+
+
 def pooled(runs: list[dict]) -> dict:
     """Per candidate over all runs: Dice from the summed counts, false lesion per volume (mean over runs), relative time."""
     result = {}
@@ -189,6 +223,9 @@ def render_markdown(results: dict) -> str:
         for name, entry in summary.items()
     ]
     folds = ", ".join(str(run["fold"]) for run in results["runs"])
+    carried = [run for run in results["runs"] if "carried_from" in run]
+    sources = "; ".join(f"fold {run['fold']} from `{run['carried_from']['file']}` (scored on {run['carried_from']['date']})"
+                        for run in carried)
     return "\n".join(
         [
             "# Inference guard rails on cross-validation fold models",
@@ -198,7 +235,7 @@ def render_markdown(results: dict) -> str:
             f"Fold model(s) {folds} of the recipe; lesion Dice pooled over each fold's test patients (never seen in training), "
             "the stored slices stacked on the sample's nominal grid (1.4 × 1.4 × 5 mm), as stored (8-bit) and rendered to HU; "
             "false lesion on lesion-free CT never trained on, mean over the fold models; time relative to no guard rail "
-            "(network + guard rails, CPU).",
+            "(network + guard rails, CPU)." + (f" Carried from earlier sittings: {sources}." if carried else ""),
             "",
             *markdown_table(
                 ("guard rails", "lesion Dice 8-bit", "lesion Dice HU", *(f"{v} false lesion (mL)" for v in volumes), "time ×"), rows
@@ -211,11 +248,22 @@ def render_markdown(results: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="covidlesionseg-guard-rails", description=__doc__.splitlines()[0].strip("`: ") + ".")
-    parser.add_argument("--runs", type=Path, nargs="+", required=True, help="fold run folders (best.safetensors + config.json)")
+    parser.add_argument("--runs", type=Path, nargs="+", default=[], help="fold run folders (best.safetensors + config.json)")
+    parser.add_argument("--carry", type=Path, nargs="+", default=[], metavar="RESULTS_JSON",
+                        help="add the fold models scored in these earlier guard_rails.json files (same candidates)")
     parser.add_argument("--output", type=Path, required=True, help="folder for guard_rails.json and guard_rails.md")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
-    runs = [evaluate_run(run_dir, args.device) for run_dir in args.runs]
+    if not args.runs + args.carry:
+        parser.error("give fold runs (--runs) or earlier results (--carry)")
+    try:
+        carried = carried_runs(args.carry)
+        check_distinct_folds([run["fold"] for run in carried] + [TrainConfig.load(run / "config.json").split.fold for run in args.runs])
+        runs = sorted(carried + [evaluate_run(run_dir, args.device) for run_dir in args.runs], key=lambda run: run["fold"])
+        check_same_lesion_free_volumes(runs)
+    except (OSError, ValueError) as error:
+        print(f"ERROR {error}", file=sys.stderr)
+        return 1
     command = shlex.join(["covidlesionseg-guard-rails", *(argv if argv is not None else sys.argv[1:])])
     summary = pooled(runs)
     results = {"command": command, "date": datetime.now().isoformat(timespec="seconds"), "runs": runs, "pooled": summary}

@@ -356,7 +356,8 @@ def recipe_lines(config: dict) -> str:
         f"- Recipe (from the checkpoint's `train_config`): `{first.get('model')}`, encoder weights `{first.get('encoder_weights')}`\n"
         "  (**trained from scratch: no ImageNet weights can be obtained on the training machine**), channels\n"
         f"  {first.get('channels')}, {first.get('image_size')}², augmentation `{first.get('augment')}`, loss BCE +\n"
-        f"  {first.get('dice_weight')} × soft Dice, Adam lr {first.get('learning_rate')}, batch {first.get('batch_size')},\n"
+        f"  {first.get('dice_weight')} × soft Dice{' (pooled over each batch)' if first.get('dice_mode') == 'batch' else ''}, "
+        f"Adam lr {first.get('learning_rate')}, batch {first.get('batch_size')},\n"
         f"  step budget {first.get('max_steps')}, validation by patient group ({first.get('split', {}).get('val_fraction')} of the "
         "training\n  groups), best validation loss kept"
         + (

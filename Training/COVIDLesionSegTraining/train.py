@@ -59,7 +59,7 @@ from COVIDLesionSegLib.checkpoints import Checkpoint, atomic_output, load_checkp
 from COVIDLesionSegLib.models import build_model, count_parameters
 from COVIDLesionSegLib.predictor import resolve_device
 
-from .config import PRECISIONS, TrainConfig
+from .config import DICE_MODES, PRECISIONS, TrainConfig
 from .data import ManifestSliceDataset
 from .evaluate import confusion_counts, metrics_from_counts
 from .negatives import MixedSliceDataset, NegativeVolumeDataset
@@ -150,26 +150,31 @@ def set_cpu_threads(context: DistributedContext) -> None:
     torch.set_num_threads(max(1, cores // local_processes))
 
 
-def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """1 − soft Dice per sample and channel (``[N, C, H, W]``), averaged; ``smooth`` in pixels."""
-    probabilities = torch.sigmoid(logits).flatten(2)
-    targets = targets.flatten(2)
+def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0, per_slice: bool = True) -> torch.Tensor:
+    """1 − soft Dice of ``[N, C, H, W]`` logits against targets, per channel: per sample and averaged
+    (``per_slice``), or over all the batch's pixels at once; ``smooth`` in pixels."""
+    probabilities = torch.sigmoid(logits)
+    if not per_slice:
+        probabilities, targets = probabilities.transpose(0, 1).unsqueeze(0), targets.transpose(0, 1).unsqueeze(0)
+    probabilities, targets = probabilities.flatten(2), targets.flatten(2)
     overlap = (probabilities * targets).sum(-1)
     dice = (2 * overlap + smooth) / (probabilities.sum(-1) + targets.sum(-1) + smooth)
     return 1 - dice.mean()
 
 
 class SegmentationLoss(nn.Module):
-    """BCEWithLogits (mean over pixels, the paper's loss) + ``dice_weight`` × soft Dice."""
+    """BCEWithLogits (mean over pixels, the paper's loss) + ``dice_weight`` × soft Dice (``dice_mode``: see
+    :data:`~.config.DICE_MODES`)."""
 
-    def __init__(self, dice_weight: float = 0.0):
+    def __init__(self, dice_weight: float = 0.0, dice_mode: str = "per-slice"):
         super().__init__()
         self.dice_weight = dice_weight
+        self.per_slice = dice_mode == "per-slice"
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         loss = F.binary_cross_entropy_with_logits(logits, targets)
         if self.dice_weight:
-            loss = loss + self.dice_weight * soft_dice_loss(logits, targets)
+            loss = loss + self.dice_weight * soft_dice_loss(logits, targets, per_slice=self.per_slice)
         return loss
 
 
@@ -555,7 +560,7 @@ def train_process(config: TrainConfig, resume: bool, context: DistributedContext
     network = (
         nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) if context.distributed else model
     )
-    loss_function = SegmentationLoss(config.dice_weight)
+    loss_function = SegmentationLoss(config.dice_weight, config.dice_mode)
     steps_per_epoch = math.ceil(len(epoch_order(len(train_set), 0, config.seed, context)) / config.batch_size)
     total_steps = min(config.epochs * steps_per_epoch, config.max_steps or math.inf)
     image_channels = preprocessing.input_channels
@@ -761,6 +766,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument("--channels", nargs="+", choices=CHANNEL_NAMES, help="output channels (default lesion)")
     group.add_argument("--dice-weight", type=float, help="loss = BCE + this × soft Dice (default 0: BCE only)")
+    group.add_argument("--dice-mode", choices=DICE_MODES,
+                       help="soft Dice of each slice averaged (default), or pooled over the batch: lesion-free slices then count")
     group = parser.add_argument_group("optimisation")
     group.add_argument(
         "--lr", dest="learning_rate", type=float, metavar="LR", help=f"Adam learning rate (default {defaults.learning_rate})"
