@@ -41,7 +41,7 @@ import shlex
 import statistics
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from datetime import datetime
 from pathlib import Path
 
@@ -327,7 +327,8 @@ def render_markdown(results: dict) -> str:
     recipe, overall = results["recipe"], results["overall"]
     config = recipe["train_config"]
     channels = list(overall["channels"])
-    changed = ", ".join(f"**{name} {value}** (recipe: {config.get(name)})" for name, value in recipe["changes"].items())
+    defaults = {field.name: field.default for field in fields(TrainConfig)}  # a field the recipe predates has its default
+    changed = ", ".join(f"**{name} {value}** (recipe: {config.get(name, defaults[name])})" for name, value in recipe["changes"].items())
     split = results["split"]
     folds_text = (
         f"Patient-level {split['num_folds']}-fold cross-validation"
