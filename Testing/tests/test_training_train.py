@@ -271,3 +271,15 @@ def test_dice_mode_is_a_recipe_option_of_training_and_cross_validation():
         TrainConfig(data_dir="d", output_dir="o", dice_mode="volume")
     cv = crossval_parser().parse_args(["--recipe", "r", "--data", "d", "--runs", "x", "--output", "y", "--dice-mode", "batch"])
     assert cv.dice_mode == "batch"
+
+
+def test_negative_fraction_is_a_cross_validation_change():
+    from COVIDLesionSegTraining.crossval import CLI_CHANGES, fold_config
+    from COVIDLesionSegTraining.crossval import build_parser as crossval_parser
+
+    args = crossval_parser().parse_args(["--recipe", "r", "--data", "d", "--runs", "x", "--output", "y", "--negative-fraction", "0.5"])
+    changes = {name: value for name in CLI_CHANGES if (value := getattr(args, name)) is not None}
+    assert changes == {"negative_fraction": 0.5}
+    recipe = TrainConfig(data_dir="d", output_dir="o", negatives_dir="n", negative_fraction=0.25).to_dict()
+    config = fold_config(recipe, "d", "runs", fold=1, num_folds=5, changes=changes)
+    assert config.negative_fraction == 0.5 and config.negatives_dir == "n" and config.split.fold == 1

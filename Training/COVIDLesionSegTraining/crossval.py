@@ -63,7 +63,7 @@ from .validate_po import VolumeResult, agreement, agreement_text, validate_fold
 logger = logging.getLogger(__name__)
 REPORTED_METRICS = ("F1", "Pc", "Sen", "Sp", "IoU")
 # TrainConfig fields the command line may change
-CLI_CHANGES = ("max_steps", "augment", "dice_weight", "dice_mode", "low_resolution", "weight_average_decay")
+CLI_CHANGES = ("max_steps", "augment", "dice_weight", "dice_mode", "low_resolution", "weight_average_decay", "negative_fraction")
 HEALTHY_CT_FIELDS = (
     "file", "false_lesion_ml", "false_lesion_ml_off_tumour", "slices_with_false_lesion", "lung_ml", "false_percent_opacity"
 )
@@ -499,7 +499,7 @@ def robustness_section(results: dict) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="covidlesionseg-crossval",
-        description=__doc__.splitlines()[0].strip("`: ") + ".",
+        description=__doc__.splitlines()[0].split(": ", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
@@ -516,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--dice-mode", choices=DICE_MODES, help="soft Dice per slice or pooled over the batch")
     group.add_argument("--low-resolution", type=float, metavar="P", help="share of training slices shown at 0.6–0.9 of their resolution")
     group.add_argument("--weight-average-decay", type=float, metavar="D", help="checkpoints hold a moving average of the weights (decay D)")
+    group.add_argument("--negative-fraction", type=float, metavar="F", help="share of each epoch from the recipe's lesion-free slices")
     parser.add_argument("--carry-folds", nargs="+", default=[], metavar="RESULTS_JSON",
                         help="take folds from these earlier crossval.json files of the same recipe and changes, not training them again "
                              "(a fold also given with --folds is run again and replaces the carried one)")

@@ -247,7 +247,7 @@ def render_markdown(results: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="covidlesionseg-guard-rails", description=__doc__.splitlines()[0].strip("`: ") + ".")
+    parser = argparse.ArgumentParser(prog="covidlesionseg-guard-rails", description=__doc__.splitlines()[0].split(": ", 1)[1])
     parser.add_argument("--runs", type=Path, nargs="+", default=[], help="fold run folders (best.safetensors + config.json)")
     parser.add_argument("--carry", type=Path, nargs="+", default=[], metavar="RESULTS_JSON",
                         help="add the fold models scored in these earlier guard_rails.json files (same candidates)")

@@ -187,7 +187,7 @@ def readme(include: Sequence[str | Path]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="covidlesionseg-lesion-free-data",
-        description=__doc__.splitlines()[0].strip("`: ") + ".",
+        description=" ".join(__doc__.split("\n\n", 1)[0].split()).split(": ", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n\n", 1)[1],
     )
