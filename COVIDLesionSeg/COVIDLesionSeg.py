@@ -60,10 +60,10 @@ earlier row; a failed case is reported and the batch goes on. An output folder m
 high-opacity threshold is refused: choose a new one.</p>
 <p><b>Review and export</b>: with <i>Probability map</i> on (Outputs), Apply also loads the lesion probability map and
 shows it over the CT, coloured by probability and hidden below the <i>Lesion threshold</i>: lower the threshold to widen
-the lesion where ground glass is borderline, raise it to narrow it (0.50 is the model's own lesion before its guard
-rails), then <b>Apply threshold to lesion segment</b> replaces the lesion segment by what the overlay shows (no guard
-rail: small components are kept) and <i>Recompute from segments</i> updates the measures. A
-<i>.lesion-probability.nrrd</i> written by the CLI can be added with Add Data and chosen as the map.
+the lesion where ground glass is borderline, raise it to narrow it (0.60, the default, is the lesion the CLI marks
+before its other guard rails; 0.50 the network's own decision), then <b>Apply threshold to lesion segment</b> replaces
+the lesion segment by what the overlay shows (no guard rail: small components are kept) and <i>Recompute from
+segments</i> updates the measures. A <i>.lesion-probability.nrrd</i> written by the CLI can be added with Add Data and chosen as the map.
 <b>Export segmentation to DICOM database</b> writes the output segmentation, as edited, as a DICOM Segmentation (SEG)
 of its CT into Slicer's DICOM database with Slicer's DICOM SEG plugin (built into Slicer 5.12; the QuantitativeReporting
 extension in 5.6 to 5.10), as the DICOM module's export does; the CT must have been loaded from the DICOM database.

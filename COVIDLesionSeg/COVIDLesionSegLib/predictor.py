@@ -9,7 +9,7 @@
 
 Each axial slice goes through the training preprocessing (``preprocessing``), the network runs in
 batches (:mod:`.backends`: PyTorch, fp16 autocast on CUDA; or ONNX Runtime on the CPU), sigmoid probabilities are resized back
-to the slice size and thresholded at 0.5 (the lesion at ``GuardRails.lesion_threshold``, 0.5 by default). With a lung
+to the slice size and thresholded at 0.5 (the lesion at ``GuardRails.lesion_threshold``, 0.6 by default). With a lung
 channel, lesions are kept only inside the lung and the lung mask is made to include its lesions. :class:`GuardRails`
 (named options, recorded in the CLI's ``summary.json``) clean the masks in 3D where the voxel size is known
 (``segment_image``).
@@ -128,10 +128,11 @@ def slice_preparation(volume: np.ndarray, config: PreprocessingConfig, box: Crop
 
 @dataclass(frozen=True)
 class GuardRails:
-    """Inference-time checks against false lesions, each off at 0 / False / None. The defaults (what the CLI, the
-    API and the Slicer module use) are the setting ``covidlesionseg-guard-rails`` recommended on the v2 recipe's five
-    fold models: see ``Training/results/guard-rails-v2-5folds/guard_rails.md`` (``lesion_min_hu`` cuts false lesion
-    but loses more than 0.01 lesion Dice on the folds' HU rendering, so it is not on by default).
+    """Inference-time checks against false lesions, each off at 0 / False / None (``lesion_threshold``: 0.5). The
+    defaults (what the CLI, the API and the Slicer module use) are the setting ``covidlesionseg-guard-rails``
+    recommended on the five fold models of the v5 recipe: see ``Training/results/guard-rails-v5-5folds/guard_rails.md``
+    (``lesion_min_hu`` cuts false lesion but loses more than 0.01 lesion Dice on the folds' HU rendering, so it is not
+    on by default).
 
     - ``lung_min_ml``: keep only 3D connected components of the lung mask of at least this volume (a real
       lung is hundreds of mL; stray "lung" on bowel gas or outside the chest is small), lesion inside them;
@@ -147,11 +148,11 @@ class GuardRails:
     """
 
     lung_min_ml: float = 0.0
-    lesion_min_ml: float = 0.5  # the recommendation of Training/results/guard-rails-v2-5folds
+    lesion_min_ml: float = 0.5
     flip_tta: bool = False
     hu_lung_prior: bool = False
     lesion_min_hu: float | None = None
-    lesion_threshold: float = 0.5
+    lesion_threshold: float = 0.6
 
     def __post_init__(self):
         for name in ("lung_min_ml", "lesion_min_ml"):

@@ -551,7 +551,7 @@ PROBABILITY_SUFFIX = ".lesion-probability.nrrd"  # io.PROBABILITY_SUFFIX, repeat
 PROBABILITY_NAME_SUFFIX = "lesion probability"  # the probability volume is "<input volume> lesion probability"
 # Slicer's Inferno colour table (Slicer 5.6 to 5.12 ship it): dark red at low, yellow at high probability.
 PROBABILITY_COLOR_NODE_ID = "vtkMRMLColorTableNodeFileInferno.txt"
-DEFAULT_PROBABILITY_THRESHOLD = 0.5  # the CLI's own: the lesion is where p >= 0.5 (before the guard rails)
+DEFAULT_PROBABILITY_THRESHOLD = 0.6  # the CLI's own (GuardRails.lesion_threshold): the lesion is where p >= 0.6, before the other rails
 DEFAULT_OVERLAY_OPACITY = 0.5
 
 

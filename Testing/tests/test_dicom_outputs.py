@@ -264,7 +264,7 @@ def test_cli_writes_seg_sr_and_probabilities_for_a_dicom_series(tmp_path, balanc
     sitk.WriteImage(ct_image("axial"), str(tmp_path / "in" / "ct.nrrd"))
     out = tmp_path / "out"
     arguments = ["segment", str(folder), str(tmp_path / "in" / "ct.nrrd"), "-o", str(out), "--weights", str(balanced_checkpoint),
-                 "--device", "cpu", "--progress", "none", "--format", "dicom-seg", "--sr", "--probabilities"]
+                 "--device", "cpu", "--lesion-threshold", "0.5", "--progress", "none", "--format", "dicom-seg", "--sr", "--probabilities"]
     assert cli.main(arguments) == 1  # the NRRD case fails, the DICOM case is done
     rows = {Path(row["input"]).name: row for row in cli.read_summary(out / "summary.csv").values()}
     assert rows["ct.nrrd"]["status"] == "failed" and "needs a DICOM series as input" in rows["ct.nrrd"]["error"]
@@ -272,7 +272,8 @@ def test_cli_writes_seg_sr_and_probabilities_for_a_dicom_series(tmp_path, balanc
     assert rows["chest"]["status"] == "ok" and rows["chest"]["output"] == str(out / "chest.seg.dcm")
 
     image = io.read_image(folder)
-    expected = Predictor.from_checkpoint(balanced_checkpoint, "cpu").segment_image(image, return_probabilities=True)
+    predictor = Predictor.from_checkpoint(balanced_checkpoint, "cpu", guard_rails=GuardRails(lesion_threshold=0.5))  # as the CLI's
+    expected = predictor.segment_image(image, return_probabilities=True)
     seg = hd.seg.segread(str(out / "chest.seg.dcm"))
     sources = dicom_outputs.read_series_headers(folder)
     indices = dicom_outputs.source_slice_indices(sources, image)

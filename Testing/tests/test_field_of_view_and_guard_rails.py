@@ -30,9 +30,9 @@ REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 def test_default_guard_rails_are_the_ones_recommended_on_the_fold_models():
-    results = json.loads((REPOSITORY / "Training" / "results" / "guard-rails-v2-5folds" / "guard_rails.json").read_text(encoding="utf-8"))
+    results = json.loads((REPOSITORY / "Training" / "results" / "guard-rails-v5-5folds" / "guard_rails.json").read_text(encoding="utf-8"))
     recommended = results["pooled"][results["recommended"]]["guard_rails"]
-    assert GuardRails(**recommended) == GuardRails()  # the study predates lesion_threshold: its rails ran at 0.5, the default
+    assert GuardRails(**recommended) == GuardRails()
 
 
 def ellipse(shape, centre, radii) -> np.ndarray:
@@ -226,7 +226,7 @@ def test_lesion_threshold_marks_lesion_where_the_probability_reaches_it(tiny_che
         result = predictor.segment_image(image, return_probabilities=True)  # the streamed path, with the map
         np.testing.assert_array_equal(sitk.GetArrayFromImage(result.masks["lesion"]), probability >= threshold)
     assert 0 < lesions[0.8].sum() < lesions[0.5].sum() < volume.size
-    assert OFF.lesion_threshold == GuardRails().lesion_threshold == 0.5  # off and the default: the network's own decision
+    assert OFF.lesion_threshold == 0.5  # off: the network's own decision
     for wrong in (0.0, 1.0, float("nan")):
         with pytest.raises(ValueError, match="lesion_threshold"):
             GuardRails(lesion_threshold=wrong)

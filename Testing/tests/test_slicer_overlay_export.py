@@ -33,6 +33,7 @@ from slicer_support import (
 
 import COVIDLesionSegMRML as mrml
 from COVIDLesionSegLib import cli, io
+from COVIDLesionSegLib.predictor import GuardRails
 from COVIDLesionSegLib.segments import LESION, SEGMENTS
 
 ANGLE = math.radians(25)
@@ -283,7 +284,7 @@ def test_module_path_end_to_end_the_clis_map_at_one_half_gives_back_the_clis_les
     options = mrml.CLIOptions(python=sys.executable, weights=balanced_checkpoint, device="cpu", batch_size=4, probabilities=True)
     command = mrml.volume_run_command(volume, tmp_path, options)
     guard_rails_off = ["--lung-min-ml=0", "--lesion-min-ml=0", "--no-flip-tta", "--no-hu-lung-prior", "--lesion-min-hu=off"]
-    guard_rails_off += ["--progress", "none"]
+    guard_rails_off += ["--lesion-threshold=0.5", "--progress", "none"]
     assert cli.main(command[3:] + guard_rails_off) == 0
 
     segmentation, _, row = mrml.load_volume_result(tmp_path, volume, algorithm_name=options.algorithm_name)
@@ -481,7 +482,7 @@ def test_gui_has_the_overlay_threshold_slider_and_the_two_buttons():
     slider = widgets["probabilityThresholdSlider"]
     assert slider.get("class") == "ctkSliderWidget"
     properties = {prop.get("name"): prop for prop in slider.findall("property")}
-    assert float(properties["value"].find("double").text) == mrml.DEFAULT_PROBABILITY_THRESHOLD
+    assert float(properties["value"].find("double").text) == mrml.DEFAULT_PROBABILITY_THRESHOLD == GuardRails().lesion_threshold
     assert properties["SlicerParameterName"].find("string").text == "probabilityThreshold"
     assert widgets["applyThresholdButton"].find("property[@name='text']/string").text == "Apply threshold to lesion segment"
     assert widgets["exportDicomButton"].get("class") == "QPushButton"

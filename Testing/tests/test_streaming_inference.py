@@ -78,7 +78,7 @@ def whole_volume_segmentation(predictor: Predictor, image: sitk.Image, monkeypat
     oriented = sitk.DICOMOrient(image, "LPS")
     ct = sitk.GetArrayFromImage(oriented)
     grid = VoxelGrid.of_image(oriented)
-    masks = masks_from_probabilities(whole_volume_probabilities(predictor, ct))
+    masks = masks_from_probabilities(whole_volume_probabilities(predictor, ct), predictor.guard_rails.lesion_threshold)
     with monkeypatch.context() as patch:
         patch.setattr(predictor_module, "components_at_least", whole_volume_components_at_least)
         masks = predictor.guarded(masks, ct, grid)

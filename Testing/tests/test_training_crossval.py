@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from COVIDLesionSegLib.predictor import GuardRails
 from COVIDLesionSegTraining import reproduce as reproduce_module
 from COVIDLesionSegTraining.config import TrainConfig
 from COVIDLesionSegTraining.crossval import crossval, main
@@ -101,6 +102,8 @@ def test_outputs_agree_and_a_rerun_trains_nothing(two_folds, recipe_checkpoint, 
     markdown = (out / "crossval.md").read_text()
     assert markdown.startswith("# Patient-level 2-fold cross-validation of `best.safetensors`'s recipe")
     assert "Changed from the recipe for this run: **max_steps 2** (recipe: 3)." in markdown
+    defaults = ", ".join(f"`{name}` = {value}" for name, value in GuardRails().to_dict().items())
+    assert f"Guard rails of the measurements through the full inference path: fold 0, 1: {defaults}." in markdown
     for volume in results["volumes"]:
         lesion = volume["lesion"]["F1"]
         assert f"| {volume['volume_id']} | {volume['fold']} | 3 | {'—' if lesion is None else f'{lesion:.3f}'} |" in markdown
@@ -205,6 +208,10 @@ def test_model_card_quotes_the_cross_validation_from_its_json(two_folds):
     assert "`results/crossval.md`, made by\n`test`" in section and "step budget cut to **2** (this model's: 3)" in section
     assert "trained each fold for 2 steps, not this model's 3" in limit
     assert crossval_section(None, "", {})[0] == "Not run (pass --crossval)."
+    earlier = json.loads(json.dumps(results))
+    del earlier["folds"][1]["guard_rails"]  # a fold scored before the guard rails were recorded
+    section = crossval_section(earlier, "results/crossval.json", results["recipe"]["train_config"])[0]
+    assert "fold 0: `lung_min_ml` = " in section and "fold 1: not recorded (the defaults of the day it ran)." in section
     po = po_section("", json.loads(json.dumps(results)), "results/crossval.json")  # no --po-validation: the folds' own PO
     compared = results["overall"]["percent_opacity"]["volumes_compared"]
     assert f"over {compared} volumes, Pearson r = " in po and po.endswith("`results/crossval.md`.") and not po.startswith("#")

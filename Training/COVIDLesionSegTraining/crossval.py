@@ -135,6 +135,7 @@ def fold_result(config: TrainConfig, device: str, lesion_free: Sequence[Negative
         "fold": config.split.fold,
         "date": datetime.now().isoformat(timespec="seconds"),
         "torch": torch.__version__,
+        "guard_rails": predictor.guard_rails.to_dict(),
         "test_groups": sorted({record.split_group for record in split.test}),
         "validation_groups": sorted({record.split_group for record in split.val}),
         "slices": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
@@ -353,6 +354,8 @@ def render_markdown(results: dict) -> str:
         f"Changed from the recipe for this run: {changed or 'nothing'}.",
         "",
         *carried_lines(results["folds"]),
+        f"Guard rails of the measurements through the full inference path: {guard_rails_text(results['folds'])}.",
+        "",
         "## Over all folds",
         "",
     ]
@@ -434,11 +437,24 @@ def carried_lines(folds: list[dict]) -> list[str]:
     return [f"Carried from earlier runs of this same recipe, changes and split, not run again: {sources}.", ""]
 
 
+def guard_rails_text(folds: list[dict]) -> str:
+    """The guard rails of the folds' full-inference-path measurements (PO, renderings, lesion-free CT) in words; a fold
+    scored before they were recorded is named as such."""
+    settings: dict[str, list[int]] = {}
+    for fold in folds:
+        recorded = fold.get("guard_rails")
+        text = "not recorded (the defaults of the day it ran)"
+        if recorded:
+            text = ", ".join(f"`{name}` = {value}" for name, value in recorded.items())
+        settings.setdefault(text, []).append(fold["fold"])
+    return "; ".join(f"fold {', '.join(map(str, numbers))}: {text}" for text, numbers in settings.items())
+
+
 def percent_opacity_paragraph(summary: dict, folds_run: Sequence[int]) -> str:
     """The PO agreement over the folds' test volumes in words, naming folds that did not measure it."""
     missing = sorted(set(folds_run) - set(summary["folds"]))
     paragraph = (
-        f"Each fold's model on its test volumes through the full inference path with the default guard rails (as "
+        f"Each fold's model on its test volumes through the full inference path with the guard rails named with the cross-validation (as "
         f"`covidlesionseg-validate-po`; PO over the stored slices, which all hold lesion): over {summary['volumes_compared']} "
         f"volumes, {agreement_text(summary)}."
     )

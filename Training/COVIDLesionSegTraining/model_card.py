@@ -279,7 +279,7 @@ def check_crossval_recipe(crossval: dict, path: str, model_config: dict) -> None
 def crossval_section(crossval: dict | None, path: str, model_config: dict) -> tuple[str, str]:
     """(the card's cross-validation section, its known-limits line) from ``crossval.json`` of the recipe of the
     model whose ``train_config`` is ``model_config``; None = not run."""
-    from .crossval import mean_sd  # crossval imports this module's measurements
+    from .crossval import guard_rails_text, mean_sd  # crossval imports this module's measurements
 
     if crossval is None:
         return "Not run (pass --crossval).", "- Patient-level cross-validation of this recipe was not run."
@@ -319,7 +319,8 @@ Full tables (per fold, per volume) and the validation curves: `{path.replace('.j
 
 The fold models on inputs unlike their training slices (lesion Dice, mean ± SD over folds): {shifted}.
 On the healthy `{folds[0]['healthy_ct']['file']}` they mark {mean_sd(overall['healthy_ct_false_lesion_ml'], 1)} mL of
-false lesion (range {number(min(false_ml), 1)}–{number(max(false_ml), 1)} mL).{negatives_text}"""
+false lesion (range {number(min(false_ml), 1)}–{number(max(false_ml), 1)} mL).{negatives_text}
+Guard rails of these fold-model measurements: {guard_rails_text(folds)}."""
     limit = (
         f"- The cross-validation trained each fold for {budget} steps, not this model's {own}: it measures the recipe at that budget."
         if budget is not None and budget != own
