@@ -273,13 +273,14 @@ def test_dice_mode_is_a_recipe_option_of_training_and_cross_validation():
     assert cv.dice_mode == "batch"
 
 
-def test_negative_fraction_is_a_cross_validation_change():
+def test_lesion_free_sampling_options_are_cross_validation_changes():
     from COVIDLesionSegTraining.crossval import CLI_CHANGES, fold_config
     from COVIDLesionSegTraining.crossval import build_parser as crossval_parser
 
-    args = crossval_parser().parse_args(["--recipe", "r", "--data", "d", "--runs", "x", "--output", "y", "--negative-fraction", "0.5"])
+    arguments = ["--recipe", "r", "--data", "d", "--runs", "x", "--output", "y", "--negative-fraction", "0.5", "--dependent-density", "0.7"]
+    args = crossval_parser().parse_args(arguments)
     changes = {name: value for name in CLI_CHANGES if (value := getattr(args, name)) is not None}
-    assert changes == {"negative_fraction": 0.5}
+    assert changes == {"negative_fraction": 0.5, "dependent_density": 0.7}
     recipe = TrainConfig(data_dir="d", output_dir="o", negatives_dir="n", negative_fraction=0.25).to_dict()
     config = fold_config(recipe, "d", "runs", fold=1, num_folds=5, changes=changes)
-    assert config.negative_fraction == 0.5 and config.negatives_dir == "n" and config.split.fold == 1
+    assert (config.negative_fraction, config.dependent_density, config.negatives_dir, config.split.fold) == (0.5, 0.7, "n", 1)
