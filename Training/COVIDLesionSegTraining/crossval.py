@@ -54,7 +54,7 @@ from COVIDLesionSegLib.predictor import Predictor
 from .augment import AUGMENT_MODES
 from .config import DICE_MODES, TrainConfig
 from .evaluate import COUNT_NAMES, evaluate_checkpoint, metrics_from_counts, nan_to_none
-from .model_card import healthy_ct_check, held_out_negative_cases, shifted_input_scores, trained_on
+from .model_card import guard_rails_words, healthy_ct_check, held_out_negative_cases, shifted_input_scores, trained_on
 from .negatives import NegativeCase
 from .reproduce import format_duration, format_number, markdown_table, pyplot, save_figure, train_or_resume, training_record
 from .splits import make_split
@@ -443,10 +443,7 @@ def guard_rails_text(folds: list[dict]) -> str:
     scored before they were recorded is named as such."""
     settings: dict[str, list[int]] = {}
     for fold in folds:
-        recorded = fold.get("guard_rails")
-        text = "not recorded (the defaults of the day it ran)"
-        if recorded:
-            text = ", ".join(f"`{name}` = {value}" for name, value in recorded.items())
+        text = guard_rails_words(fold.get("guard_rails", {})) or "not recorded (the defaults of the day it ran)"
         settings.setdefault(text, []).append(fold["fold"])
     return "; ".join(f"fold {', '.join(map(str, numbers))}: {text}" for text, numbers in settings.items())
 

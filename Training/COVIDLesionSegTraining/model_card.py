@@ -276,6 +276,11 @@ def check_crossval_recipe(crossval: dict, path: str, model_config: dict) -> None
         raise ValueError(f"--crossval {path}: the model card quotes a cross-validation of the model's own recipe; differs in {mismatches}")
 
 
+def guard_rails_words(guard_rails: dict) -> str:
+    """``GuardRails.to_dict()`` as the card and ``crossval.md`` print it: "`name` = value, …"."""
+    return ", ".join(f"`{name}` = {value}" for name, value in guard_rails.items())
+
+
 def crossval_section(crossval: dict | None, path: str, model_config: dict) -> tuple[str, str]:
     """(the card's cross-validation section, its known-limits line) from ``crossval.json`` of the recipe of the
     model whose ``train_config`` is ``model_config``; None = not run."""
@@ -403,7 +408,7 @@ def card_markdown(card: dict, command: str, po_validation: str, crossval: dict |
         for entry in lesion_free
     )
     body_crop = config.get("field_of_view") == "body"
-    guard_rails = ", ".join(f"`{name}` = {value}" for name, value in card.get("guard_rails", {}).items()) or "none (predate them)"
+    guard_rails = guard_rails_words(card.get("guard_rails", {})) or "none (predate them)"
     if config.get("negatives_dir"):
         false_positive_limit = (
             f"- Lesion-free training slices come from only {patients_text(card.get('lesion_free_training_patients'))}; the false-lesion "
