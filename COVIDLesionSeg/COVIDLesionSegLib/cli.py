@@ -456,10 +456,11 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--weights", type=Path, help="a .safetensors checkpoint file to use instead of a registered model")
     segment.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto = CUDA when available")
     segment.add_argument("--batch-size", type=int, default=8, help="slices per network batch (default 8)")
-    segment.add_argument("--backend", default="auto", choices=BACKENDS, help="where the network runs: auto = ONNX Runtime on the CPU "
-                         "when onnxruntime is installed (exported once from the checkpoint, cached beside it), else PyTorch; "
-                         "onnxruntime-int8: the export quantized to int8, several times faster on CPUs with VNNI, lesion masks "
-                         "slightly different (README, Speed)")
+    segment.add_argument("--backend", default="auto", choices=BACKENDS, help="where the network runs: auto = on a CPU with native "
+                         "bfloat16 (AVX512-BF16, AMX) torch-bf16, on other CPUs ONNX Runtime when onnxruntime is installed (exported "
+                         "once from the checkpoint, cached beside it), else PyTorch; torch-bf16: PyTorch under bf16 autocast, the "
+                         "masks of fp32; onnxruntime-int8: the export quantized to int8, several times faster on CPUs with VNNI, "
+                         "lesion masks slightly different (README, Speed)")
     segment.add_argument("--format", dest="output_format", default="seg.nrrd", choices=OUTPUT_FORMATS,
                          help="segmentation file: seg.nrrd (Slicer), nii.gz (labelmap), or dicom-seg (a DICOM SEG <case>.seg.dcm "
                               "referencing the source series; DICOM series input only; needs highdicom)")

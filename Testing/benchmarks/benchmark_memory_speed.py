@@ -3,8 +3,8 @@
     nice -n 19 python Testing/benchmarks/benchmark_memory_speed.py --slices 60 300 600
 
 For each slice count the CLI runs at its default settings (the shipped default model, seg.nrrd output, default guard
-rails; ``--progress lines`` only, to see the first slices) with each ``--backends`` in turn (``--backend torch``, then
-``--backend onnxruntime``, then ``--backend onnxruntime-int8``, alternating, so that all see the same load) in a child
+rails; ``--progress lines`` only, to see the first slices) with each ``--backends`` in turn (by default ``--backend torch``,
+``torch-bf16``, ``onnxruntime``, ``onnxruntime-int8``, alternating, so that all see the same load) in a child
 process on a synthetic 512×512×N HU volume written as ``.nii.gz`` in a temporary folder, and the table gives:
 
 - *peak RSS*: the child's maximum resident set size (``os.wait4``, the kernel's own figure for that process);
@@ -13,8 +13,9 @@ process on a synthetic 512×512×N HU volume written as ``.nii.gz`` in a tempora
   volume and whatever the code does before the network's first batch of slices is done (the start-up). The ONNX
   exports are made (or found) before the CLI runs, so the ONNX Runtime rows are those of a warm cache;
 - *network slices/s*: the network alone (this process, batch ``--batch-size``, random 256² inputs): PyTorch eager
-  ``channels_last`` (fp32) and the ONNX Runtime sessions, measured in ``--rounds`` alternating rounds; the ratio to
-  PyTorch is that of each round's pair, so that a change of load between rounds cancels out.
+  ``channels_last`` (fp32, and under bf16 autocast for torch-bf16) and the ONNX Runtime sessions, measured in
+  ``--rounds`` alternating rounds; the ratio to PyTorch is that of each round's pair, so that a change of load between
+  rounds cancels out.
 
 ``--lungmask-env DIR`` also runs ``lungmask`` (R231, the 2D lung CT U-Net CLI people already use) on each volume as
 the reference, at its default settings (batch 20, its post-processing on) but with random weights of its R231
@@ -48,6 +49,7 @@ import numpy as np
 import SimpleITK as sitk
 
 SPACING_MM = (0.7, 0.7, 1.0)
+NETWORK_BACKENDS = ("torch", "torch-bf16", "onnxruntime", "onnxruntime-int8")  # the CLI's --backend but auto
 
 
 def synthetic_ct(slices: int, size: int = 512, seed: int = 0) -> np.ndarray:
@@ -161,7 +163,8 @@ def default_model() -> tuple[Path, str]:
 
 def network_speeds(backends: list[str], batch_size: int, threads: int, seconds: float, rounds: int) -> dict[str, list[float]]:
     """Slices/s of the shipped default model's network alone in each backend, ``rounds`` alternating rounds of
-    ``seconds`` each after two warm-up batches: PyTorch eager (fp32) with ``channels_last``, ONNX Runtime's sessions."""
+    ``seconds`` each after two warm-up batches: PyTorch eager with ``channels_last`` (fp32, or bf16 autocast for torch-bf16),
+    ONNX Runtime's sessions."""
     import torch
 
     from COVIDLesionSegLib.backends import open_backend
@@ -173,9 +176,14 @@ def network_speeds(backends: list[str], batch_size: int, threads: int, seconds: 
         backend, checkpoint = open_backend(path, sha256, name, "cpu", threads=threads)
         config = checkpoint.preprocessing
         inputs = np.random.default_rng(0).normal(size=(batch_size, config.input_channels, config.size, config.size)).astype(np.float32)
-        if name == "torch":
+        if name.startswith("torch"):
             tensor = torch.from_numpy(inputs).contiguous(memory_format=torch.channels_last)
-            runs[name] = lambda network=backend.network, tensor=tensor: network(tensor)
+
+            def run(network=backend.network, tensor=tensor, bf16=backend.cpu_bf16):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    return network(tensor)
+
+            runs[name] = run
         else:
             runs[name] = lambda backend=backend, inputs=inputs: backend.logits(inputs)
     speeds = {name: [] for name in runs}
@@ -229,8 +237,7 @@ def machine() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slices", type=int, nargs="+", default=[60, 300, 600], help="slice counts of the synthetic volumes")
-    parser.add_argument("--backends", nargs="+", default=["torch", "onnxruntime", "onnxruntime-int8"],
-                        choices=["torch", "onnxruntime", "onnxruntime-int8", "auto", "default"],
+    parser.add_argument("--backends", nargs="+", default=list(NETWORK_BACKENDS), choices=[*NETWORK_BACKENDS, "auto", "default"],
                         help="the CLI's --backend of each run, in turn ('default': no --backend, for --source code without it)")
     parser.add_argument("--threads", type=int, default=2, help="torch/OpenMP/ONNX Runtime threads of the CLI and the network")
     parser.add_argument("--batch-size", type=int, default=8, help="batch of the network measurement (the CLI's default is 8)")
@@ -244,9 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     described = machine()
     print(f"Machine: {described}", flush=True)
-    network_backends = [name for name in ("torch", "onnxruntime", "onnxruntime-int8")
-                        if name in args.backends or (name == "onnxruntime" and "auto" in args.backends)]
-    for backend in [name for name in network_backends if name != "torch"]:  # ONNX exports made before the CLI runs
+    network_backends = [name for name in NETWORK_BACKENDS if name in args.backends]
+    exported = {name for name in network_backends if name.startswith("onnxruntime")}
+    exported |= {"onnxruntime"} if "auto" in args.backends else set()  # auto runs ONNX Runtime on CPUs without native bf16
+    for backend in sorted(exported):  # ONNX exports made before the CLI runs
         started = time.perf_counter()
         in_child(f"from COVIDLesionSegLib.backends import open_backend; open_backend(*default_model(), {backend!r}, 'cpu')", args.threads)
         print(f"{backend}: export of the default model made or found valid in {time.perf_counter() - started:.1f} s", flush=True)

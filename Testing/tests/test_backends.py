@@ -1,5 +1,6 @@
-"""The ONNX Runtime backend (``backends``): the same probabilities and masks as PyTorch on real slices with the shipped
-model, its verified export cache, the fallbacks, and a warm-cache CLI run that never imports torch."""
+"""The backends (``backends``): ONNX Runtime and PyTorch under bf16 autocast give the masks of PyTorch fp32 on real slices
+with the shipped model; what ``auto`` chooses; the verified export cache, the fallbacks, and a warm-cache CLI run that
+never imports torch."""
 
 from __future__ import annotations
 
@@ -68,6 +69,50 @@ def test_onnxruntime_gives_the_masks_of_pytorch_on_the_sample_and_held_out_slice
             assert np.abs(found[channel] - expected[channel]).max() < 1e-4, (name, channel)
             assert expected[channel].max() >= 0.5, (name, channel)  # real masks, not empty ones
             assert dice(found[channel] >= 0.5, expected[channel] >= 0.5) >= 0.995, (name, channel)
+
+
+def test_torch_bf16_gives_the_masks_of_fp32_on_the_sample_and_held_out_slices(shipped_copy):
+    """bf16 autocast keeps issue 15's bar (Dice >= 0.995 to the fp32 masks, each channel, at the default lesion threshold
+    and at 0.5) on the sample and the held-out slices; its probabilities differ by a few hundredths at most (seen: 0.025)."""
+    fp32 = Predictor.from_checkpoint(shipped_copy, device="cpu", backend="torch")
+    bf16 = Predictor.from_checkpoint(shipped_copy, device="cpu", backend="torch-bf16")
+    assert (fp32.backend.name, bf16.backend.name) == ("torch", "torch-bf16")
+    volumes = {"sample": (sitk.GetArrayFromImage(sitk.ReadImage(str(SAMPLE))), False)}
+    data = Path(__file__).resolve().parents[3] / "shared" / "data" / "covid19-ct-seg-20cases-png256"
+    if (data / "manifest.csv").is_file():
+        volumes["coronacases_004"] = (held_out_slices(data, "coronacases_004", 4), True)
+    for name, (volume, preprocessed) in volumes.items():
+        expected = fp32.predict_probabilities(volume, preprocessed=preprocessed)
+        found = bf16.predict_probabilities(volume, preprocessed=preprocessed)
+        for channel in expected:
+            assert 0 < np.abs(found[channel] - expected[channel]).max() < 0.06, (name, channel)  # bf16 did run, and closely
+            for threshold in {0.5, GuardRails().lesion_threshold}:
+                assert (expected[channel] >= threshold).sum() > 100, (name, channel)  # real masks, not empty ones
+                assert dice(found[channel] >= threshold, expected[channel] >= threshold) >= 0.995, (name, channel, threshold)
+
+
+def test_cpu_has_native_bf16_reads_the_cpu_flags(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    for flags, native in (("fpu avx2 avx512f avx512_vnni", False), ("fpu avx512f avx512_bf16 avx512_vnni", True),
+                          ("fpu amx_bf16 amx_tile", True), (None, False)):
+        lines = ["processor\t: 0", "model name\t: Some CPU"] + ([f"flags\t\t: {flags}"] if flags else ["Features\t: fp asimd bf16"])
+        cpuinfo.write_text("\n".join(lines * 2) + "\n")
+        assert backends.cpu_has_native_bf16(cpuinfo) is native, flags
+
+
+def test_auto_chooses_torch_bf16_on_cpus_with_native_bf16_and_onnxruntime_on_others(tiny_copy, monkeypatch, caplog):
+    sha256 = sha256_of(tiny_copy)
+    monkeypatch.setattr(backends, "cpu_has_native_bf16", lambda: True)
+    backend, _ = open_backend(tiny_copy, sha256, "auto", "cpu")
+    assert isinstance(backend, TorchBackend) and backend.name == "torch-bf16" and backend.cpu_bf16
+    assert open_backend(tiny_copy, sha256, "torch", "cpu")[0].name == "torch"  # asked for by name: fp32
+    monkeypatch.setattr(backends, "cpu_has_native_bf16", lambda: False)
+    assert isinstance(open_backend(tiny_copy, sha256, "auto", "cpu")[0], OnnxRuntimeBackend)
+    with caplog.at_level(logging.WARNING, logger="COVIDLesionSegLib.backends"):
+        assert open_backend(tiny_copy, sha256, "torch-bf16", "cpu")[0].name == "torch-bf16"  # asked for: runs, slower
+    assert "no native bfloat16 arithmetic" in caplog.text
+    with pytest.raises(BackendUnavailableError, match="the torch-bf16 backend runs on the CPU"):
+        open_backend(tiny_copy, sha256, "torch-bf16", "cuda")
 
 
 def test_int8_masks_stay_close_to_pytorch_on_the_sample_and_held_out_slices(shipped_copy):
@@ -171,6 +216,7 @@ def test_an_unwritable_checkpoint_folder_caches_the_export_in_the_user_cache(tin
 
 def test_auto_falls_back_to_pytorch_with_the_reason(tiny_copy, monkeypatch, caplog):
     sha256 = sha256_of(tiny_copy)
+    monkeypatch.setattr(backends, "cpu_has_native_bf16", lambda: False)  # where auto chooses ONNX Runtime
     monkeypatch.setattr(backends, "export_onnx", lambda checkpoint: (_ for _ in ()).throw(RuntimeError("cannot trace this network")))
     with caplog.at_level(logging.WARNING, logger="COVIDLesionSegLib.backends"):
         backend, _ = open_backend(tiny_copy, sha256, "auto", "cpu")
@@ -185,7 +231,7 @@ def test_auto_falls_back_to_pytorch_with_the_reason(tiny_copy, monkeypatch, capl
 def test_explicit_onnxruntime_without_the_package_or_on_cuda_is_a_clear_error(tiny_copy, tmp_path, monkeypatch, capsys):
     with pytest.raises(BackendUnavailableError, match="runs on the CPU"):
         open_backend(tiny_copy, sha256_of(tiny_copy), "onnxruntime", "cuda")
-    with pytest.raises(ValueError, match="backend must be one of auto, torch, onnxruntime, onnxruntime-int8"):
+    with pytest.raises(ValueError, match="backend must be one of auto, torch, torch-bf16, onnxruntime, onnxruntime-int8"):
         open_backend(tiny_copy, sha256_of(tiny_copy), "tensorrt")
     monkeypatch.setattr(backends, "onnxruntime_installed", lambda: False)
     assert cli.main(["segment", str(tmp_path / "x.nrrd"), "-o", str(tmp_path / "out"), "--weights", str(tiny_copy),

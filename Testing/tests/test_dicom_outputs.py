@@ -272,7 +272,8 @@ def test_cli_writes_seg_sr_and_probabilities_for_a_dicom_series(tmp_path, balanc
     assert rows["chest"]["status"] == "ok" and rows["chest"]["output"] == str(out / "chest.seg.dcm")
 
     image = io.read_image(folder)
-    predictor = Predictor.from_checkpoint(balanced_checkpoint, "cpu", guard_rails=GuardRails(lesion_threshold=0.5))  # as the CLI's
+    predictor = Predictor.from_checkpoint(balanced_checkpoint, "cpu", guard_rails=GuardRails(lesion_threshold=0.5),
+                                          backend="auto")  # as the CLI's
     expected = predictor.segment_image(image, return_probabilities=True)
     seg = hd.seg.segread(str(out / "chest.seg.dcm"))
     sources = dicom_outputs.read_series_headers(folder)
