@@ -460,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "bfloat16 (AVX512-BF16, AMX) torch-bf16, on other CPUs ONNX Runtime when onnxruntime is installed (exported "
                          "once from the checkpoint, cached beside it), else PyTorch; torch-bf16: PyTorch under bf16 autocast, the "
                          "masks of fp32; onnxruntime-int8: the export quantized to int8, several times faster on CPUs with VNNI, "
-                         "lesion masks slightly different (README, Speed)")
+                         "lesion masks a little further from fp32's (README, Speed)")
     segment.add_argument("--format", dest="output_format", default="seg.nrrd", choices=OUTPUT_FORMATS,
                          help="segmentation file: seg.nrrd (Slicer), nii.gz (labelmap), or dicom-seg (a DICOM SEG <case>.seg.dcm "
                               "referencing the source series; DICOM series input only; needs highdicom)")

@@ -47,11 +47,13 @@ def tiny_copy(tiny_checkpoint, tmp_path) -> Path:
 
 
 def held_out_slices(data: Path, volume_id: str, step: int) -> np.ndarray:
-    """Every ``step``-th stored PNG slice of a held-out volume, uint8 ``[z, 256, 256]``, turned radiological (test_sample)."""
+    """Every ``step``-th stored PNG slice of a held-out volume, uint8 ``[z, 256, 256]``, in radiological orientation (the
+    manifest's ``posterior-up`` slices turned the right way up, as the recipes train on them)."""
     with open(data / "manifest.csv", newline="") as stream:
         rows = [row for row in csv.DictReader(stream) if row["volume_id"] == volume_id]
     rows.sort(key=lambda row: int(row["pos_in_volume"]))
-    return np.stack([cv2.imread(str(data / row["image"]), cv2.IMREAD_GRAYSCALE)[::-1] for row in rows[::step]])
+    flips = {"posterior-up": (slice(None, None, -1),), "radiological": ()}
+    return np.stack([cv2.imread(str(data / row["image"]), cv2.IMREAD_GRAYSCALE)[flips[row["orientation"]]] for row in rows[::step]])
 
 
 def test_onnxruntime_gives_the_masks_of_pytorch_on_the_sample_and_held_out_slices(shipped_copy):
@@ -118,9 +120,8 @@ def test_auto_chooses_torch_bf16_on_cpus_with_native_bf16_and_onnxruntime_on_oth
 def test_int8_masks_stay_close_to_pytorch_on_the_sample_and_held_out_slices(shipped_copy):
     """The int8 export against the PyTorch fp32 masks on the sample and the held-out slices (neither is among the
     calibration slices, Resources/Models/int8-calibration.npz): the lung masks within issue 15's bar (Dice >= 0.995), the
-    lesion masks not on coronacases_004's small lesions (Testing/benchmarks/backend_agreement.py prints the figures; they
-    move with the ONNX Runtime and torch versions), which is why ``auto`` never chooses int8. The bounds catch a
-    quantization that got worse."""
+    lesion masks near it (Testing/benchmarks/backend_agreement.py prints the figures, 0.996-0.997 here; they move with the
+    ONNX Runtime and torch versions, so the test holds 0.99). The bounds catch a quantization that got worse."""
     torch_predictor = Predictor.from_checkpoint(shipped_copy, device="cpu", backend="torch")
     int8_predictor = Predictor.from_checkpoint(shipped_copy, device="cpu", backend="onnxruntime-int8")
     assert int8_predictor.backend.name == "onnxruntime-int8"
@@ -136,7 +137,7 @@ def test_int8_masks_stay_close_to_pytorch_on_the_sample_and_held_out_slices(ship
         found = int8_predictor.predict_probabilities(volume, preprocessed=preprocessed)
         for channel in expected:
             assert (expected[channel] >= 0.5).sum() > 100, (name, channel)  # real masks, not empty ones
-            assert dice(found[channel] >= 0.5, expected[channel] >= 0.5) >= (0.96 if channel == "lesion" else 0.995), (name, channel)
+            assert dice(found[channel] >= 0.5, expected[channel] >= 0.5) >= (0.99 if channel == "lesion" else 0.995), (name, channel)
 
 
 def test_the_int8_export_is_cached_apart_and_refused_when_its_masks_differ(tiny_copy, monkeypatch, caplog):
