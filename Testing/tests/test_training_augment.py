@@ -140,3 +140,32 @@ def test_low_resolution_is_a_recipe_option_of_training_and_cross_validation():
         TrainConfig(data_dir="d", output_dir="o", low_resolution=-0.1)
     cv = crossval_parser().parse_args(["--recipe", "r", "--data", "d", "--runs", "x", "--output", "y", "--low-resolution", "0.3"])
     assert cv.low_resolution == 0.3
+
+
+def test_vertical_flip_turns_image_and_masks_upside_down_apart_from_the_other_draws(shared_data):
+    from COVIDLesionSegTraining.config import TrainConfig
+    from COVIDLesionSegTraining.crossval import build_parser as crossval_parser
+    from COVIDLesionSegTraining.data import ManifestSliceDataset
+    from COVIDLesionSegTraining.train import build_parser, config_from_arguments
+
+    records = [r for r in read_manifest(shared_data) if r.volume_id == "coronacases_003"][:4]
+    plain, flipped = (ManifestSliceDataset(records, augment="robust", seed=3, vertical_flip=p) for p in (0.0, 1.0))
+    for index in range(len(records)):
+        for key in ("image", "target"):  # the same augmentation draws, then upside down
+            assert np.array_equal(flipped[index][key].numpy(), plain[index][key].numpy()[..., ::-1, :])
+        assert plain[index]["target"].numpy()[0].any()  # real lesion, so the flip of the target is seen
+    half = ManifestSliceDataset(records * 8, vertical_flip=0.5, seed=3)
+    unflipped = ManifestSliceDataset(records * 8, seed=3)
+    turned = [not np.array_equal(half[i]["image"].numpy(), unflipped[i]["image"].numpy()) for i in range(len(half))]
+    assert 0 < sum(turned) < len(turned)
+    with pytest.raises(ValueError, match="native_targets"):
+        ManifestSliceDataset(records, vertical_flip=0.5, native_targets=True)
+    with pytest.raises(ValueError, match="vertical_flip"):
+        ManifestSliceDataset(records, vertical_flip=-0.5)
+    arguments = vars(build_parser().parse_args(["--data", "d", "--output", "o", "--vertical-flip", "0.5"]))
+    config = config_from_arguments({key: arguments[key] for key in ("data_dir", "output_dir", "vertical_flip")})
+    assert config.vertical_flip == 0.5 and any(line.startswith("vertical_flip: 50%") for line in config.differences_from_paper())
+    with pytest.raises(ValueError, match="vertical_flip"):
+        TrainConfig(data_dir="d", output_dir="o", vertical_flip=1.5)
+    cv = crossval_parser().parse_args(["--recipe", "r", "--data", "d", "--runs", "x", "--output", "y", "--vertical-flip", "0.5"])
+    assert cv.vertical_flip == 0.5

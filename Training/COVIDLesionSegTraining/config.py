@@ -56,6 +56,7 @@ class TrainConfig:
     negative_validation: tuple[str, ...] = ()  # negatives_dir patients validated on (checkpoint choice sees false lesion), never trained on
     dependent_density: float = 0.0  # probability that a lesion-free slice is rendered with synthetic dependent density (negatives.py)
     low_resolution: float = 0.0  # probability that a training slice is shown at 0.6–0.9 of its resolution (augment.lower_resolution)
+    vertical_flip: float = 0.0  # probability that a training slice is shown upside down (anterior–posterior), its masks with it
     weight_average_decay: float | None = None  # checkpoints hold an exponential moving average of the weights (e.g. 0.99); None = off
     init_from: str | None = None  # checkpoint (file or registry name) whose weights start the run (fine-tuning); None = fresh
     init_recipe: dict | None = None  # that checkpoint's train_config (recorded by training): the stage this run fine-tunes
@@ -86,8 +87,9 @@ class TrainConfig:
             raise ValueError(f"patients both held out and validated on: {both}")
         if (self.negatives_dir is None) != (self.negative_fraction == 0.0) or not 0.0 <= self.negative_fraction < 1.0:
             raise ValueError("negatives_dir and a negative_fraction in (0, 1) go together (or neither)")
-        if not 0.0 <= self.low_resolution <= 1.0:
-            raise ValueError(f"low_resolution is a probability, got {self.low_resolution}")
+        for name in ("low_resolution", "vertical_flip"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a probability, got {getattr(self, name)}")
         if self.dice_mode not in DICE_MODES:
             raise ValueError(f"unknown dice_mode {self.dice_mode!r}; valid: {', '.join(DICE_MODES)}")
         if self.weight_average_decay is not None and not 0.0 < self.weight_average_decay < 1.0:
@@ -184,6 +186,8 @@ class TrainConfig:
             differences.append(f"weight_average_decay: checkpoints hold a moving average of weights (decay {self.weight_average_decay})")
         if self.low_resolution:
             differences.append(f"low_resolution: {self.low_resolution:.0%} of training slices shown at 0.6–0.9 of their resolution")
+        if self.vertical_flip:
+            differences.append(f"vertical_flip: {self.vertical_flip:.0%} of training slices shown upside down")
         if self.dependent_density:
             differences.append(f"dependent_density: {self.dependent_density:.0%} of lesion-free slices with synthetic dependent density")
         precision = self.effective_precision(device_type or "cpu")

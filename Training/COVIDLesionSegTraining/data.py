@@ -49,7 +49,14 @@ from COVIDLesionSegLib.preprocessing import (
     to_network_input,
 )
 
-from .augment import LOW_RESOLUTION_SCALES, LOW_RESOLUTION_STREAM, augment_slice, check_augment_mode, lower_resolution
+from .augment import (
+    LOW_RESOLUTION_SCALES,
+    LOW_RESOLUTION_STREAM,
+    VERTICAL_FLIP_STREAM,
+    augment_slice,
+    check_augment_mode,
+    lower_resolution,
+)
 
 CHANNEL_NAMES = ("lesion", "lung")
 ORIENTATIONS = ("as-stored", "radiological")  # what the manifest slices are turned to
@@ -135,7 +142,9 @@ class SliceDataset(Dataset):
     256² labels when ``size`` is smaller); it cannot be combined with augmentation.
     ``low_resolution`` is the probability that an item's image is shown at a lower resolution
     (:func:`~.augment.lower_resolution`, before the augmentation; masks unchanged), drawn from its own stream of
-    (seed, epoch, index), so the augmentation's draws stay as without it.
+    (seed, epoch, index), so the augmentation's draws stay as without it. ``vertical_flip`` is the probability that an
+    item is shown upside down (image and masks, anterior–posterior, after the augmentation), drawn from a stream of its
+    own too.
     """
 
     def __init__(
@@ -146,15 +155,19 @@ class SliceDataset(Dataset):
         seed: int = 0,
         native_targets: bool = False,
         low_resolution: float = 0.0,
+        vertical_flip: float = 0.0,
     ):
         self.channels = check_channels(channels)
         self.preprocessing = preprocessing or PreprocessingConfig()
-        if native_targets and (augment != "none" or low_resolution > 0):
+        if native_targets and (augment != "none" or low_resolution > 0 or vertical_flip > 0):
             raise ValueError("native_targets is for evaluation and cannot be combined with augmentation")
         if not 0.0 <= low_resolution <= 1.0:
             raise ValueError(f"low_resolution is a probability, got {low_resolution}")
         self.augment = check_augment_mode(augment)
         self.low_resolution = low_resolution
+        if not 0.0 <= vertical_flip <= 1.0:
+            raise ValueError(f"vertical_flip is a probability, got {vertical_flip}")
+        self.vertical_flip = vertical_flip
         self.seed = seed
         self.native_targets = native_targets
         self.epoch = 0
@@ -192,6 +205,10 @@ class SliceDataset(Dataset):
         if self.augment != "none":
             rng = np.random.default_rng((self.seed, self.epoch, index))
             image, masks = augment_slice(image, masks, rng, self.augment, self.preprocessing)
+        if self.vertical_flip > 0:
+            rng = np.random.default_rng((self.seed, self.epoch, index, VERTICAL_FLIP_STREAM))
+            if rng.random() < self.vertical_flip:
+                image, masks = np.ascontiguousarray(image[::-1]), np.ascontiguousarray(masks[:, ::-1])
         item = {
             "image": torch.from_numpy(to_network_input(image[None], self.preprocessing)[0]),
             "target": torch.from_numpy(masks.astype(np.float32)),

@@ -517,7 +517,7 @@ def train_process(config: TrainConfig, resume: bool, context: DistributedContext
     split = make_split(config.split, config.data_dir)
     preprocessing = config.preprocessing()
     options = {"channels": config.channels, "preprocessing": preprocessing, "seed": config.seed}
-    augmentation = {"augment": config.augment, "low_resolution": config.low_resolution}
+    augmentation = {"augment": config.augment, "low_resolution": config.low_resolution, "vertical_flip": config.vertical_flip}
     train_set = ManifestSliceDataset(split.train, orientation=config.orientation, **augmentation, **options)
     val_set = ManifestSliceDataset(split.val, orientation=config.orientation, **options)
     if config.negatives_dir:
@@ -796,6 +796,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="P",
         help="probability that a training slice is shown at 0.6–0.9 of its resolution, as a wider field of view is after the body crop "
         "(default 0)",
+    )
+    group.add_argument(
+        "--vertical-flip",
+        type=float,
+        metavar="P",
+        help="probability that a training slice is shown upside down (anterior–posterior), its masks with it (default 0)",
     )
     group = parser.add_argument_group("data recipe")
     group.add_argument("--orientation", choices=ORIENTATIONS,
