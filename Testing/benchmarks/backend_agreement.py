@@ -85,6 +85,11 @@ def int8_variants(reference: Predictor) -> dict[str, Predictor]:
     return predictors
 
 
+def thresholds(channel: str) -> list[float]:
+    """The probability thresholds a channel's masks are compared at: 0.5, and for the lesion the default lesion threshold."""
+    return sorted({0.5, GuardRails().lesion_threshold} if channel == "lesion" else {0.5})
+
+
 def print_least_dice_over_volumes(reference: Predictor, predictors: dict[str, Predictor]) -> None:
     """For each predictor, channel and threshold: the least Dice to ``reference``'s masks over every third stored slice of
     each volume of :data:`DATA` whose reference mask has at least :data:`MIN_PIXELS` pixels, and the count below 0.995."""
@@ -97,7 +102,7 @@ def print_least_dice_over_volumes(reference: Predictor, predictors: dict[str, Pr
         for label, predictor in predictors.items():
             found = predictor.predict_probabilities(volume, preprocessed=True)
             for channel, probabilities in expected.items():
-                for threshold in sorted({0.5, GuardRails().lesion_threshold} if channel == "lesion" else {0.5}):
+                for threshold in thresholds(channel):
                     mask = probabilities >= threshold
                     if mask.sum() >= MIN_PIXELS:
                         dices.setdefault((label, channel, threshold), {})[volume_id] = dice(found[channel] >= threshold, mask)
@@ -137,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, (volume, preprocessed) in volumes.items():
             found = predictor.predict_probabilities(volume, preprocessed=preprocessed)
             for channel, probabilities in expected[name].items():
-                for threshold in sorted({0.5, GuardRails().lesion_threshold} if channel == "lesion" else {0.5}):
+                for threshold in thresholds(channel):
                     mask, other = probabilities >= threshold, found[channel] >= threshold
                     print(f"| {label} | {name} | {channel} | {threshold:g} | {dice(other, mask):.4f} | {int(mask.sum())} | "
                           f"{int(other.sum())} |")

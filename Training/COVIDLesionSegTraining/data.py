@@ -161,12 +161,11 @@ class SliceDataset(Dataset):
         self.preprocessing = preprocessing or PreprocessingConfig()
         if native_targets and (augment != "none" or low_resolution > 0 or vertical_flip > 0):
             raise ValueError("native_targets is for evaluation and cannot be combined with augmentation")
-        if not 0.0 <= low_resolution <= 1.0:
-            raise ValueError(f"low_resolution is a probability, got {low_resolution}")
+        for name, probability in (("low_resolution", low_resolution), ("vertical_flip", vertical_flip)):
+            if not 0.0 <= probability <= 1.0:
+                raise ValueError(f"{name} is a probability, got {probability}")
         self.augment = check_augment_mode(augment)
         self.low_resolution = low_resolution
-        if not 0.0 <= vertical_flip <= 1.0:
-            raise ValueError(f"vertical_flip is a probability, got {vertical_flip}")
         self.vertical_flip = vertical_flip
         self.seed = seed
         self.native_targets = native_targets
