@@ -117,6 +117,22 @@ def test_truncated_nifti_is_refused_not_zero_filled(tmp_path, suffix):
     assert not (out / "cut.seg.nrrd").exists() and not (out / "cut.case.json").exists()
 
 
+def test_a_truncated_first_case_read_while_the_model_loads_writes_nothing(tmp_path, tiny_checkpoint, capsys):
+    """The CLI reads its first case in a thread while the model loads: a truncated .nii.gz still fails its case with
+    the file named, and none of its outputs (report, probability map, segmentation, record) is written."""
+    good = write(tmp_path / "good.nii.gz", image_of(chest()))
+    cut = tmp_path / "in" / "cut.nii.gz"
+    cut.parent.mkdir()
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size * 3 // 4])
+    out = tmp_path / "out"
+    command = ["segment", str(cut), "-o", str(out), "--weights", str(tiny_checkpoint), "--device", "cpu", "--progress", "none",
+               "--report", "--probabilities"]
+    assert cli.main(command) == 1
+    assert f"ERROR {cut}: truncated" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["summary.csv", "summary.json"]
+    assert summary(out)[cut.name]["status"] == "failed"
+
+
 def test_corrupt_compressed_nifti_is_refused_and_a_multi_member_one_is_read(tmp_path):
     """Flipped bytes inside a .nii.gz (which ITK may read without a word, zero-filling or garbling voxels) fail on the
     gzip CRC; a file of two gzip members (what concatenating or some streaming writers make) is one valid NIfTI."""
