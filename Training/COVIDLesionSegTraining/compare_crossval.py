@@ -1,0 +1,211 @@
+"""``covidlesionseg-compare-crossval``: a candidate recipe's cross-validation against a baseline's, and the adoption rule.
+
+::
+
+    covidlesionseg-compare-crossval --candidate Training/results/crossval-v5-vertical-flip/crossval.json \\
+        --baseline Training/results/crossval-v4-batch-dice-rescored/crossval.json \\
+        --output Training/results/crossval-v5-vertical-flip/compare.md
+
+Both are ``crossval.json`` files of :mod:`.crossval` on the same split (patients per fold) and at the same guard
+rails (else the figures would not compare, and the command refuses). Printed, and written to ``--output`` when given:
+
+- per fold present in both: the fold's pooled lesion Dice, the false lesion (mL) on each lesion-free volume that no
+  fold model trained on, and the lesion Dice of the zoomed-out and zoomed-in renderings of its test patients;
+- per test volume, heaviest disease first (reference percentage of opacity): lesion Dice, sensitivity and PO;
+- the PO agreement over these volumes, and the pooled lesion Dice over these folds, of each;
+- the adoption rule used in ``Training/README.md`` since the v5 recipe, each part with its figure: (1) pooled lesion
+  Dice of the candidate over all folds ≥ ``--dice-floor``; (2) less false lesion than the baseline in at least ``--min-wins`` of the
+  fold × lesion-free volume pairs; (3) the mean zoomed-out and zoomed-in lesion Dice over the folds each within
+  ``--zoom-tolerance`` below the as-shipped rendering's. The rule is judged only when the candidate has run every fold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from COVIDLesionSegLib.checkpoints import atomic_output
+
+from .evaluate import metrics_from_counts
+from .model_card import SHIFTED_RENDERINGS
+from .reproduce import format_number, markdown_table
+from .validate_po import VolumeResult, agreement, agreement_text
+
+AS_SHIPPED, _, ZOOMED_OUT, ZOOMED_IN = SHIFTED_RENDERINGS
+
+
+def load(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a readable crossval.json ({error})") from None
+
+
+def false_lesion_ml(fold: dict) -> dict[str, float]:
+    """``{file: false lesion mL}`` of one fold: the healthy CT and each held-out lesion-free volume."""
+    volumes = [fold["healthy_ct"], *fold.get("held_out_lesion_free", [])]
+    return {volume["file"]: volume["false_lesion_ml"] for volume in volumes}
+
+
+def pooled_lesion_dice(folds: Sequence[dict]) -> float:
+    """The lesion Dice of ``folds``' test pixels pooled (their confusion counts summed)."""
+    counts = [sum(fold["test"]["lesion"]["counts"][key] for fold in folds) for key in ("tp", "fp", "tn", "fn")]
+    return metrics_from_counts(counts)["F1"]
+
+
+def po_agreement(volumes: Sequence[dict]) -> dict:
+    """:func:`.validate_po.agreement` of ``crossval.json`` volume entries."""
+    return agreement([VolumeResult(volume["volume_id"], str(volume["fold"]), volume["slices"], volume["percent_opacity"]["reference"],
+                                   volume["percent_opacity"]["model"]) for volume in volumes])
+
+
+def check_comparable(candidate: dict, baseline: dict) -> None:
+    """Refuse two cross-validations whose shared folds test other patients or ran at other guard rails."""
+    baseline_folds = {fold["fold"]: fold for fold in baseline["folds"]}
+    for fold in candidate["folds"]:
+        other = baseline_folds.get(fold["fold"])
+        if other is None:
+            continue
+        if sorted(fold["test_groups"]) != sorted(other["test_groups"]):
+            raise ValueError(f"fold {fold['fold']} tests other patients in the two cross-validations: the splits differ")
+        if fold.get("guard_rails") is None or fold.get("guard_rails") != other.get("guard_rails"):
+            raise ValueError(f"fold {fold['fold']} ran at other guard rails, or one of them did not record them ({fold.get('guard_rails')} "
+                             f"against {other.get('guard_rails')}); score both at the same (covidlesionseg-crossval again with the "
+                             "same --runs: finished folds are scored, not trained)")
+
+
+def compare(candidate: dict, baseline: dict, dice_floor: float, min_wins: int, zoom_tolerance: float) -> dict:
+    """The figures of the module docstring as a dict (see :func:`render_markdown`)."""
+    check_comparable(candidate, baseline)
+    baseline_folds = {fold["fold"]: fold for fold in baseline["folds"]}
+    folds, pairs = [], []
+    for fold in sorted(candidate["folds"], key=lambda fold: fold["fold"]):
+        other = baseline_folds.get(fold["fold"])
+        if other is None:
+            continue
+        mine, theirs = false_lesion_ml(fold), false_lesion_ml(other)
+        for file in mine.keys() & theirs.keys():
+            pairs.append({"fold": fold["fold"], "file": file, "candidate": mine[file], "baseline": theirs[file]})
+        folds.append({
+            "fold": fold["fold"],
+            "lesion_dice": (fold["test"]["lesion"]["pooled"]["F1"], other["test"]["lesion"]["pooled"]["F1"]),
+            "false_lesion_ml": {file: (mine[file], theirs.get(file)) for file in mine},
+            "zoomed": {name: (fold["shifted_inputs_lesion_dice"][name], other["shifted_inputs_lesion_dice"][name])
+                       for name in (AS_SHIPPED, ZOOMED_OUT, ZOOMED_IN)},
+        })
+    shared = {fold["fold"] for fold in folds}
+    baseline_volumes = {volume["volume_id"]: volume for volume in baseline["volumes"] if volume["fold"] in shared}
+    candidate_volumes = [volume for volume in candidate["volumes"] if volume["volume_id"] in baseline_volumes]
+    volumes = [
+        {"volume_id": volume["volume_id"], "fold": volume["fold"], "reference_po": volume["percent_opacity"]["reference"],
+         **{key: (volume[key], baseline_volumes[volume["volume_id"]][key]) for key in ("lesion", "percent_opacity")}}
+        for volume in candidate_volumes
+    ]
+    volumes.sort(key=lambda volume: -volume["reference_po"])
+    pooled = (pooled_lesion_dice([fold for fold in candidate["folds"] if fold["fold"] in shared]),
+              pooled_lesion_dice([fold for fold in baseline["folds"] if fold["fold"] in shared]))
+    shifted = candidate["overall"]["shifted_inputs_lesion_dice"]
+    zoom_drops = {name: shifted[AS_SHIPPED]["mean"] - shifted[name]["mean"] for name in (ZOOMED_OUT, ZOOMED_IN)}
+    wins = sum(pair["candidate"] < pair["baseline"] for pair in pairs)
+    num_folds = candidate["split"]["num_folds"]
+    rule = {
+        "complete": len(folds) == num_folds,
+        "pooled_lesion_dice": {"value": pooled[0], "floor": dice_floor, "holds": pooled[0] >= dice_floor},
+        "less_false_lesion": {"wins": wins, "pairs": len(pairs), "needed": min_wins, "holds": wins >= min_wins},
+        "zoomed_within": {"drops": zoom_drops, "tolerance": zoom_tolerance,
+                          "holds": all(drop <= zoom_tolerance for drop in zoom_drops.values())},
+    }
+    rule["adopt"] = rule["complete"] and all(rule[part]["holds"] for part in ("pooled_lesion_dice", "less_false_lesion", "zoomed_within"))
+    return {
+        "candidate": candidate["command"],
+        "baseline": baseline["command"],
+        "folds": folds,
+        "pairs": pairs,
+        "volumes": volumes,
+        "pooled_lesion_dice": pooled,
+        "percent_opacity": (po_agreement(candidate_volumes), po_agreement(list(baseline_volumes.values()))),
+        "rule": rule,
+    }
+
+
+def pair_text(values: tuple[float | None, float | None], digits: int = 3) -> str:
+    return f"{format_number(values[0], digits)} / {format_number(values[1], digits)}"
+
+
+def render_markdown(comparison: dict, command: str) -> str:
+    """The comparison as Markdown, headed by the ``command`` that made it: candidate first, baseline second, in every cell."""
+    folds = comparison["folds"]
+    files = list(folds[0]["false_lesion_ml"]) if folds else []
+    lines = ["# Cross-validation: candidate against baseline", "", f"*Generated by `{command}`.*", "",
+             f"Candidate: `{comparison['candidate']}`", "", f"Baseline: `{comparison['baseline']}`", "",
+             "Every cell: candidate / baseline. False lesion in mL on lesion-free volumes no fold model trained on.", ""]
+    lines += markdown_table(
+        ["fold", "lesion Dice", *(f"`{file}`" for file in files), "as shipped", "zoomed out", "zoomed in"],
+        [[str(fold["fold"]), pair_text(fold["lesion_dice"]), *(pair_text(fold["false_lesion_ml"][file], 1) for file in files),
+          *(pair_text(fold["zoomed"][name]) for name in (AS_SHIPPED, ZOOMED_OUT, ZOOMED_IN))] for fold in folds],
+    )
+    lines += [f"Pooled lesion Dice over these folds' test volumes: {pair_text(comparison['pooled_lesion_dice'])}.", ""]
+    lines += ["## Per test volume, heaviest disease first", ""]
+    lines += markdown_table(
+        ["volume", "fold", "reference PO (%)", "PO (%)", "lesion Dice", "sensitivity", "precision"],
+        [[volume["volume_id"], str(volume["fold"]), format_number(volume["reference_po"], 1),
+          pair_text(tuple(po["model"] for po in volume["percent_opacity"]), 1),
+          *(pair_text(tuple(lesion[key] for lesion in volume["lesion"])) for key in ("F1", "Sen", "Pc"))]
+         for volume in comparison["volumes"]],
+    )
+    for name, summary in zip(("Candidate", "Baseline"), comparison["percent_opacity"], strict=True):
+        lines.append(f"{name} PO agreement over these {summary['volumes_compared']} volumes: {agreement_text(summary)}.")
+    rule = comparison["rule"]
+    dice, wins, zoom = rule["pooled_lesion_dice"], rule["less_false_lesion"], rule["zoomed_within"]
+    drops = ", ".join(f"{name} {format_number(drop)}" for name, drop in zoom["drops"].items())
+    lines += ["", "## Adoption rule", "",
+              f"1. Pooled lesion Dice ≥ {dice['floor']:g}: {format_number(dice['value'])}, {'holds' if dice['holds'] else 'fails'}.",
+              f"2. Less false lesion than the baseline in ≥ {wins['needed']} fold × volume pairs: {wins['wins']} of {wins['pairs']}, "
+              f"{'holds' if wins['holds'] else 'fails'}.",
+              f"3. Zoomed-out and zoomed-in lesion Dice (means over folds) within {zoom['tolerance']:g} below the as-shipped one: drops "
+              f"{drops}, {'holds' if zoom['holds'] else 'fails'}.", ""]
+    if not rule["complete"]:
+        lines.append("Verdict: **not judged**: the candidate has not run every fold.")
+    else:
+        lines.append(f"Verdict: **{'adopt' if rule['adopt'] else 'do not adopt'}**.")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="covidlesionseg-compare-crossval", description=__doc__.splitlines()[0].split(": ", 1)[1])
+    parser.add_argument("--candidate", type=Path, required=True, help="the candidate recipe's crossval.json")
+    parser.add_argument("--baseline", type=Path, required=True, help="the baseline recipe's crossval.json, same split and guard rails")
+    parser.add_argument("--dice-floor", type=float, default=0.632, help="least pooled lesion Dice (default 0.632, v1's recipe)")
+    parser.add_argument("--min-wins", type=int, default=12,
+                        help="fold × lesion-free volume pairs with less false lesion needed (default 12)")
+    parser.add_argument("--zoom-tolerance", type=float, default=0.05, help="largest drop of the zoomed renderings' Dice (default 0.05)")
+    parser.add_argument("--output", type=Path, help="also write the Markdown here")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = build_parser().parse_args(argv)
+    try:
+        comparison = compare(load(arguments.candidate), load(arguments.baseline), arguments.dice_floor, arguments.min_wins,
+                             arguments.zoom_tolerance)
+    except KeyError as error:
+        print(f"ERROR {arguments.candidate} or {arguments.baseline}: no field {error}; not a crossval.json", file=sys.stderr)
+        return 1
+    except ValueError as error:
+        print(f"ERROR {error}", file=sys.stderr)
+        return 1
+    command = shlex.join(["covidlesionseg-compare-crossval", *(sys.argv[1:] if argv is None else argv)])
+    text = render_markdown(comparison, command)
+    if arguments.output:
+        with atomic_output(arguments.output) as temporary:
+            temporary.write_text(text + "\n", encoding="utf-8")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
