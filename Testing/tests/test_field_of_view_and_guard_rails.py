@@ -9,6 +9,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from COVIDLesionSegLib import preprocessing
 from COVIDLesionSegLib.backends import TorchBackend
 from COVIDLesionSegLib.classical_lung import classical_lung_mask
 from COVIDLesionSegLib.predictor import NO_GUARD_RAILS, GuardRails, Predictor, apply_guard_rails, components_at_least
@@ -77,6 +78,18 @@ def test_body_box_is_square_holds_the_body_with_a_margin_and_ignores_the_table()
     assert box.left == pytest.approx(100 - box.side / 2, abs=2) and box.top == pytest.approx(100 - box.side / 2, abs=2)
     assert body_crop_box(hu, PreprocessingConfig()) is None  # "full": v1 checkpoints
     assert body_crop_box(np.zeros((2, 40, 40)), BODY) is None  # no body: whole slice
+
+
+@pytest.mark.parametrize("size", [512, 515, 1024])
+def test_a_large_slice_is_boxed_shrunk_to_within_the_shrink_factor_of_its_full_resolution_box(size, monkeypatch):
+    """512² and larger slices are judged shrunk by a whole factor (2 for 512–767, 4 for 1024; a remainder is left out)."""
+    hu, _ = chest_phantom(size=size, depth=3)
+    shrunk = body_crop_box(hu, BODY)
+    monkeypatch.setattr(preprocessing, "BODY_BOX_JUDGED_SIDE", size)  # judged at full resolution, as before
+    full = body_crop_box(hu, BODY)
+    factor = size // 256
+    assert abs(shrunk.top - full.top) <= factor and abs(shrunk.left - full.left) <= factor and abs(shrunk.side - full.side) <= 2 * factor
+    assert shrunk.side == pytest.approx(0.6 * size * (1 + 2 * BODY.body_margin), rel=0.03)
 
 
 @pytest.mark.parametrize("depth, wide_slice, counted", [(200, 1, True), (401, 1, False), (401, 400, True), (401, 0, True)])
