@@ -137,6 +137,12 @@ def test_percent_opacity_of_every_test_volume_is_compared_with_its_reference(two
         assert measured[volume["volume_id"]]["model_percent_opacity"] == pytest.approx(volume["model_percent_opacity"])
     assert results["overall"]["percent_opacity"]["mean_absolute_difference_pp"] == pytest.approx(
         report["summary"]["mean_absolute_difference_pp"])
+    # a lower lesion threshold marks a superset of the lesion inside the same lung: no volume's PO falls
+    low = validate([(str(folder / "runs" / f"fold{fold['fold']}" / "best.safetensors"), fold["test_groups"])
+                    for fold in results["folds"]], tiny_data, folder / "po-low", device="cpu", lesion_threshold=0.05)
+    assert low["guard_rails"]["lesion_threshold"] == 0.05 and report["guard_rails"]["lesion_threshold"] == 0.6
+    default_po = {volume["volume_id"]: volume["model_percent_opacity"] or 0.0 for volume in report["volumes"]}
+    assert all((volume["model_percent_opacity"] or 0.0) >= default_po[volume["volume_id"]] for volume in low["volumes"])
     markdown = (folder / "out" / "crossval.md").read_text()
     assert "### Percentage of opacity (PO) per test volume" in markdown and "over 4 volumes" in markdown
     assert "ran before PO was measured" not in markdown

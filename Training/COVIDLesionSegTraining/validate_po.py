@@ -200,15 +200,18 @@ def validate(
     device: str = "auto",
     batch_size: int = 8,
     command: str = "",
+    lesion_threshold: float | None = None,
 ) -> dict:
-    """Run every fold ``(checkpoint or registry name, volume names)``; write the JSON, the plot and the paragraph."""
-    from COVIDLesionSegLib.predictor import Predictor
+    """Run every fold ``(checkpoint or registry name, volume names)``; write the JSON, the plot and the paragraph.
+    ``lesion_threshold`` replaces the default guard rails' lesion probability threshold (the JSON records the guard rails)."""
+    from COVIDLesionSegLib.predictor import GuardRails, Predictor
 
     data_dir, output_dir = Path(data_dir), Path(output_dir)
+    guard_rails = GuardRails() if lesion_threshold is None else GuardRails(lesion_threshold=lesion_threshold)
     results: list[VolumeResult] = []
     models = []
     for source, names in folds:
-        predictor = Predictor.from_checkpoint(source, device, batch_size)
+        predictor = Predictor.from_checkpoint(source, device, batch_size, guard_rails)
         label = str(source)  # as given: a registry name, or a path that tells the folds' best.safetensors apart
         volumes = held_out_volumes(predictor.checkpoint, label, names, data_dir)
         repeated = sorted({r.volume_id for r in results} & set(volumes))
@@ -227,6 +230,7 @@ def validate(
             "pearson_r": f"computed from {MIN_VOLUMES_FOR_CORRELATION} volumes on, when both PO vary",
         },
         "models": models,
+        "guard_rails": asdict(guard_rails),
         "data": str(data_dir),
         "command": command,
         "volumes": [{**asdict(r), "difference": r.difference} for r in results],
@@ -259,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", required=True, type=Path, help="folder for po_validation.json/.md and po_bland_altman.png")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lesion-threshold", type=float, help="lesion probability threshold of the guard rails (default: the "
+                        "CLI's); to see how the PO agreement depends on it")
     return parser
 
 
@@ -269,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     folds = [(fold[0], fold[1:]) for fold in args.checkpoint]
     command = shlex.join(["covidlesionseg-validate-po", *argv])
     try:
-        report = validate(folds, args.data, args.output_dir, args.device, args.batch_size, command)
+        report = validate(folds, args.data, args.output_dir, args.device, args.batch_size, command, args.lesion_threshold)
     except (OSError, ValueError) as error:
         print(f"ERROR {error}", file=sys.stderr)
         return 1
