@@ -63,33 +63,30 @@ def po_agreement(volumes: Sequence[dict]) -> dict:
                                    volume["percent_opacity"]["model"]) for volume in volumes])
 
 
-def check_comparable(candidate: dict, baseline: dict) -> None:
-    """Refuse two cross-validations whose shared folds test other patients or ran at other guard rails."""
+def matched_folds(candidate: dict, baseline: dict) -> list[tuple[dict, dict]]:
+    """(candidate fold, baseline fold) for every fold both ran, in fold order; refuses folds that test other patients or
+    ran at other guard rails."""
     baseline_folds = {fold["fold"]: fold for fold in baseline["folds"]}
-    for fold in candidate["folds"]:
-        other = baseline_folds.get(fold["fold"])
-        if other is None:
-            continue
+    matched = [(fold, baseline_folds[fold["fold"]]) for fold in sorted(candidate["folds"], key=lambda fold: fold["fold"])
+               if fold["fold"] in baseline_folds]
+    for fold, other in matched:
         if sorted(fold["test_groups"]) != sorted(other["test_groups"]):
             raise ValueError(f"fold {fold['fold']} tests other patients in the two cross-validations: the splits differ")
         if fold.get("guard_rails") is None or fold.get("guard_rails") != other.get("guard_rails"):
             raise ValueError(f"fold {fold['fold']} ran at other guard rails, or one of them did not record them ({fold.get('guard_rails')} "
                              f"against {other.get('guard_rails')}); score both at the same (covidlesionseg-crossval again with the "
                              "same --runs: finished folds are scored, not trained)")
+    return matched
 
 
 def compare(candidate: dict, baseline: dict, dice_floor: float, min_wins: int, zoom_tolerance: float) -> dict:
     """The figures of the module docstring as a dict (see :func:`render_markdown`)."""
-    check_comparable(candidate, baseline)
-    baseline_folds = {fold["fold"]: fold for fold in baseline["folds"]}
+    matched = matched_folds(candidate, baseline)
     folds, pairs = [], []
-    for fold in sorted(candidate["folds"], key=lambda fold: fold["fold"]):
-        other = baseline_folds.get(fold["fold"])
-        if other is None:
-            continue
+    for fold, other in matched:
         mine, theirs = false_lesion_ml(fold), false_lesion_ml(other)
-        for file in mine.keys() & theirs.keys():
-            pairs.append({"fold": fold["fold"], "file": file, "candidate": mine[file], "baseline": theirs[file]})
+        pairs += [{"fold": fold["fold"], "file": file, "candidate": mine[file], "baseline": theirs[file]}
+                  for file in mine if file in theirs]
         folds.append({
             "fold": fold["fold"],
             "lesion_dice": (fold["test"]["lesion"]["pooled"]["F1"], other["test"]["lesion"]["pooled"]["F1"]),
@@ -106,8 +103,7 @@ def compare(candidate: dict, baseline: dict, dice_floor: float, min_wins: int, z
         for volume in candidate_volumes
     ]
     volumes.sort(key=lambda volume: -volume["reference_po"])
-    pooled = (pooled_lesion_dice([fold for fold in candidate["folds"] if fold["fold"] in shared]),
-              pooled_lesion_dice([fold for fold in baseline["folds"] if fold["fold"] in shared]))
+    pooled = (pooled_lesion_dice([fold for fold, _ in matched]), pooled_lesion_dice([other for _, other in matched]))
     shifted = candidate["overall"]["shifted_inputs_lesion_dice"]
     zoom_drops = {name: shifted[AS_SHIPPED]["mean"] - shifted[name]["mean"] for name in (ZOOMED_OUT, ZOOMED_IN)}
     wins = sum(pair["candidate"] < pair["baseline"] for pair in pairs)
