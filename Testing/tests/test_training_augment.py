@@ -169,3 +169,44 @@ def test_vertical_flip_turns_image_and_masks_upside_down_apart_from_the_other_dr
         TrainConfig(data_dir="d", output_dir="o", vertical_flip=1.5)
     cv = crossval_parser().parse_args(["--recipe", "r", "--data", "d", "--runs", "x", "--output", "y", "--vertical-flip", "0.5"])
     assert cv.vertical_flip == 0.5
+
+
+def test_heavy_disease_repeat_shows_heavy_slices_more_often_each_with_its_own_draws(shared_data):
+    from COVIDLesionSegTraining.config import TrainConfig
+    from COVIDLesionSegTraining.crossval import build_parser as crossval_parser
+    from COVIDLesionSegTraining.data import (
+        HEAVY_DISEASE_SHARE,
+        ManifestSliceDataset,
+        lesion_share_of_lung,
+        with_heavy_disease_repeated,
+    )
+    from COVIDLesionSegTraining.train import build_parser, config_from_arguments
+
+    # radiopaedia_40 (61 % opacity) has heavy slices, radiopaedia_36 (a few small lesions) none
+    records = [r for r in read_manifest(shared_data) if r.volume_id in ("radiopaedia_40_86625_0", "radiopaedia_36_86526_0")]
+    shares = {record: lesion_share_of_lung(record) for record in records}
+    heavy = {record for record, share in shares.items() if share >= HEAVY_DISEASE_SHARE}
+    assert 0 < len(heavy) < len(records) and all(r.volume_id == "radiopaedia_40_86625_0" for r in heavy)
+    assert with_heavy_disease_repeated(records, 1) == records
+    repeated = with_heavy_disease_repeated(records, 3)
+    assert repeated[: len(records)] == records
+    assert all(repeated.count(record) == (3 if record in heavy else 1) for record in records)
+    with pytest.raises(ValueError, match="at least 1"):
+        with_heavy_disease_repeated(records, 0)
+
+    # the copies of a slice are drawn apart; the body box of each volume is the one of its distinct slices
+    once, thrice = (ManifestSliceDataset(r, augment="robust", seed=3, orientation="radiological") for r in (records, repeated))
+    assert thrice.boxes == once.boxes
+    copies = [index for index, record in enumerate(repeated) if record == repeated[len(records)]]
+    assert len(copies) == 3 and not np.array_equal(thrice[copies[0]]["image"].numpy(), thrice[copies[1]]["image"].numpy())
+
+    arguments = vars(build_parser().parse_args(["--data", "d", "--output", "o", "--heavy-disease-repeat", "3"]))
+    config = config_from_arguments({key: arguments[key] for key in ("data_dir", "output_dir", "heavy_disease_repeat")})
+    assert config.heavy_disease_repeat == 3
+    assert any(line.startswith("heavy_disease_repeat: lesion slices with ≥ 25%") for line in config.differences_from_paper())
+    assert TrainConfig(data_dir="d", output_dir="o").heavy_disease_repeat == 1  # checkpoints saved before the field keep their meaning
+    for wrong in (0, 1.5):
+        with pytest.raises(ValueError, match="heavy_disease_repeat"):
+            TrainConfig(data_dir="d", output_dir="o", heavy_disease_repeat=wrong)
+    cv = crossval_parser().parse_args(["--recipe", "r", "--data", "d", "--runs", "x", "--output", "y", "--heavy-disease-repeat", "3"])
+    assert cv.heavy_disease_repeat == 3

@@ -16,7 +16,7 @@ from COVIDLesionSegLib.models import MODELS
 from COVIDLesionSegLib.preprocessing import PreprocessingConfig
 
 from .augment import check_augment_mode
-from .data import check_channels, check_orientation
+from .data import HEAVY_DISEASE_SHARE, check_channels, check_orientation
 from .splits import SplitSpec
 
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # "auto": bf16 autocast on CUDA, fp32 elsewhere
@@ -57,6 +57,7 @@ class TrainConfig:
     dependent_density: float = 0.0  # probability that a lesion-free slice is rendered with synthetic dependent density (negatives.py)
     low_resolution: float = 0.0  # probability that a training slice is shown at 0.6–0.9 of its resolution (augment.lower_resolution)
     vertical_flip: float = 0.0  # probability that a training slice is shown upside down (anterior–posterior), its masks with it
+    heavy_disease_repeat: int = 1  # times per epoch a lesion slice with ≥ 25 % of its lung lesioned is shown (data.HEAVY_DISEASE_SHARE)
     weight_average_decay: float | None = None  # checkpoints hold an exponential moving average of the weights (e.g. 0.99); None = off
     init_from: str | None = None  # checkpoint (file or registry name) whose weights start the run (fine-tuning); None = fresh
     init_recipe: dict | None = None  # that checkpoint's train_config (recorded by training): the stage this run fine-tunes
@@ -90,6 +91,8 @@ class TrainConfig:
         for name in ("low_resolution", "vertical_flip"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} is a probability, got {getattr(self, name)}")
+        if int(self.heavy_disease_repeat) != self.heavy_disease_repeat or self.heavy_disease_repeat < 1:
+            raise ValueError(f"heavy_disease_repeat must be a whole number ≥ 1, got {self.heavy_disease_repeat}")
         if self.dice_mode not in DICE_MODES:
             raise ValueError(f"unknown dice_mode {self.dice_mode!r}; valid: {', '.join(DICE_MODES)}")
         if self.weight_average_decay is not None and not 0.0 < self.weight_average_decay < 1.0:
@@ -188,6 +191,9 @@ class TrainConfig:
             differences.append(f"low_resolution: {self.low_resolution:.0%} of training slices shown at 0.6–0.9 of their resolution")
         if self.vertical_flip:
             differences.append(f"vertical_flip: {self.vertical_flip:.0%} of training slices shown upside down")
+        if self.heavy_disease_repeat > 1:
+            differences.append(f"heavy_disease_repeat: lesion slices with ≥ {HEAVY_DISEASE_SHARE:.0%} of the lung lesioned shown "
+                               f"{self.heavy_disease_repeat}× per epoch")
         if self.dependent_density:
             differences.append(f"dependent_density: {self.dependent_density:.0%} of lesion-free slices with synthetic dependent density")
         precision = self.effective_precision(device_type or "cpu")

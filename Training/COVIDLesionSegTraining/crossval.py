@@ -65,7 +65,7 @@ logger = logging.getLogger(__name__)
 REPORTED_METRICS = ("F1", "Pc", "Sen", "Sp", "IoU")
 # TrainConfig fields the command line may change
 CLI_CHANGES = ("max_steps", "augment", "dice_weight", "dice_mode", "low_resolution", "weight_average_decay", "negative_fraction",
-               "dependent_density", "field_of_view", "vertical_flip", "seed")
+               "dependent_density", "field_of_view", "vertical_flip", "heavy_disease_repeat", "seed")
 HEALTHY_CT_FIELDS = (
     "file", "false_lesion_ml", "false_lesion_ml_off_tumour", "slices_with_false_lesion", "lung_ml", "false_percent_opacity"
 )
@@ -534,6 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--negative-fraction", type=float, metavar="F", help="share of each epoch from the recipe's lesion-free slices")
     group.add_argument("--dependent-density", type=float, metavar="P", help="share of lesion-free slices given synthetic dependent density")
     group.add_argument("--vertical-flip", type=float, metavar="P", help="share of training slices shown upside down")
+    group.add_argument("--heavy-disease-repeat", type=int, metavar="R",
+                       help="times per epoch a lesion slice with at least 25 %% of its lung lesioned is shown")
     group.add_argument("--field-of-view", choices=FIELDS_OF_VIEW, help="full: the whole slice; body: each volume cut to its body box")
     group.add_argument("--seed", type=int, help="training seed (initialisation, sample order, augmentation; the split keeps its own)")
     parser.add_argument("--carry-folds", nargs="+", default=[], metavar="RESULTS_JSON",

@@ -61,6 +61,7 @@ from .augment import (
 CHANNEL_NAMES = ("lesion", "lung")
 ORIENTATIONS = ("as-stored", "radiological")  # what the manifest slices are turned to
 MANIFEST_COLUMNS = ("volume_id", "split_group", "pos_in_volume", "image", "mask", "lung_mask")
+HEAVY_DISEASE_SHARE = 0.25  # a slice whose lesion covers at least this share of its lung shows heavy disease (MosMed CT-2 and above)
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,25 @@ def read_png(path: Path) -> np.ndarray:
     if image is None:
         raise FileNotFoundError(f"{path}: cannot read this PNG")
     return image
+
+
+def lesion_share_of_lung(record: SliceRecord) -> float:
+    """Lesion pixels over lung pixels (lesion included) of one manifest slice; 0 when it shows no lung."""
+    lesion, lung = (read_png(path) > 0 for path in (record.lesion_mask, record.lung_mask))
+    return float(lesion.sum() / max(1, (lung | lesion).sum()))
+
+
+def with_heavy_disease_repeated(records: Sequence[SliceRecord], repeat: int) -> list[SliceRecord]:
+    """``records`` followed by ``repeat − 1`` more copies of each slice whose lesion covers at least
+    ``HEAVY_DISEASE_SHARE`` of its lung, so an epoch shows heavy disease ``repeat`` times (each copy its own
+    augmentation draws, as they are drawn per item index)."""
+    if repeat < 1:
+        raise ValueError(f"heavy_disease_repeat must be at least 1, got {repeat}")
+    records = list(records)
+    if repeat == 1:
+        return records
+    heavy = [record for record in records if lesion_share_of_lung(record) >= HEAVY_DISEASE_SHARE]
+    return records + heavy * (repeat - 1)
 
 
 class SliceDataset(Dataset):
@@ -232,8 +252,9 @@ class ManifestSliceDataset(SliceDataset):
         self.orientation = check_orientation(orientation)
         self.boxes: dict[str, CropBox | None] = {}
         if self.preprocessing.field_of_view != "full":
-            for volume_id in dict.fromkeys(record.volume_id for record in self.records):
-                images = [oriented(r, read_png(r.image), orientation) for r in self.records if r.volume_id == volume_id]
+            distinct = list(dict.fromkeys(self.records))  # a slice shown twice an epoch counts once for the box
+            for volume_id in dict.fromkeys(record.volume_id for record in distinct):
+                images = [oriented(r, read_png(r.image), orientation) for r in distinct if r.volume_id == volume_id]
                 self.boxes[volume_id] = body_crop_box(np.stack(images), self.preprocessing)
 
     def __len__(self) -> int:

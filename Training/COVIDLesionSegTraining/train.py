@@ -60,7 +60,7 @@ from COVIDLesionSegLib.models import build_model, count_parameters
 from COVIDLesionSegLib.predictor import resolve_device
 
 from .config import DICE_MODES, PRECISIONS, TrainConfig
-from .data import ManifestSliceDataset
+from .data import ManifestSliceDataset, with_heavy_disease_repeated
 from .evaluate import confusion_counts, metrics_from_counts
 from .negatives import MixedSliceDataset, NegativeVolumeDataset
 from .splits import Split, make_split
@@ -518,7 +518,11 @@ def train_process(config: TrainConfig, resume: bool, context: DistributedContext
     preprocessing = config.preprocessing()
     options = {"channels": config.channels, "preprocessing": preprocessing, "seed": config.seed}
     augmentation = {"augment": config.augment, "low_resolution": config.low_resolution, "vertical_flip": config.vertical_flip}
-    train_set = ManifestSliceDataset(split.train, orientation=config.orientation, **augmentation, **options)
+    train_records = with_heavy_disease_repeated(split.train, config.heavy_disease_repeat)
+    train_set = ManifestSliceDataset(train_records, orientation=config.orientation, **augmentation, **options)
+    if context.is_main and config.heavy_disease_repeat > 1:
+        logger.info("heavy disease: %d training slices shown %d× per epoch", (len(train_records) - len(split.train))
+                    // (config.heavy_disease_repeat - 1), config.heavy_disease_repeat)
     val_set = ManifestSliceDataset(split.val, orientation=config.orientation, **options)
     if config.negatives_dir:
         not_trained = (*config.negative_holdout, *config.negative_validation)
@@ -802,6 +806,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="P",
         help="probability that a training slice is shown upside down (anterior–posterior), its masks with it (default 0)",
+    )
+    group.add_argument(
+        "--heavy-disease-repeat",
+        type=int,
+        metavar="R",
+        help="show each lesion slice whose lesion covers at least 25 %% of its lung R times per epoch (default 1)",
     )
     group = parser.add_argument_group("data recipe")
     group.add_argument("--orientation", choices=ORIENTATIONS,
