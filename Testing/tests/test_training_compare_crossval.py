@@ -59,3 +59,24 @@ def test_other_or_unrecorded_guard_rails_or_an_unreadable_file_is_a_clear_error(
     assert "not a crossval.json" in capsys.readouterr().err
     assert compare_crossval.main(["--candidate", str(tmp_path / "absent.json"), "--baseline", str(BASELINE)]) == 1
     assert "absent.json: not a readable crossval.json" in capsys.readouterr().err
+
+
+def test_fold_means_rule_judges_dice_po_agreement_and_mean_false_lesion_against_the_baseline():
+    baseline = compare_crossval.load(BASELINE)
+    itself = compare_crossval.compare(baseline, baseline, 0.632, 12, 0.05, rule_name="fold-means")["rule"]
+    assert itself["pooled_lesion_dice"]["holds"] and itself["mean_false_lesion_not_higher"]["holds"]  # equal is enough for these
+    assert not itself["better_po_agreement"]["holds"] and not itself["adopt"]  # equal agreement is not better
+    # the vertical-flip recipe against the v5 recipe (Training/README.md): 0.644 against 0.648, r 0.553 against 0.399
+    vertical_flip = compare_crossval.load(RESULTS / "crossval-v5-vertical-flip" / "crossval.json")
+    comparison = compare_crossval.compare(vertical_flip, baseline, 0.632, 12, 0.05, rule_name="fold-means")
+    rule = comparison["rule"]
+    assert rule["complete"] and not rule["pooled_lesion_dice"]["holds"] and rule["better_po_agreement"]["holds"]
+    means = rule["mean_false_lesion_not_higher"]["means_ml"]
+    assert rule["mean_false_lesion_not_higher"]["holds"] and means == comparison["mean_false_lesion_ml"] and len(means) == 3
+    ctchest = [fold["healthy_ct"]["false_lesion_ml"] for fold in baseline["folds"]]
+    assert means["CTChest4.nrrd"][1] == pytest.approx(sum(ctchest) / len(ctchest))
+    assert not rule["adopt"]
+    text = compare_crossval.render_markdown(comparison, "covidlesionseg-compare-crossval --rule fold-means")
+    assert "## Adoption rule (fold-means)" in text and "1. Pooled lesion Dice at least the baseline's: 0.644 / 0.648, fails." in text
+    with pytest.raises(ValueError, match="unknown rule"):
+        compare_crossval.compare(baseline, baseline, 0.632, 12, 0.05, rule_name="best-draw")

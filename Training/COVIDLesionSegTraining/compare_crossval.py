@@ -13,10 +13,14 @@ rails (else the figures would not compare, and the command refuses). Printed, an
   fold model trained on, and the lesion Dice of the zoomed-out and zoomed-in renderings of its test patients;
 - per test volume, heaviest disease first (reference percentage of opacity): lesion Dice, sensitivity and PO;
 - the PO agreement over these volumes, and the pooled lesion Dice over these folds, of each;
-- the adoption rule used in ``Training/README.md`` since the v5 recipe, each part with its figure: (1) pooled lesion
-  Dice of the candidate over all folds ≥ ``--dice-floor``; (2) less false lesion than the baseline in at least ``--min-wins`` of the
-  fold × lesion-free volume pairs; (3) the mean zoomed-out and zoomed-in lesion Dice over the folds each within
-  ``--zoom-tolerance`` below the as-shipped rendering's. The rule is judged only when the candidate has run every fold.
+- an adoption rule of ``Training/README.md``, each part with its figure, judged only when the candidate has run every fold.
+  ``--rule pair-wins`` (the rule since the v5 recipe): (1) pooled lesion Dice of the candidate over all folds ≥
+  ``--dice-floor``; (2) less false lesion than the baseline in at least ``--min-wins`` of the fold × lesion-free volume
+  pairs; (3) the mean zoomed-out and zoomed-in lesion Dice over the folds each within ``--zoom-tolerance`` below the
+  as-shipped rendering's. ``--rule fold-means`` (since the heavy-disease candidate; pair wins between single draws are
+  too noisy for close recipes): (1) pooled lesion Dice at least the baseline's; (2) better PO agreement: Pearson r
+  higher and mean absolute difference lower than the baseline's; (3) the mean false lesion over the folds no higher than
+  the baseline's on each lesion-free volume; (4) as (3) of ``pair-wins``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from statistics import fmean
 
 from COVIDLesionSegLib.checkpoints import atomic_output
 
@@ -36,6 +41,7 @@ from .reproduce import format_number, markdown_table
 from .validate_po import VolumeResult, agreement, agreement_text
 
 AS_SHIPPED, _, ZOOMED_OUT, ZOOMED_IN = SHIFTED_RENDERINGS
+RULES = ("pair-wins", "fold-means")
 
 
 def load(path: Path) -> dict:
@@ -79,8 +85,10 @@ def matched_folds(candidate: dict, baseline: dict) -> list[tuple[dict, dict]]:
     return matched
 
 
-def compare(candidate: dict, baseline: dict, dice_floor: float, min_wins: int, zoom_tolerance: float) -> dict:
-    """The figures of the module docstring as a dict (see :func:`render_markdown`)."""
+def compare(candidate: dict, baseline: dict, dice_floor: float, min_wins: int, zoom_tolerance: float, rule_name: str = "pair-wins") -> dict:
+    """The figures of the module docstring as a dict (see :func:`render_markdown`), judged by ``rule_name`` (one of ``RULES``)."""
+    if rule_name not in RULES:
+        raise ValueError(f"unknown rule {rule_name!r}; valid: {', '.join(RULES)}")
     matched = matched_folds(candidate, baseline)
     folds, pairs = [], []
     for fold, other in matched:
@@ -106,30 +114,68 @@ def compare(candidate: dict, baseline: dict, dice_floor: float, min_wins: int, z
     pooled = (pooled_lesion_dice([fold for fold, _ in matched]), pooled_lesion_dice([other for _, other in matched]))
     shifted = candidate["overall"]["shifted_inputs_lesion_dice"]
     zoom_drops = {name: shifted[AS_SHIPPED]["mean"] - shifted[name]["mean"] for name in (ZOOMED_OUT, ZOOMED_IN)}
-    wins = sum(pair["candidate"] < pair["baseline"] for pair in pairs)
-    num_folds = candidate["split"]["num_folds"]
-    rule = {
-        "complete": len(folds) == num_folds,
-        "pooled_lesion_dice": {"value": pooled[0], "floor": dice_floor, "holds": pooled[0] >= dice_floor},
-        "less_false_lesion": {"wins": wins, "pairs": len(pairs), "needed": min_wins, "holds": wins >= min_wins},
-        "zoomed_within": {"drops": zoom_drops, "tolerance": zoom_tolerance,
-                          "holds": all(drop <= zoom_tolerance for drop in zoom_drops.values())},
-    }
-    rule["adopt"] = rule["complete"] and all(rule[part]["holds"] for part in ("pooled_lesion_dice", "less_false_lesion", "zoomed_within"))
+    percent_opacity = (po_agreement(candidate_volumes), po_agreement(list(baseline_volumes.values())))
+    files = list(dict.fromkeys(pair["file"] for pair in pairs))
+    mean_false_lesion = {file: tuple(fmean([pair[side] for pair in pairs if pair["file"] == file]) for side in ("candidate", "baseline"))
+                         for file in files}
+    rule = {"name": rule_name, "complete": len(folds) == candidate["split"]["num_folds"]}
+    if rule_name == "pair-wins":
+        wins = sum(pair["candidate"] < pair["baseline"] for pair in pairs)
+        rule["pooled_lesion_dice"] = {"value": pooled[0], "floor": dice_floor, "holds": pooled[0] >= dice_floor}
+        rule["less_false_lesion"] = {"wins": wins, "pairs": len(pairs), "needed": min_wins, "holds": wins >= min_wins}
+    else:
+        rule["pooled_lesion_dice"] = {"value": pooled[0], "floor": pooled[1], "holds": pooled[0] >= pooled[1]}
+        (r, r_baseline), (difference, difference_baseline) = (
+            tuple(summary[key] for summary in percent_opacity) for key in ("pearson_r", "mean_absolute_difference_pp"))
+        rule["better_po_agreement"] = {"pearson_r": (r, r_baseline), "mean_absolute_difference_pp": (difference, difference_baseline),
+                                       "holds": None not in (r, r_baseline) and r > r_baseline and difference < difference_baseline}
+        rule["mean_false_lesion_not_higher"] = {"means_ml": mean_false_lesion,
+                                                "holds": all(mine <= theirs for mine, theirs in mean_false_lesion.values())}
+    rule["zoomed_within"] = {"drops": zoom_drops, "tolerance": zoom_tolerance,
+                             "holds": all(drop <= zoom_tolerance for drop in zoom_drops.values())}
+    parts = [part for part, value in rule.items() if isinstance(value, dict)]
+    rule["adopt"] = rule["complete"] and all(rule[part]["holds"] for part in parts)
     return {
         "candidate": candidate["command"],
         "baseline": baseline["command"],
         "folds": folds,
         "pairs": pairs,
+        "mean_false_lesion_ml": mean_false_lesion,
         "volumes": volumes,
         "pooled_lesion_dice": pooled,
-        "percent_opacity": (po_agreement(candidate_volumes), po_agreement(list(baseline_volumes.values()))),
+        "percent_opacity": percent_opacity,
         "rule": rule,
     }
 
 
 def pair_text(values: tuple[float | None, float | None], digits: int = 3) -> str:
     return f"{format_number(values[0], digits)} / {format_number(values[1], digits)}"
+
+
+def verdict(holds: bool) -> str:
+    return "holds" if holds else "fails"
+
+
+def rule_lines(rule: dict) -> list[str]:
+    """The numbered parts of ``rule`` (of :func:`compare`), each with its figures and whether it holds."""
+    dice, zoom = rule["pooled_lesion_dice"], rule["zoomed_within"]
+    if rule["name"] == "pair-wins":
+        wins = rule["less_false_lesion"]
+        parts = [f"Pooled lesion Dice ≥ {dice['floor']:g}: {format_number(dice['value'])}, {verdict(dice['holds'])}.",
+                 f"Less false lesion than the baseline in ≥ {wins['needed']} fold × volume pairs: {wins['wins']} of {wins['pairs']}, "
+                 f"{verdict(wins['holds'])}."]
+    else:
+        po, means = rule["better_po_agreement"], rule["mean_false_lesion_not_higher"]
+        parts = [f"Pooled lesion Dice at least the baseline's: {pair_text((dice['value'], dice['floor']))}, {verdict(dice['holds'])}.",
+                 f"Better PO agreement, Pearson r higher and mean absolute difference lower: r {pair_text(po['pearson_r'])}, "
+                 f"{pair_text(po['mean_absolute_difference_pp'], 2)} pp, {verdict(po['holds'])}.",
+                 "Mean false lesion over the folds no higher on each lesion-free volume: "
+                 + ", ".join(f"`{file}` {pair_text(values, 1)} mL" for file, values in means["means_ml"].items())
+                 + f", {verdict(means['holds'])}."]
+    drops = ", ".join(f"{name} {format_number(drop)}" for name, drop in zoom["drops"].items())
+    parts.append(f"Zoomed-out and zoomed-in lesion Dice (means over folds) within {zoom['tolerance']:g} below the as-shipped one: "
+                 f"drops {drops}, {verdict(zoom['holds'])}.")
+    return [f"{number}. {part}" for number, part in enumerate(parts, start=1)]
 
 
 def render_markdown(comparison: dict, command: str) -> str:
@@ -144,6 +190,8 @@ def render_markdown(comparison: dict, command: str) -> str:
         [[str(fold["fold"]), pair_text(fold["lesion_dice"]), *(pair_text(fold["false_lesion_ml"][file], 1) for file in files),
           *(pair_text(fold["zoomed"][name]) for name in (AS_SHIPPED, ZOOMED_OUT, ZOOMED_IN))] for fold in folds],
     )
+    lines += ["Mean false lesion over these folds (mL): "
+              + ", ".join(f"`{file}` {pair_text(means, 1)}" for file, means in comparison["mean_false_lesion_ml"].items()) + ".", ""]
     lines += [f"Pooled lesion Dice over these folds' test volumes: {pair_text(comparison['pooled_lesion_dice'])}.", ""]
     lines += ["## Per test volume, heaviest disease first", ""]
     lines += markdown_table(
@@ -156,14 +204,7 @@ def render_markdown(comparison: dict, command: str) -> str:
     for name, summary in zip(("Candidate", "Baseline"), comparison["percent_opacity"], strict=True):
         lines.append(f"{name} PO agreement over these {summary['volumes_compared']} volumes: {agreement_text(summary)}.")
     rule = comparison["rule"]
-    dice, wins, zoom = rule["pooled_lesion_dice"], rule["less_false_lesion"], rule["zoomed_within"]
-    drops = ", ".join(f"{name} {format_number(drop)}" for name, drop in zoom["drops"].items())
-    lines += ["", "## Adoption rule", "",
-              f"1. Pooled lesion Dice ≥ {dice['floor']:g}: {format_number(dice['value'])}, {'holds' if dice['holds'] else 'fails'}.",
-              f"2. Less false lesion than the baseline in ≥ {wins['needed']} fold × volume pairs: {wins['wins']} of {wins['pairs']}, "
-              f"{'holds' if wins['holds'] else 'fails'}.",
-              f"3. Zoomed-out and zoomed-in lesion Dice (means over folds) within {zoom['tolerance']:g} below the as-shipped one: drops "
-              f"{drops}, {'holds' if zoom['holds'] else 'fails'}.", ""]
+    lines += ["", f"## Adoption rule ({rule['name']})", "", *rule_lines(rule), ""]
     if not rule["complete"]:
         lines.append("Verdict: **not judged**: the candidate has not run every fold.")
     else:
@@ -178,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dice-floor", type=float, default=0.632, help="least pooled lesion Dice (default 0.632, v1's recipe)")
     parser.add_argument("--min-wins", type=int, default=12,
                         help="fold × lesion-free volume pairs with less false lesion needed (default 12)")
+    parser.add_argument("--rule", choices=RULES, default="pair-wins",
+                        help="pair-wins (default): --dice-floor and --min-wins; fold-means: Dice, PO agreement and mean false lesion "
+                             "against the baseline's")
     parser.add_argument("--zoom-tolerance", type=float, default=0.05, help="largest drop of the zoomed renderings' Dice (default 0.05)")
     parser.add_argument("--output", type=Path, help="also write the Markdown here")
     return parser
@@ -187,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     try:
         comparison = compare(load(arguments.candidate), load(arguments.baseline), arguments.dice_floor, arguments.min_wins,
-                             arguments.zoom_tolerance)
+                             arguments.zoom_tolerance, arguments.rule)
     except KeyError as error:
         print(f"ERROR {arguments.candidate} or {arguments.baseline}: no field {error}; not a crossval.json", file=sys.stderr)
         return 1
