@@ -142,6 +142,43 @@ def test_low_resolution_is_a_recipe_option_of_training_and_cross_validation():
     assert cv.low_resolution == 0.3
 
 
+def test_low_resolution_min_scale_reaches_coarser_renderings_and_defaults_to_the_v4_range(shared_data):
+    from COVIDLesionSegTraining.augment import LOW_RESOLUTION_SCALES, LOW_RESOLUTION_STREAM, lower_resolution
+    from COVIDLesionSegTraining.config import TrainConfig
+    from COVIDLesionSegTraining.crossval import build_parser as crossval_parser
+    from COVIDLesionSegTraining.data import ManifestSliceDataset
+    from COVIDLesionSegTraining.train import build_parser, config_from_arguments
+
+    assert TrainConfig(data_dir="d", output_dir="o").low_resolution_scales() == LOW_RESOLUTION_SCALES  # v4 and v5 checkpoints
+    records = [r for r in read_manifest(shared_data) if r.volume_id == "coronacases_003"][:3]
+    coarse = ManifestSliceDataset(records, seed=3, low_resolution=1.0, low_resolution_scales=(0.35, 0.35))
+    for index in range(len(records)):
+        expected = lower_resolution(read_png(records[index].image), 0.35)
+        assert np.array_equal(coarse[index]["image"].numpy(), to_network_input(expected[None], CONFIG)[0])
+    wide = ManifestSliceDataset(records * 16, seed=3, low_resolution=1.0, low_resolution_scales=(0.35, 0.9))
+    scales = []
+    for index in range(len(wide)):
+        rng = np.random.default_rng((3, 0, index, LOW_RESOLUTION_STREAM))
+        rng.random()
+        scales.append(rng.uniform(*wide.low_resolution_scales))
+    assert min(scales) < 0.6 <= max(scales) <= 0.9  # below the v4 range as well as in it
+    with pytest.raises(ValueError, match="low_resolution_scales"):
+        ManifestSliceDataset(records, low_resolution=0.3, low_resolution_scales=(0.9, 0.6))
+
+    arguments = vars(build_parser().parse_args(["--data", "d", "--output", "o", "--low-resolution", "0.3",
+                                                "--low-resolution-min-scale", "0.35"]))
+    config = config_from_arguments({key: arguments[key]
+                                    for key in ("data_dir", "output_dir", "low_resolution", "low_resolution_min_scale")})
+    assert config.low_resolution_scales() == (0.35, 0.9) and TrainConfig.from_dict(config.to_dict()).low_resolution_min_scale == 0.35
+    assert "low_resolution: 30% of training slices shown at 0.35–0.9 of their resolution" in config.differences_from_paper()
+    for wrong in (0.0, 0.95):
+        with pytest.raises(ValueError, match="low_resolution_min_scale"):
+            TrainConfig(data_dir="d", output_dir="o", low_resolution_min_scale=wrong)
+    cv = crossval_parser().parse_args(["--recipe", "r", "--data", "d", "--runs", "x", "--output", "y",
+                                       "--low-resolution-min-scale", "0.35"])
+    assert cv.low_resolution_min_scale == 0.35
+
+
 def test_vertical_flip_turns_image_and_masks_upside_down_apart_from_the_other_draws(shared_data):
     from COVIDLesionSegTraining.config import TrainConfig
     from COVIDLesionSegTraining.crossval import build_parser as crossval_parser

@@ -15,7 +15,7 @@ from pathlib import Path
 from COVIDLesionSegLib.models import MODELS
 from COVIDLesionSegLib.preprocessing import PreprocessingConfig
 
-from .augment import check_augment_mode
+from .augment import LOW_RESOLUTION_SCALES, check_augment_mode
 from .data import HEAVY_DISEASE_SHARE, check_channels, check_orientation
 from .splits import SplitSpec
 
@@ -56,6 +56,7 @@ class TrainConfig:
     negative_validation: tuple[str, ...] = ()  # negatives_dir patients validated on (checkpoint choice sees false lesion), never trained on
     dependent_density: float = 0.0  # probability that a lesion-free slice is rendered with synthetic dependent density (negatives.py)
     low_resolution: float = 0.0  # probability that a training slice is shown at 0.6–0.9 of its resolution (augment.lower_resolution)
+    low_resolution_min_scale: float = LOW_RESOLUTION_SCALES[0]  # the smallest of those scales (0.6 unless lowered)
     vertical_flip: float = 0.0  # probability that a training slice is shown upside down (anterior–posterior), its masks with it
     heavy_disease_repeat: int = 1  # times per epoch a lesion slice with ≥ 25 % of its lung lesioned is shown (data.HEAVY_DISEASE_SHARE)
     weight_average_decay: float | None = None  # checkpoints hold an exponential moving average of the weights (e.g. 0.99); None = off
@@ -93,6 +94,8 @@ class TrainConfig:
                 raise ValueError(f"{name} is a probability, got {getattr(self, name)}")
         if int(self.heavy_disease_repeat) != self.heavy_disease_repeat or self.heavy_disease_repeat < 1:
             raise ValueError(f"heavy_disease_repeat must be a whole number ≥ 1, got {self.heavy_disease_repeat}")
+        if not 0.0 < self.low_resolution_min_scale <= LOW_RESOLUTION_SCALES[1]:
+            raise ValueError(f"low_resolution_min_scale must be in (0, {LOW_RESOLUTION_SCALES[1]}], got {self.low_resolution_min_scale}")
         if self.dice_mode not in DICE_MODES:
             raise ValueError(f"unknown dice_mode {self.dice_mode!r}; valid: {', '.join(DICE_MODES)}")
         if self.weight_average_decay is not None and not 0.0 < self.weight_average_decay < 1.0:
@@ -107,6 +110,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1 (or None), got {getattr(self, name)}")
         if self.learning_rate <= 0 or self.dice_weight < 0 or self.num_workers < 0:
             raise ValueError("learning_rate must be > 0, dice_weight ≥ 0 and num_workers ≥ 0")
+
+    def low_resolution_scales(self) -> tuple[float, float]:
+        """Smallest and largest scale of the lower-resolution rendering (``low_resolution``)."""
+        return self.low_resolution_min_scale, LOW_RESOLUTION_SCALES[1]
 
     def effective_precision(self, device_type: str) -> str:
         """``precision`` on a device of type ``device_type`` ("cpu", "cuda"): "auto" resolved."""
@@ -188,7 +195,8 @@ class TrainConfig:
         if self.weight_average_decay is not None:
             differences.append(f"weight_average_decay: checkpoints hold a moving average of weights (decay {self.weight_average_decay})")
         if self.low_resolution:
-            differences.append(f"low_resolution: {self.low_resolution:.0%} of training slices shown at 0.6–0.9 of their resolution")
+            differences.append(f"low_resolution: {self.low_resolution:.0%} of training slices shown at "
+                               f"{self.low_resolution_min_scale:g}–{LOW_RESOLUTION_SCALES[1]:g} of their resolution")
         if self.vertical_flip:
             differences.append(f"vertical_flip: {self.vertical_flip:.0%} of training slices shown upside down")
         if self.heavy_disease_repeat > 1:

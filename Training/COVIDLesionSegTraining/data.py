@@ -160,8 +160,9 @@ class SliceDataset(Dataset):
     whatever the worker count, and :meth:`set_epoch` changes them from one epoch to the next.
     ``native_targets`` keeps the masks at their stored resolution (evaluation against the original
     256² labels when ``size`` is smaller); it cannot be combined with augmentation.
-    ``low_resolution`` is the probability that an item's image is shown at a lower resolution
-    (:func:`~.augment.lower_resolution`, before the augmentation; masks unchanged), drawn from its own stream of
+    ``low_resolution`` is the probability that an item's image is shown at a lower resolution, a scale drawn
+    uniformly from ``low_resolution_scales`` (:func:`~.augment.lower_resolution`, before the augmentation; masks
+    unchanged), drawn from its own stream of
     (seed, epoch, index), so the augmentation's draws stay as without it. ``vertical_flip`` is the probability that an
     item is shown upside down (image and masks, anterior–posterior, after the augmentation), drawn from a stream of its
     own too.
@@ -176,6 +177,7 @@ class SliceDataset(Dataset):
         native_targets: bool = False,
         low_resolution: float = 0.0,
         vertical_flip: float = 0.0,
+        low_resolution_scales: tuple[float, float] = LOW_RESOLUTION_SCALES,
     ):
         self.channels = check_channels(channels)
         self.preprocessing = preprocessing or PreprocessingConfig()
@@ -185,7 +187,10 @@ class SliceDataset(Dataset):
             if not 0.0 <= probability <= 1.0:
                 raise ValueError(f"{name} is a probability, got {probability}")
         self.augment = check_augment_mode(augment)
+        if not 0.0 < low_resolution_scales[0] <= low_resolution_scales[1] <= 1.0:
+            raise ValueError(f"low_resolution_scales must be 0 < smallest ≤ largest ≤ 1, got {low_resolution_scales}")
         self.low_resolution = low_resolution
+        self.low_resolution_scales = tuple(low_resolution_scales)
         self.vertical_flip = vertical_flip
         self.seed = seed
         self.native_targets = native_targets
@@ -220,7 +225,7 @@ class SliceDataset(Dataset):
         if self.low_resolution > 0:
             rng = np.random.default_rng((self.seed, self.epoch, index, LOW_RESOLUTION_STREAM))
             if rng.random() < self.low_resolution:
-                image = lower_resolution(image, rng.uniform(*LOW_RESOLUTION_SCALES))
+                image = lower_resolution(image, rng.uniform(*self.low_resolution_scales))
         if self.augment != "none":
             rng = np.random.default_rng((self.seed, self.epoch, index))
             image, masks = augment_slice(image, masks, rng, self.augment, self.preprocessing)

@@ -517,7 +517,8 @@ def train_process(config: TrainConfig, resume: bool, context: DistributedContext
     split = make_split(config.split, config.data_dir)
     preprocessing = config.preprocessing()
     options = {"channels": config.channels, "preprocessing": preprocessing, "seed": config.seed}
-    augmentation = {"augment": config.augment, "low_resolution": config.low_resolution, "vertical_flip": config.vertical_flip}
+    augmentation = {"augment": config.augment, "low_resolution": config.low_resolution, "vertical_flip": config.vertical_flip,
+                    "low_resolution_scales": config.low_resolution_scales()}
     train_records = with_heavy_disease_repeated(split.train, config.heavy_disease_repeat)
     train_set = ManifestSliceDataset(train_records, orientation=config.orientation, **augmentation, **options)
     if context.is_main and config.heavy_disease_repeat > 1:
@@ -800,6 +801,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="P",
         help="probability that a training slice is shown at 0.6–0.9 of its resolution, as a wider field of view is after the body crop "
         "(default 0)",
+    )
+    group.add_argument(
+        "--low-resolution-min-scale",
+        type=float,
+        metavar="S",
+        help="smallest scale of --low-resolution (default 0.6; a 128² chest reconstruction, cut to its body box, is at about 0.54)",
     )
     group.add_argument(
         "--vertical-flip",
