@@ -55,8 +55,8 @@ class TrainConfig:
     negative_holdout: tuple[str, ...] = ()  # negatives_dir patients never trained on (false-positive tests)
     negative_validation: tuple[str, ...] = ()  # negatives_dir patients validated on (checkpoint choice sees false lesion), never trained on
     dependent_density: float = 0.0  # probability that a lesion-free slice is rendered with synthetic dependent density (negatives.py)
-    low_resolution: float = 0.0  # probability that a training slice is shown at 0.6–0.9 of its resolution (augment.lower_resolution)
-    low_resolution_min_scale: float = LOW_RESOLUTION_SCALES[0]  # the smallest of those scales (0.6 unless lowered)
+    low_resolution: float = 0.0  # probability that a training slice is shown at a lower resolution (augment.lower_resolution)
+    low_resolution_min_scale: float = LOW_RESOLUTION_SCALES[0]  # its scales: this (0.6 unless lowered) to 0.9 of the resolution
     vertical_flip: float = 0.0  # probability that a training slice is shown upside down (anterior–posterior), its masks with it
     heavy_disease_repeat: int = 1  # times per epoch a lesion slice with ≥ 25 % of its lung lesioned is shown (data.HEAVY_DISEASE_SHARE)
     weight_average_decay: float | None = None  # checkpoints hold an exponential moving average of the weights (e.g. 0.99); None = off
