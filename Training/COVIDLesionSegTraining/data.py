@@ -162,9 +162,9 @@ class SliceDataset(Dataset):
     256² labels when ``size`` is smaller); it cannot be combined with augmentation.
     ``low_resolution`` is the probability that an item's image is shown at a lower resolution, a scale drawn
     uniformly from ``low_resolution_scales`` (:func:`~.augment.lower_resolution`, before the augmentation; masks
-    unchanged), from its own stream of (seed, epoch, index), so the augmentation's draws stay as without it. ``vertical_flip`` is the probability that an
-    item is shown upside down (image and masks, anterior–posterior, after the augmentation), drawn from a stream of its
-    own too.
+    unchanged), from its own stream of (seed, epoch, index), so the augmentation's draws stay as without it.
+    ``vertical_flip`` is the probability that an item is shown upside down (image and masks, anterior–posterior, after
+    the augmentation), drawn from a stream of its own too.
     """
 
     def __init__(
