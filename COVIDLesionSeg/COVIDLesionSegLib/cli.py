@@ -486,6 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="HU input: lesion only inside the dilated classical lung mask")
     guard.add_argument("--lesion-min-hu", type=hu_or_off, metavar="HU",
                        help="HU input: lesion only where the in-plane smoothed CT is at least HU ('off' = off)")
+    guard.add_argument("--lesion-min-contrast-hu", type=hu_or_off, metavar="HU",
+                       help="HU input: drop 3D lesion components less than HU denser than the lung around them ('off' = off)")
     guard.add_argument("--lesion-threshold", type=finite_float, metavar="P",
                        help="lesion where the network's lesion probability is at least P (0 < P < 1; 0.5 = the network's own decision)")
     segment.add_argument("--debug", action="store_true", help="print the traceback of every error")

@@ -143,6 +143,10 @@ class GuardRails:
     - ``lesion_min_hu``: for HU input only, lesion only where the CT, smoothed in-plane (Gaussian, σ
       ``HU_SMOOTHING_MM``), is at least this dense. Ground glass is by definition denser than aerated lung
       (about −850 HU); a lesion painted on aerated lung is not one. None: off.
+    - ``lesion_min_contrast_hu``: for HU input only, drop 3D lesion components that are on average less than this many
+      HU denser than the lung around them (:func:`contrasted_enough`; the CT smoothed as for ``lesion_min_hu``). Ground
+      glass stands out from the lung beside it; the gradual density of dependent lung, or a lesion painted on evenly
+      aerated lung, does not. None: off.
     - ``lesion_threshold``: lesion where the network's lesion probability is at least this (0.5: the network's own
       decision, off); higher marks less lesion, false and true alike.
     """
@@ -153,6 +157,7 @@ class GuardRails:
     hu_lung_prior: bool = False
     lesion_min_hu: float | None = None
     lesion_threshold: float = 0.6
+    lesion_min_contrast_hu: float | None = None
 
     def __post_init__(self):
         for name in ("lung_min_ml", "lesion_min_ml"):
@@ -161,6 +166,8 @@ class GuardRails:
                 raise ValueError(f"{name} must be a finite volume ≥ 0 mL, got {value}")
         if self.lesion_min_hu is not None and not -1024 <= self.lesion_min_hu <= 0:
             raise ValueError(f"lesion_min_hu must be between -1024 and 0 HU (or None: off), got {self.lesion_min_hu}")
+        if self.lesion_min_contrast_hu is not None and not 0 < self.lesion_min_contrast_hu <= 1000:
+            raise ValueError(f"lesion_min_contrast_hu must be between 0 (exclusive) and 1000 HU (or None: off), got {self.lesion_min_contrast_hu}")
         if not 0 < self.lesion_threshold < 1:
             raise ValueError(f"lesion_threshold must be a probability between 0 and 1 (exclusive), got {self.lesion_threshold}")
 
@@ -170,9 +177,11 @@ class GuardRails:
 
 # Every guard rail off, spelt out so that a change of GuardRails' defaults (or a new rail, on by default) cannot slip in.
 NO_GUARD_RAILS = GuardRails(lung_min_ml=0.0, lesion_min_ml=0.0, flip_tta=False, hu_lung_prior=False, lesion_min_hu=None,
-                            lesion_threshold=0.5)
+                            lesion_threshold=0.5, lesion_min_contrast_hu=None)
 HU_PRIOR_DILATION_MM = 10.0
 HU_SMOOTHING_MM = 1.5  # lesion_min_hu compares the CT smoothed this much (σ, in-plane): noise must not punch holes in a lesion
+CONTRAST_RING_MM = 10.0  # lesion_min_contrast_hu compares a lesion component with the lung up to this far around it, in-plane
+CONTRAST_RING_MIN_VOXELS = 20  # with less lung than this around it (a lesion filling its lung), a component is kept
 
 
 def components_at_least(mask: np.ndarray, voxel_ml: float, min_ml: float) -> np.ndarray:
@@ -205,19 +214,68 @@ def apply_guard_rails(
         masks["lesion"] = masks["lesion"] & np.stack([cv2.dilate(plane, kernel) for plane in prior])
     if guard_rails.lesion_min_hu is not None and ct_hu is not None:
         masks["lesion"] = dense_enough(masks["lesion"], ct_hu, grid.spacing_mm, guard_rails.lesion_min_hu)
+    if guard_rails.lesion_min_contrast_hu is not None and ct_hu is not None and "lung" in masks:
+        masks["lesion"] = contrasted_enough(masks["lesion"], masks["lung"], ct_hu, grid.spacing_mm, guard_rails.lesion_min_contrast_hu)
     if guard_rails.lesion_min_ml > 0:
         masks["lesion"] = components_at_least(masks["lesion"], grid.voxel_ml, guard_rails.lesion_min_ml)
     return masks
 
 
+def smoothed_plane(plane_hu: np.ndarray, spacing_mm: tuple[float, float, float]) -> np.ndarray:
+    """float32 ``plane_hu[y, x]`` Gaussian-smoothed with σ ``HU_SMOOTHING_MM`` (``spacing_mm`` is x, y, z)."""
+    sigma_x, sigma_y = (HU_SMOOTHING_MM / spacing for spacing in spacing_mm[:2])
+    return cv2.GaussianBlur(plane_hu.astype(np.float32), (0, 0), sigmaX=sigma_x, sigmaY=sigma_y)
+
+
 def dense_enough(lesion: np.ndarray, ct_hu: np.ndarray, spacing_mm: tuple[float, float, float], min_hu: float) -> np.ndarray:
     """uint8 ``lesion[z, y, x]`` kept where ``ct_hu`` (same shape, HU), Gaussian-smoothed in-plane with σ
     ``HU_SMOOTHING_MM`` (``spacing_mm`` is x, y, z), is at least ``min_hu``. One slice at a time, lesion slices only."""
-    sigma_x, sigma_y = (HU_SMOOTHING_MM / spacing for spacing in spacing_mm[:2])
     kept = lesion.copy()
     for z in np.flatnonzero(lesion.any(axis=(1, 2))):
-        smoothed = cv2.GaussianBlur(ct_hu[z].astype(np.float32), (0, 0), sigmaX=sigma_x, sigmaY=sigma_y)
-        kept[z] &= (smoothed >= min_hu).astype(np.uint8)
+        kept[z] &= (smoothed_plane(ct_hu[z], spacing_mm) >= min_hu).astype(np.uint8)
+    return kept
+
+
+def contrasted_enough(
+    lesion: np.ndarray, lung: np.ndarray, ct_hu: np.ndarray, spacing_mm: tuple[float, float, float], min_contrast_hu: float
+) -> np.ndarray:
+    """uint8 ``lesion[z, y, x]`` without its 3D components (26-connected) whose mean smoothed CT
+    (:func:`smoothed_plane`) is less than ``min_contrast_hu`` above the mean of their *ring*: the ``lung`` voxels
+    outside every lesion within ``CONTRAST_RING_MM`` in-plane of the component, on its slices. A component with fewer
+    than ``CONTRAST_RING_MIN_VOXELS`` ring voxels is kept. Where the rings of two components overlap, the shared
+    voxels count for the component reached later in a raster scan."""
+    if not lesion.any():
+        return lesion.copy()
+    components = ChunkedComponents(lesion, fully_connected=True)
+    _, rows, columns = components.box
+    radius_x, radius_y = (max(1, round(CONTRAST_RING_MM / spacing)) for spacing in spacing_mm[:2])
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius_x + 1, 2 * radius_y + 1))
+    _, height, width = lesion.shape
+    ring_rows = slice(max(0, rows.start - radius_y), min(height, rows.stop + radius_y))  # the box grown by the ring
+    ring_columns = slice(max(0, columns.start - radius_x), min(width, columns.stop + radius_x))
+    inner = (slice(rows.start - ring_rows.start, rows.stop - ring_rows.start),
+             slice(columns.start - ring_columns.start, columns.stop - ring_columns.start))
+    numbers = np.zeros(len(components.sums), dtype=np.float32)  # float32 for cv2.dilate: exact up to 2**24 components
+    numbers[components.roots] = np.arange(1, len(components.roots) + 1)
+    totals = np.zeros((4, len(components.roots) + 1))  # per component number (0: none): voxels, HU sum; inside, then ring
+    for start, values in components.component_values(numbers):
+        for z, plane in enumerate(values, start):
+            grown = np.zeros((ring_rows.stop - ring_rows.start, ring_columns.stop - ring_columns.start), dtype=np.float32)
+            grown[inner] = plane
+            outside = (lung[z, ring_rows, ring_columns] > 0) & (lesion[z, ring_rows, ring_columns] == 0)
+            hu = smoothed_plane(ct_hu[z], spacing_mm)[ring_rows, ring_columns].ravel()
+            for row, numbered in ((0, grown), (2, np.where(outside, cv2.dilate(grown, kernel), 0))):
+                flat = numbered.astype(np.int64).ravel()
+                totals[row] += np.bincount(flat, minlength=totals.shape[1])
+                totals[row + 1] += np.bincount(flat, weights=hu, minlength=totals.shape[1])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        contrast = totals[1] / totals[0] - totals[3] / totals[2]
+    keep = (totals[2] < CONTRAST_RING_MIN_VOXELS) | (contrast >= min_contrast_hu)
+    per_root = np.zeros(len(components.sums), dtype=np.uint8)
+    per_root[components.roots] = keep[1:]
+    kept = np.zeros(lesion.shape, dtype=np.uint8)
+    for start, values in components.component_values(per_root):
+        kept[start : start + len(values), rows, columns] = values
     return kept
 
 

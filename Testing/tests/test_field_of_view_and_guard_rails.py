@@ -4,6 +4,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -12,7 +13,16 @@ import torch
 from COVIDLesionSegLib import preprocessing
 from COVIDLesionSegLib.backends import TorchBackend
 from COVIDLesionSegLib.classical_lung import classical_lung_mask
-from COVIDLesionSegLib.predictor import NO_GUARD_RAILS, GuardRails, Predictor, apply_guard_rails, components_at_least
+from COVIDLesionSegLib.predictor import (
+    CONTRAST_RING_MM,
+    NO_GUARD_RAILS,
+    GuardRails,
+    Predictor,
+    apply_guard_rails,
+    components_at_least,
+    contrasted_enough,
+    smoothed_plane,
+)
 from COVIDLesionSegLib.preprocessing import (
     BODY_BOX_MAX_SLICES,
     CropBox,
@@ -194,6 +204,61 @@ def test_lesion_min_hu_keeps_ground_glass_and_drops_lesion_painted_on_aerated_lu
     np.testing.assert_array_equal(apply_guard_rails(masks, OFF, grid, hu)["lesion"], lesion)
     with pytest.raises(ValueError, match="lesion_min_hu"):
         GuardRails(lesion_min_hu=200.0)
+
+
+def test_lesion_min_contrast_hu_drops_lesion_on_dependent_density_and_keeps_ground_glass():
+    rng = np.random.default_rng(1)
+    rows = np.arange(80, dtype=np.float32)[None, :, None]
+    hu = (-880.0 + 3.0 * rows + rng.normal(0.0, 40.0, (40, 80, 80))).astype(np.float32)  # denser towards the back (rows), smoothly
+    lung = np.zeros(hu.shape, np.uint8)
+    lung[:, 2:78, 2:78] = 1
+    lesion = np.zeros(hu.shape, np.uint8)
+    lesion[28:36, 62:74, 10:30] = 1  # painted on the dependent lung: no denser than the lung beside it; across a chunk face (z 32)
+    hu[5:12, 10:25, 45:60] += 250.0  # ground glass near the front, far denser than the lung around it
+    lesion[5:12, 10:25, 45:60] = 1
+    full = np.zeros(hu.shape, np.uint8)
+    full[20:24, 2:78, 2:78] = 1  # a lesion filling its lung: no ring to compare with, kept
+    grid = VoxelGrid((1.0, 1.0, 5.0))
+    masks = {"lesion": lesion | full, "lung": lung}
+    kept = apply_guard_rails(masks, replace(OFF, lesion_min_contrast_hu=100.0), grid, hu)["lesion"]
+    np.testing.assert_array_equal(kept[5:12], (lesion | full)[5:12])
+    np.testing.assert_array_equal(kept[20:24], full[20:24])
+    assert not kept[28:36].any()
+    assert apply_guard_rails(masks, replace(OFF, lesion_min_contrast_hu=100.0), grid, None)["lesion"].sum() == masks["lesion"].sum()  # not HU
+    with pytest.raises(ValueError, match="lesion_min_contrast_hu"):
+        GuardRails(lesion_min_contrast_hu=-50.0)
+
+
+def test_contrasted_enough_measures_each_component_against_its_own_ring():
+    """Components far apart (rings apart), against a brute-force contrast of each one, on an anisotropic grid whose
+    components touch the image border and cross the labelling chunks' faces."""
+    rng = np.random.default_rng(2)
+    shape = (70, 90, 120)
+    hu = rng.normal(-800.0, 120.0, shape).astype(np.float32)
+    lung = (rng.random(shape) < 0.9).astype(np.uint8)
+    spacing = (0.8, 1.6, 2.5)  # x, y, z mm: the ring is 12.5 columns by 6.25 rows
+    lesion = np.zeros(shape, np.uint8)
+    boxes = [(slice(0, 5), slice(0, 10), slice(0, 15)), (slice(28, 40), slice(40, 50), slice(50, 70)),
+             (slice(60, 70), slice(80, 90), slice(100, 120)), (slice(10, 20), slice(70, 85), slice(10, 30))]
+    for number, box in enumerate(boxes):
+        lesion[box] = rng.random(lesion[box].shape) < 0.97
+        hu[box] += 60.0 * number  # contrasts of about 0, 60, 120 and 180 HU
+    smoothed = np.stack([smoothed_plane(plane, spacing) for plane in hu])
+    radius_x, radius_y = round(CONTRAST_RING_MM / spacing[0]), round(CONTRAST_RING_MM / spacing[1])
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius_x + 1, 2 * radius_y + 1))  # the ring's definition
+    expected = np.zeros(shape, np.uint8)
+    labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(sitk.GetImageFromArray(lesion), True))
+    contrasts = []
+    for number in range(1, labels.max() + 1):
+        component = (labels == number).astype(np.uint8)
+        grown = np.stack([cv2.dilate(plane, kernel) for plane in component]) > 0
+        ring = grown & (lung > 0) & (lesion == 0)
+        contrast = smoothed[component > 0].mean() - smoothed[ring].mean()
+        contrasts.append(contrast)
+        if contrast >= 90.0:
+            expected |= component
+    assert min(contrasts) < 90.0 < max(contrasts)  # some dropped, some kept
+    np.testing.assert_array_equal(contrasted_enough(lesion, lung, hu, spacing, 90.0), expected)
 
 
 class MirrorSensitiveNetwork(torch.nn.Module):

@@ -304,7 +304,7 @@ def test_guard_rail_candidates_are_scored_on_the_fold_models_test_patients_and_l
     # each candidate is exactly what its name says, whatever GuardRails' defaults are (the default lesion ≥ 0.5 mL once
     # slipped into "none" and every other single-setting candidate)
     off = {"lung_min_ml": 0.0, "lesion_min_ml": 0.0, "flip_tta": False, "hu_lung_prior": False, "lesion_min_hu": None,
-           "lesion_threshold": 0.5}
+           "lesion_threshold": 0.5, "lesion_min_contrast_hu": None}
     assert written["pooled"]["none"]["guard_rails"] == off
     assert written["pooled"]["lung ≥ 100 mL"]["guard_rails"]["lesion_min_ml"] == 0.0
     assert written["pooled"]["flip TTA"]["guard_rails"] == {**written["pooled"]["none"]["guard_rails"], "flip_tta": True}

@@ -68,6 +68,12 @@ CANDIDATES = {
         f"lesion p ≥ {threshold:g}, lesion ≥ 0.5 mL": replace(NO_GUARD_RAILS, lesion_threshold=threshold, lesion_min_ml=0.5)
         for threshold in (0.6, 0.7, 0.8, 0.9)
     },
+    **{
+        f"lesion p ≥ 0.6, contrast ≥ {hu:g} HU, lesion ≥ 0.5 mL": replace(
+            NO_GUARD_RAILS, lesion_threshold=0.6, lesion_min_contrast_hu=float(hu), lesion_min_ml=0.5
+        )
+        for hu in (25, 50, 75, 100)
+    },
     "flip TTA": replace(NO_GUARD_RAILS, flip_tta=True),
     "flip TTA, lung ≥ 100 mL, lesion ≥ 0.1 mL": replace(NO_GUARD_RAILS, flip_tta=True, lung_min_ml=100.0, lesion_min_ml=0.1),
     "all": replace(NO_GUARD_RAILS, flip_tta=True, lung_min_ml=100.0, lesion_min_ml=0.1, hu_lung_prior=True),
