@@ -130,7 +130,7 @@ def slice_preparation(volume: np.ndarray, config: PreprocessingConfig, box: Crop
 class GuardRails:
     """Inference-time checks against false lesions, each off at 0 / False / None (``lesion_threshold``: 0.5). The
     defaults (what the CLI, the API and the Slicer module use) are the setting ``covidlesionseg-guard-rails``
-    recommended on the five fold models of the v5 recipe: see ``Training/results/guard-rails-v5-5folds/guard_rails.md``
+    recommended on the five fold models of the v5 recipe: see ``Training/results/guard-rails-v5-contrast/guard_rails.md``
     (``lesion_min_hu`` cuts false lesion but loses more than 0.01 lesion Dice on the folds' HU rendering, so it is not
     on by default).
 
@@ -157,7 +157,7 @@ class GuardRails:
     hu_lung_prior: bool = False
     lesion_min_hu: float | None = None
     lesion_threshold: float = 0.6
-    lesion_min_contrast_hu: float | None = None
+    lesion_min_contrast_hu: float | None = 75.0
 
     def __post_init__(self):
         for name in ("lung_min_ml", "lesion_min_ml"):
@@ -167,7 +167,9 @@ class GuardRails:
         if self.lesion_min_hu is not None and not -1024 <= self.lesion_min_hu <= 0:
             raise ValueError(f"lesion_min_hu must be between -1024 and 0 HU (or None: off), got {self.lesion_min_hu}")
         if self.lesion_min_contrast_hu is not None and not 0 < self.lesion_min_contrast_hu <= 1000:
-            raise ValueError(f"lesion_min_contrast_hu must be between 0 (exclusive) and 1000 HU (or None: off), got {self.lesion_min_contrast_hu}")
+            raise ValueError(
+                f"lesion_min_contrast_hu must be between 0 (exclusive) and 1000 HU (or None: off), got {self.lesion_min_contrast_hu}"
+            )
         if not 0 < self.lesion_threshold < 1:
             raise ValueError(f"lesion_threshold must be a probability between 0 and 1 (exclusive), got {self.lesion_threshold}")
 

@@ -101,9 +101,14 @@ def test_guard_rails_given_on_the_command_line_are_used_and_recorded(tmp_path, c
     out = tmp_path / "out"
     arguments = ["segment", str(cases / "patientA.nii.gz"), "-o", str(out), "--weights", str(tiny_checkpoint), "--device", "cpu",
                  "--progress", "none"]
-    assert cli.main([*arguments, "--lesion-threshold", "0.8", "--lesion-min-hu", "off", "--lesion-min-ml", "0"]) == 0
+    assert cli.main([*arguments, "--lesion-threshold", "0.8", "--lesion-min-hu", "off", "--lesion-min-ml", "0",
+                     "--lesion-min-contrast-hu", "40"]) == 0
     recorded = json.loads((out / "summary.json").read_text(encoding="utf-8"))["parameters"]["guard_rails"]
     assert (recorded["lesion_threshold"], recorded["lesion_min_hu"], recorded["lesion_min_ml"]) == (0.8, None, 0.0)
+    assert recorded["lesion_min_contrast_hu"] == 40.0
+    assert cli.main([*arguments, "--overwrite", "--lesion-min-contrast-hu", "off"]) == 0
+    recorded = json.loads((out / "summary.json").read_text(encoding="utf-8"))["parameters"]["guard_rails"]
+    assert recorded["lesion_min_contrast_hu"] is None and recorded["lesion_threshold"] == 0.6  # the others at their defaults
     assert cli.main([*arguments, "--overwrite", "--lesion-threshold", "1.5"]) == 2
     assert "ERROR guard rails: lesion_threshold" in capsys.readouterr().err
 

@@ -224,7 +224,8 @@ def test_lesion_min_contrast_hu_drops_lesion_on_dependent_density_and_keeps_grou
     np.testing.assert_array_equal(kept[5:12], (lesion | full)[5:12])
     np.testing.assert_array_equal(kept[20:24], full[20:24])
     assert not kept[28:36].any()
-    assert apply_guard_rails(masks, replace(OFF, lesion_min_contrast_hu=100.0), grid, None)["lesion"].sum() == masks["lesion"].sum()  # not HU
+    not_hu = apply_guard_rails(masks, replace(OFF, lesion_min_contrast_hu=100.0), grid, None)["lesion"]
+    assert not_hu.sum() == masks["lesion"].sum()  # not HU: off
     with pytest.raises(ValueError, match="lesion_min_contrast_hu"):
         GuardRails(lesion_min_contrast_hu=-50.0)
 

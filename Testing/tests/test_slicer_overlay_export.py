@@ -283,7 +283,8 @@ def test_module_path_end_to_end_the_clis_map_at_one_half_gives_back_the_clis_les
     outputs loaded as the Logic loads them, then Apply threshold at 0.5 changes no voxel of the lesion; 0.3 widens it."""
     options = mrml.CLIOptions(python=sys.executable, weights=balanced_checkpoint, device="cpu", batch_size=4, probabilities=True)
     command = mrml.volume_run_command(volume, tmp_path, options)
-    guard_rails_off = ["--lung-min-ml=0", "--lesion-min-ml=0", "--no-flip-tta", "--no-hu-lung-prior", "--lesion-min-hu=off"]
+    guard_rails_off = ["--lung-min-ml=0", "--lesion-min-ml=0", "--no-flip-tta", "--no-hu-lung-prior", "--lesion-min-hu=off",
+                       "--lesion-min-contrast-hu=off"]
     guard_rails_off += ["--lesion-threshold=0.5", "--progress", "none"]
     assert cli.main(command[3:] + guard_rails_off) == 0
 

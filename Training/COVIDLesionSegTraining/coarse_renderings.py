@@ -27,7 +27,7 @@ from COVIDLesionSegLib import io
 from COVIDLesionSegLib.checkpoints import atomic_output
 from COVIDLesionSegLib.predictor import Predictor
 
-from .model_card import held_out_negative_cases
+from .model_card import false_lesion_check, held_out_negative_cases
 from .reproduce import format_number, markdown_table
 
 ANTI_ALIAS_SIGMA = 0.4  # of the new pixel spacing: the blur of a coarser reconstruction before it is sampled
@@ -52,20 +52,14 @@ def coarse_rendering(image: sitk.Image, side: int) -> sitk.Image:
     return sitk.Cast(sitk.Round(sitk.Clamp(resampled, lowerBound=lowest, upperBound=highest)), image.GetPixelID())
 
 
-def false_lesion(predictor: Predictor, image: sitk.Image) -> dict:
-    statistics = predictor.segment_image(image).statistics
-    return {"size": list(image.GetSize()), "spacing_mm": [round(value, 4) for value in image.GetSpacing()],
-            "false_lesion_ml": statistics.lesion_ml, "slices_with_false_lesion": statistics.lesion_slices, "lung_ml": statistics.lung_ml}
-
-
 def measure(predictor: Predictor, volumes: Sequence[Path], side: int) -> list[dict]:
     """Per volume: the false lesion as reconstructed and at ``side``² (None where it has ``side`` pixels or fewer already)."""
     rows = []
     for path in volumes:
         image = io.read_image(path)
         coarse = coarse_rendering(image, side) if min(image.GetSize()[:2]) > side else None
-        rows.append({"file": Path(path).name, "as_reconstructed": false_lesion(predictor, image),
-                     "coarse": None if coarse is None else false_lesion(predictor, coarse)})
+        rows.append({"file": Path(path).name, "as_reconstructed": false_lesion_check(predictor, image)[0],
+                     "coarse": None if coarse is None else false_lesion_check(predictor, coarse)[0]})
     return rows
 
 

@@ -198,12 +198,14 @@ def aggregate(folds: list[dict]) -> dict:
     with_po = [fold for fold in folds if "percent_opacity" in fold]  # folds run before PO was measured have none
     volumes = [VolumeResult(**volume) for fold in with_po for volume in fold["percent_opacity"]]
     result["percent_opacity"] = {**agreement(volumes), "folds": [fold["fold"] for fold in with_po]}
-    result["held_out_lesion_free_false_lesion_ml"] = {
-        entry["file"]: summarise(
-            [check["false_lesion_ml"] for fold in folds for check in fold["held_out_lesion_free"] if check["file"] == entry["file"]]
-        )
-        for entry in folds[0].get("held_out_lesion_free", [])
-    }
+    for key, measure in (("held_out_lesion_free_false_lesion_ml", "false_lesion_ml"),
+                         ("held_out_lesion_free_off_tumour_ml", "false_lesion_ml_off_tumour")):
+        result[key] = {
+            entry["file"]: summarise(
+                [check.get(measure) for fold in folds for check in fold["held_out_lesion_free"] if check["file"] == entry["file"]]
+            )
+            for entry in folds[0].get("held_out_lesion_free", [])
+        }
     return result
 
 
@@ -480,11 +482,13 @@ def robustness_section(results: dict) -> list[str]:
             format_number(fold["healthy_ct"]["false_lesion_ml"], 1),
             str(fold["healthy_ct"]["slices_with_false_lesion"]),
             format_number(fold["healthy_ct"]["false_percent_opacity"], 2),
-            *(format_number(check["false_lesion_ml"], 1) for check in fold.get("held_out_lesion_free", [])),
+            *(with_off_tumour(check["false_lesion_ml"], check.get("false_lesion_ml_off_tumour"), format_number, 1)
+              for check in fold.get("held_out_lesion_free", [])),
         ]
         for fold in folds
     ]
     healthy = overall["healthy_ct_false_lesion_ml"]
+    off_tumour = overall.get("held_out_lesion_free_off_tumour_ml", {})
     rows.append(
         [
             "mean ± SD",
@@ -492,7 +496,8 @@ def robustness_section(results: dict) -> list[str]:
             mean_sd(healthy, 1),
             "",
             "",
-            *(mean_sd(overall["held_out_lesion_free_false_lesion_ml"][name], 1) for name in negatives),
+            *(with_off_tumour(overall["held_out_lesion_free_false_lesion_ml"][name], off_tumour.get(name, {"n": 0}), mean_sd, 1)
+              for name in negatives),
         ]
     )
     return [
@@ -505,10 +510,21 @@ def robustness_section(results: dict) -> list[str]:
         "",
         *markdown_table(
             ("fold", *renderings, f"{healthy_file} false lesion (mL)", "slices with it", "false PO (%)")
-            + tuple(f"{name} false lesion (mL)" for name in negatives),
+            + tuple(f"{name} false lesion (mL; off the tumour slices)" for name in negatives),
             rows,
         ),
+        *(["", "Off the tumour slices: where a lesion-free volume holds a marked lung tumour or nodule (an opacity, but not "
+            "COVID-19), its false lesion without the slices that training leaves out (`negatives.tumour_free_slices`)."]
+          if negatives else []),
     ]
+
+
+def with_off_tumour(total, off_tumour, render, digits: int) -> str:
+    """"total (off tumour)" of a lesion-free volume, each rendered by ``render``; the total alone where the volume has no
+    tumour mask (``off_tumour`` None, or a summary of none)."""
+    if off_tumour is None or (isinstance(off_tumour, dict) and not off_tumour["n"]):
+        return render(total, digits)
+    return f"{render(total, digits)} ({render(off_tumour, digits)})"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,7 +39,7 @@ import torch
 
 from COVIDLesionSegLib import io
 from COVIDLesionSegLib.checkpoints import atomic_output, locate_model, read_checkpoint_metadata
-from COVIDLesionSegLib.predictor import Predictor
+from COVIDLesionSegLib.predictor import Predictor, SegmentationResult
 from COVIDLesionSegLib.preprocessing import PreprocessingConfig, body_crop_box, crop_slice
 from COVIDLesionSegLib.resources import default_model_name, load_registry, resources_dir
 from COVIDLesionSegLib.statistics import VoxelGrid
@@ -181,25 +181,31 @@ def lesion_free_training_patients(train_config: dict) -> list[str] | None:
     return trained_on(TrainConfig.from_dict(train_config), [case.patient for case in read_negative_cases(folder)])
 
 
-def healthy_ct_check(predictor: Predictor, case: NegativeCase | None = None) -> dict:
-    """The model on a CT without COVID-19, a lesion-free folder's ``case`` (default :func:`ctchest4`): every lesion
-    voxel is false. Where the case has a tumour mask, ``false_lesion_ml_off_tumour`` leaves out the slices that
-    training leaves out (:func:`~.negatives.tumour_free_slices`: a tumour is an opacity, if not COVID-19)."""
-    path = case.volume if case else ctchest4()
-    image = io.read_image(path)
+def false_lesion_check(predictor: Predictor, image: sitk.Image) -> tuple[dict, SegmentationResult]:
+    """The model on ``image``, a CT without COVID-19 (every lesion voxel is false): its size, spacing, false lesion,
+    lung, false PO and seconds, with the segmentation they come from."""
     started = time.perf_counter()
     result = predictor.segment_image(image)
     seconds = time.perf_counter() - started
     stats = result.statistics
+    return {"size": list(image.GetSize()), "spacing_mm": list(image.GetSpacing()), "false_lesion_ml": stats.lesion_ml,
+            "slices_with_false_lesion": stats.lesion_slices, "lung_ml": stats.lung_ml, "false_percent_opacity": stats.percent_opacity,
+            "seconds": seconds, "seconds_per_slice": seconds / image.GetSize()[2]}, result
+
+
+def healthy_ct_check(predictor: Predictor, case: NegativeCase | None = None) -> dict:
+    """:func:`false_lesion_check` on a lesion-free folder's ``case`` (default :func:`ctchest4`), with its file name. Where
+    the case has a tumour mask, ``false_lesion_ml_off_tumour`` leaves out the slices that training leaves out
+    (:func:`~.negatives.tumour_free_slices`: a tumour is an opacity, if not COVID-19)."""
+    path = case.volume if case else ctchest4()
+    image = io.read_image(path)
+    check, result = false_lesion_check(predictor, image)
     off_tumour = None
     if case and case.tumour_mask:
         lesion = sitk.GetArrayViewFromImage(io.to_radiological(result.masks["lesion"])) > 0
         kept = tumour_free_slices(case, len(lesion))
         off_tumour = float(lesion[kept].sum()) * VoxelGrid.of_image(image).voxel_ml
-    return {"file": path.name, "size": list(image.GetSize()), "spacing_mm": list(image.GetSpacing()),
-            "false_lesion_ml": stats.lesion_ml, "false_lesion_ml_off_tumour": off_tumour,
-            "slices_with_false_lesion": stats.lesion_slices, "lung_ml": stats.lung_ml,
-            "false_percent_opacity": stats.percent_opacity, "seconds": seconds, "seconds_per_slice": seconds / image.GetSize()[2]}
+    return {"file": path.name, **check, "false_lesion_ml_off_tumour": off_tumour}
 
 
 def measure(
