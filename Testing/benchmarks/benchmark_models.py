@@ -1,6 +1,6 @@
 """Seconds per slice of registered models, with and without the guard rails, in one run on the same machine.
 
-    python Testing/benchmarks/benchmark_models.py --models resattunet-lesion-lung-v1 resattunet-lesion-lung-v2 --repeats 2
+    python Testing/benchmarks/benchmark_models.py --models resattunet-lesion-lung-v1 resattunet-lesion-lung-v5 --repeats 3
 
 Each model segments the same real volumes through ``Predictor.segment_image`` (what the CLI runs, without
 file writing): slicerio's ``CTChest4.nrrd`` (HU, 512×512×34) and the shipped sample (8-bit, 256²×33). Runs
@@ -20,7 +20,7 @@ import torch
 
 from COVIDLesionSegLib.io import read_image
 from COVIDLesionSegLib.predictor import NO_GUARD_RAILS, GuardRails, Predictor
-from COVIDLesionSegLib.resources import resources_dir
+from COVIDLesionSegLib.resources import default_model_name, resources_dir
 
 
 def volumes() -> dict:
@@ -32,7 +32,8 @@ def volumes() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["resattunet-lesion-lung-v1", "resattunet-lesion-lung-v2"])
+    parser.add_argument("--models", nargs="+", default=["resattunet-lesion-lung-v1", default_model_name()],
+                        help="registry names or checkpoint files (default: v1 and the default model)")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     images = volumes()
