@@ -52,12 +52,14 @@ the same text as summary.csv and the visual report.</li>
 <b>Visual report</b>: with <i>Visual report</i> on, Apply and Run batch also write a PNG per case (axial slices with
 the lesion and lung contours, and the measures table; the first use installs matplotlib, after asking). Its path is in
 the table's Report column, and <b>Show report</b> opens the last run's. <i>High-opacity threshold</i> (Advanced):
-lesion voxels at or above it count as high opacity.
+lesion voxels at or above it count as high opacity. <i>Lesion contrast guard rail</i> (Advanced; CT in Hounsfield
+units only): lesion regions less than that many HU denser than the lung within 10 mm around them are dropped, as the
+gradual density of dependent lung is (default 75 HU; 0 turns it off, e.g. to check faint ground glass).
 <p><b>Batch</b>: segments every file (NIfTI, NRRD, MHA, PNG) and DICOM series of an input folder into
 <i>case</i>.seg.nrrd files (and <i>case</i>.report.png) of an output folder and writes summary.csv and summary.json
 there, exactly like the <code>covidlesionseg segment</code> command. Cases already done are skipped and keep their
-earlier row; a failed case is reported and the batch goes on. An output folder made with another model or
-high-opacity threshold is refused: choose a new one.</p>
+earlier row; a failed case is reported and the batch goes on. An output folder made with another model,
+high-opacity threshold or guard rail is refused: choose a new one.</p>
 <p><b>Review and export</b>: with <i>Probability map</i> on (Outputs), Apply also loads the lesion probability map and
 shows it over the CT, coloured by probability and hidden below the <i>Lesion threshold</i>: lower the threshold to widen
 the lesion where ground glass is borderline, raise it to narrow it (0.60, the default, is the lesion the CLI marks
@@ -118,7 +120,8 @@ class COVIDLesionSegParameterNode:
     """inputVolume: the CT to segment. outputSegmentation: receives the segments (created when None).
     model: registry name; weightsFile: a checkpoint used instead of it. device, batchSize: inference settings.
     computeLung: add the lung segment and % of lung. visualReport: also write each case's report PNG.
-    highOpacityThreshold: HU at or above which lesion voxels are high opacity. statisticsTable: the last run's
+    highOpacityThreshold: HU at or above which lesion voxels are high opacity. lesionMinContrast: the contrast guard
+    rail, HU (0: off; HU input only). statisticsTable: the last run's
     statistics (and report paths). batchInputFolder, batchOutputFolder: the batch run's folders. probabilityMap: also load
     the lesion probability map of a run. probabilityVolume: the map shown as overlay; probabilityThreshold: the lowest
     lesion probability shown and re-thresholded into the lesion; overlayOpacity: the overlay's opacity."""
@@ -132,6 +135,7 @@ class COVIDLesionSegParameterNode:
     computeLung: bool = True
     visualReport: bool = False
     highOpacityThreshold: Annotated[float, WithinRange(-1024.0, 3071.0)] = mrml.DEFAULT_HIGH_OPACITY_THRESHOLD_HU
+    lesionMinContrast: Annotated[float, WithinRange(0.0, 1000.0)] = mrml.DEFAULT_LESION_MIN_CONTRAST_HU
     statisticsTable: vtkMRMLTableNode
     batchInputFolder: pathlib.Path
     batchOutputFolder: pathlib.Path
@@ -550,7 +554,7 @@ class COVIDLesionSegLogic(ScriptedLoadableModuleLogic):
         return mrml.CLIOptions(python=pythonSlicerExecutable(), model=parameters.model, weights=mrml.optional_path(parameters.weightsFile),
                                device=parameters.device, batch_size=parameters.batchSize, include_lung=parameters.computeLung,
                                report=parameters.visualReport, high_opacity_threshold_hu=parameters.highOpacityThreshold,
-                               probabilities=parameters.probabilityMap)
+                               lesion_min_contrast_hu=parameters.lesionMinContrast, probabilities=parameters.probabilityMap)
 
     def _start(self, command, device: str, onProgress, onLog, onFinished, loadResults, workDir=None) -> None:
         """Run ``command``; ``workDir`` (temporary files) is removed when it ends, whether it succeeded, failed or was cancelled."""

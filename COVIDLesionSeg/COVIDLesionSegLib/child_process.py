@@ -58,12 +58,14 @@ def segment_command(
     overwrite: bool = False,
     report: bool = False,
     high_opacity_threshold_hu: float | None = None,
+    lesion_min_contrast_hu: float | None = None,
 ) -> list[str]:
     """The ``covidlesionseg segment`` command line run by ``python``, writing ``.seg.nrrd`` files and progress lines.
 
     ``weights`` (a checkpoint file) takes precedence over ``model`` (a registry name); with neither, the CLI
     uses the registry's default model. ``report`` adds ``--report`` (a ``<case>.report.png`` per case);
-    ``high_opacity_threshold_hu`` is passed as ``--high-opacity-threshold`` (None: the CLI's default). ``backend`` "auto" runs
+    ``high_opacity_threshold_hu`` is passed as ``--high-opacity-threshold`` and ``lesion_min_contrast_hu`` as
+    ``--lesion-min-contrast-hu`` (0: off; None, for either: the CLI's default). ``backend`` "auto" runs
     the network in ONNX Runtime on the CPU when the onnxruntime package is installed in that Python, else in PyTorch.
     """
     command = [str(python), "-m", "COVIDLesionSegLib.cli", "segment", *map(str, inputs), "--output-dir", str(output_dir),
@@ -80,6 +82,8 @@ def segment_command(
         command.append("--report")
     if high_opacity_threshold_hu is not None:
         command.append(f"--high-opacity-threshold={float(high_opacity_threshold_hu)!r}")  # "=": a value such as -1e-05 is no option
+    if lesion_min_contrast_hu is not None:
+        command.append(f"--lesion-min-contrast-hu={'off' if lesion_min_contrast_hu == 0 else repr(float(lesion_min_contrast_hu))}")
     return command
 
 

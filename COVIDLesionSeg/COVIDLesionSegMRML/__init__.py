@@ -68,6 +68,8 @@ REPORT_SUFFIX = ".report.png"
 # statistics.DEFAULT_HIGH_OPACITY_THRESHOLD_HU, repeated here because importing statistics loads SimpleITK, which
 # the module must not do at Slicer's start-up; a test keeps the two equal.
 DEFAULT_HIGH_OPACITY_THRESHOLD_HU = -200.0
+# predictor.GuardRails().lesion_min_contrast_hu, repeated for the same reason (predictor loads torch); a test keeps them equal
+DEFAULT_LESION_MIN_CONTRAST_HU = 75.0
 SLICER_PACKAGES = ("numpy", "SimpleITK", "requests")  # shipped with Slicer: installing must never replace them
 
 
@@ -135,8 +137,9 @@ def safe_file_stem(name: str) -> str:
 @dataclass(frozen=True)
 class CLIOptions:
     """How to run the core CLI: Python interpreter, registered model or weights file (which wins), device, batch size,
-    whether to add the lung segment and lung statistics, whether to write the visual report of each case, and the
-    high-opacity threshold (None: the CLI's default, ``statistics.DEFAULT_HIGH_OPACITY_THRESHOLD_HU``)."""
+    whether to add the lung segment and lung statistics, whether to write the visual report of each case, the
+    high-opacity threshold (None: the CLI's default, ``statistics.DEFAULT_HIGH_OPACITY_THRESHOLD_HU``) and the contrast
+    guard rail in HU (0: off; None: the CLI's default, ``predictor.GuardRails.lesion_min_contrast_hu``)."""
 
     python: str
     model: str = ""
@@ -146,6 +149,7 @@ class CLIOptions:
     include_lung: bool = True
     report: bool = False
     high_opacity_threshold_hu: float | None = None
+    lesion_min_contrast_hu: float | None = None
     probabilities: bool = False
 
     def command(self, inputs: list[Path], output_dir: Path, overwrite: bool) -> list[str]:
@@ -156,7 +160,8 @@ class CLIOptions:
         command = child_process.segment_command(inputs, output_dir, python=self.python, model=self.model or None, weights=self.weights,
                                                 device=self.device, batch_size=self.batch_size, include_lung=self.include_lung,
                                                 overwrite=overwrite, report=self.report,
-                                                high_opacity_threshold_hu=self.high_opacity_threshold_hu)
+                                                high_opacity_threshold_hu=self.high_opacity_threshold_hu,
+                                                lesion_min_contrast_hu=self.lesion_min_contrast_hu)
         return command + (["--probabilities"] if self.probabilities else [])
 
     @property

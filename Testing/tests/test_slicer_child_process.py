@@ -69,7 +69,9 @@ def test_segment_command_defaults(tmp_path):
     assert (arguments.device, arguments.backend, arguments.batch_size) == ("auto", "auto", 8)
     assert not arguments.no_lung and not arguments.overwrite
     assert not arguments.report and arguments.high_opacity_threshold == DEFAULT_HIGH_OPACITY_THRESHOLD_HU
-    assert not any(part.startswith(("--report", "--high-opacity-threshold")) for part in command)  # the CLI's defaults
+    defaulted = ("--report", "--high-opacity-threshold", "--lesion-min-contrast-hu")
+    assert not any(part.startswith(defaulted) for part in command)  # the CLI's defaults
+    assert arguments.lesion_min_contrast_hu is None
 
 
 @pytest.mark.parametrize("threshold", [-250.0, -1e-05, 0, 100.25])
@@ -77,6 +79,12 @@ def test_segment_command_passes_the_report_and_the_high_opacity_threshold(tmp_pa
     command = segment_command([tmp_path], tmp_path / "out", model="resattunet", report=True, high_opacity_threshold_hu=threshold)
     arguments = build_parser().parse_args(command[3:])
     assert arguments.report and arguments.high_opacity_threshold == threshold
+
+
+@pytest.mark.parametrize(("contrast_hu", "parsed"), [(0, "off"), (0.0, "off"), (40, 40.0), (75.0, 75.0), (12.5, 12.5)])
+def test_segment_command_passes_the_contrast_guard_rail_with_zero_as_off(tmp_path, contrast_hu, parsed):
+    command = segment_command([tmp_path], tmp_path / "out", model="resattunet", lesion_min_contrast_hu=contrast_hu)
+    assert build_parser().parse_args(command[3:]).lesion_min_contrast_hu == parsed
 
 
 def test_child_environment_makes_the_core_importable_and_hides_cuda_for_cpu():

@@ -271,13 +271,17 @@ def test_a_volume_runs_report_is_moved_out_of_the_work_folder_without_replacing_
     assert sorted(reports.iterdir()) == kept
 
 
-def test_cli_options_pass_the_report_and_the_high_opacity_threshold(tmp_path):
+def test_cli_options_pass_the_report_the_high_opacity_threshold_and_the_contrast_guard_rail(tmp_path):
     default = mrml.CLIOptions(python="python", model="resattunet").command([tmp_path / "a.nrrd"], tmp_path, False)
     assert "--report" not in default and not any(part.startswith("--high-opacity-threshold") for part in default)
     command = mrml.CLIOptions(python="python", model="resattunet", report=True, high_opacity_threshold_hu=-150.5).command(
         [tmp_path / "a.nrrd"], tmp_path, False)
     assert "--report" in command and "--high-opacity-threshold=-150.5" in command
     assert mrml.DEFAULT_HIGH_OPACITY_THRESHOLD_HU == DEFAULT_HIGH_OPACITY_THRESHOLD_HU
+    assert not any(part.startswith("--lesion-min-contrast-hu") for part in default)
+    for value, argument in ((0.0, "--lesion-min-contrast-hu=off"), (90.0, "--lesion-min-contrast-hu=90.0")):
+        options = mrml.CLIOptions(python="python", model="resattunet", lesion_min_contrast_hu=value)
+        assert argument in options.command([tmp_path / "a.nrrd"], tmp_path, False)
 
 
 def test_read_summary_rejects_a_missing_or_previous_runs_file(tmp_path):

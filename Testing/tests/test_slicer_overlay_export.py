@@ -470,6 +470,15 @@ def test_logic_exports_through_slicers_dicom_plugins_and_imports_with_copies_the
     assert "slicer.dicomDatabase" in export and "isOpen" in export
 
 
+def test_gui_contrast_guard_rail_defaults_to_the_clis_and_reaches_the_cli_options():
+    widgets = {widget.get("name"): widget for widget in ElementTree.parse(REPOSITORY / "Resources" / mrml.UI_FILE).iter("widget")}
+    properties = {prop.get("name"): prop for prop in widgets["lesionMinContrastSpinBox"].findall("property")}
+    assert float(properties["value"].find("double").text) == mrml.DEFAULT_LESION_MIN_CONTRAST_HU == GuardRails().lesion_min_contrast_hu
+    assert float(properties["minimum"].find("double").text) == 0.0  # 0: off
+    assert properties["SlicerParameterName"].find("string").text == "lesionMinContrast"
+    assert "lesion_min_contrast_hu=parameters.lesionMinContrast" in method_source("COVIDLesionSegLogic", "_cliOptions")
+
+
 def test_logic_loads_the_probability_map_of_a_run_and_rethresholds_with_the_tested_functions():
     start = method_source("COVIDLesionSegLogic", "startSegmentation")
     assert "mrml.load_probability_result(" in start and "algorithm_name=" in start
