@@ -3,7 +3,7 @@
     python Testing/benchmarks/benchmark_models.py --models resattunet-lesion-lung-v1 resattunet-lesion-lung-v5 --repeats 3
 
 Each model segments the same real volumes through ``Predictor.segment_image`` (what the CLI runs, without
-file writing): slicerio's ``CTChest4.nrrd`` (HU, 512×512×34) and the shipped sample (8-bit, 256²×33). Runs
+file writing): slicerio's ``CTChest4.nrrd`` (HU, 128×128×34, 3 mm pixels) and the shipped sample (8-bit, 256²×33). Runs
 alternate between models and settings, ``--repeats`` times, and the fastest run of each is printed (the
 least disturbed by other work on the machine). Not a test: the figures depend on the machine.
 """
