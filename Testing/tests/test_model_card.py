@@ -22,9 +22,16 @@ def test_card_measures_both_orientations_shifted_inputs_and_lesion_free_volumes(
     assert markdown == card_markdown(card, "covidlesionseg-model-card " + " ".join([*arguments, "--output-dir", str(tmp_path)]), "")
     assert "| radiological | " in markdown and "| as-stored (trained in) | " in markdown
     assert "No lesion-free slices" in markdown
+    assert card["coarse_side"] == 128 and card["healthy_ct"]["coarse"] is None  # CTChest4.nrrd is 128² already
+    assert "| false PO (%) | at 128² (mL) |" in markdown
     if negatives.is_dir():
         assert [entry["file"] for entry in card["held_out_lesion_free"]] == ["totalsegmentator_example_ct_dicom.nii.gz"]
-        assert "| `totalsegmentator_example_ct_dicom.nii.gz` | 512×512×20 |" in markdown
+        coarse = card["held_out_lesion_free"][0]["coarse"]
+        assert coarse["size"] == [128, 128, 20] and coarse["false_lesion_ml"] >= 0
+        row = next(line for line in markdown.splitlines() if line.startswith("| `totalsegmentator_example_ct_dicom.nii.gz` | 512×512×20 |"))
+        assert row.endswith(f"| {coarse['false_lesion_ml']:.1f} |")
+    older = {key: value for key, value in card.items() if key != "coarse_side"}  # a card made before the coarse rendering
+    assert "at 128²" not in card_markdown(older, "covidlesionseg-model-card", "")
 
 
 def test_recipe_says_when_the_weights_are_a_moving_average():

@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from COVIDLesionSegLib.resources import default_model_name
-from COVIDLesionSegTraining import coarse_renderings
+from COVIDLesionSegTraining import coarse_renderings, model_card
 
 NEGATIVES = Path(__file__).resolve().parents[3] / "shared" / "data" / "chest-ct-hu-no-covid"
 
@@ -30,7 +30,7 @@ def test_coarse_rendering_keeps_the_field_of_view_slices_direction_and_voxel_typ
     image.SetOrigin((-12.0, 30.0, 7.5))
     angle = np.deg2rad(20)
     image.SetDirection((np.cos(angle), -np.sin(angle), 0, np.sin(angle), np.cos(angle), 0, 0, 0, -1))
-    coarse = coarse_renderings.coarse_rendering(image, 32)
+    coarse = model_card.coarse_rendering(image, 32)
     assert coarse.GetSize() == (32, 32, 5) and coarse.GetPixelID() == sitk.sitkInt16
     assert coarse.GetDirection() == pytest.approx(image.GetDirection())
     assert coarse.GetSpacing() == pytest.approx((0.7 * 101 / 32, 0.9 * 77 / 32, 2.5))

@@ -6,8 +6,8 @@
         --patients pyradiomics_lung2 lidc_idri_0001 --side 128 --output Training/results/coarse-renderings-v5
 
 Each volume of the lesion-free ``--patients`` is segmented as it is, then re-rendered in plane at ``--side``² pixels
-over the same field of view (Gaussian anti-aliasing with σ = ``ANTI_ALIAS_SIGMA`` × the new pixel spacing, then linear
-resampling; slices, origin and direction kept), as a coarse reconstruction of the same chest would show it:
+over the same field of view (:func:`~.model_card.coarse_rendering`: Gaussian anti-aliasing, then linear resampling; slices, origin and
+direction kept), as a coarse reconstruction of the same chest would show it:
 ``CTChest4.nrrd``, the healthy CT of every model card, is a 128² reconstruction with 3 mm pixels. Every lesion voxel is
 false. The guard rails are the CLI's defaults. Written to ``--output``: ``coarse_renderings.json`` and ``.md``.
 """
@@ -21,35 +21,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import SimpleITK as sitk
-
 from COVIDLesionSegLib import io
 from COVIDLesionSegLib.checkpoints import atomic_output
 from COVIDLesionSegLib.predictor import Predictor
 
-from .model_card import false_lesion_check, held_out_negative_cases
+from .model_card import coarse_check, false_lesion_check, held_out_negative_cases
 from .reproduce import format_number, markdown_table
-
-ANTI_ALIAS_SIGMA = 0.4  # of the new pixel spacing: the blur of a coarser reconstruction before it is sampled
-
-
-def coarse_rendering(image: sitk.Image, side: int) -> sitk.Image:
-    """``image`` (a CT volume, any pixel type) resampled in plane to ``side`` × ``side`` pixels over the same extent;
-    slices, origin and direction unchanged; voxel type kept."""
-    size, spacing = image.GetSize(), image.GetSpacing()
-    new_spacing = (spacing[0] * size[0] / side, spacing[1] * size[1] / side, spacing[2])
-    smoothed = sitk.SmoothingRecursiveGaussian(
-        sitk.Cast(image, sitk.sitkFloat32), [ANTI_ALIAS_SIGMA * new_spacing[0], ANTI_ALIAS_SIGMA * new_spacing[1], 1e-3 * spacing[2]]
-    )
-    # the new grid covers the same extent: pixel centres move by half the change of spacing
-    first_centre = [(new - old) / (2 * old) for new, old in zip(new_spacing[:2], spacing[:2], strict=True)]  # in old pixels
-    origin = image.TransformContinuousIndexToPhysicalPoint([*first_centre, 0.0])
-    values = sitk.GetArrayViewFromImage(image)
-    lowest, highest = float(values.min()), float(values.max())
-    resampled = sitk.Resample(smoothed, (side, side, size[2]), sitk.Transform(), sitk.sitkLinear, origin, new_spacing,
-                              image.GetDirection(), lowest, sitk.sitkFloat32)
-    # within the input's range (the recursive Gaussian over- and undershoots a little at edges)
-    return sitk.Cast(sitk.Round(sitk.Clamp(resampled, lowerBound=lowest, upperBound=highest)), image.GetPixelID())
 
 
 def measure(predictor: Predictor, volumes: Sequence[Path], side: int) -> list[dict]:
@@ -57,9 +34,8 @@ def measure(predictor: Predictor, volumes: Sequence[Path], side: int) -> list[di
     rows = []
     for path in volumes:
         image = io.read_image(path)
-        coarse = coarse_rendering(image, side) if min(image.GetSize()[:2]) > side else None
         rows.append({"file": Path(path).name, "as_reconstructed": false_lesion_check(predictor, image)[0],
-                     "coarse": None if coarse is None else false_lesion_check(predictor, coarse)[0]})
+                     "coarse": coarse_check(predictor, image, side)})
     return rows
 
 

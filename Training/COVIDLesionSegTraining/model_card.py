@@ -51,6 +51,8 @@ from .sample import NOMINAL_SPACING_MM, model_orientation, stack_volume
 
 GOLDEN_SLICE_STEP = 2
 RADIOPAEDIA_LUNG_WINDOW_HU = (-1250.0, 250.0)  # how the Radiopaedia volumes were exported to 0–255
+ANTI_ALIAS_SIGMA = 0.4  # of the new pixel spacing: the blur of a coarser reconstruction before it is sampled
+COARSE_SIDE = 128  # the card's coarse rendering of lesion-free volumes: CTChest4.nrrd's in-plane pixels
 
 
 def dice(prediction: np.ndarray, reference: np.ndarray) -> float | None:
@@ -193,10 +195,36 @@ def false_lesion_check(predictor: Predictor, image: sitk.Image) -> tuple[dict, S
             "seconds": seconds, "seconds_per_slice": seconds / image.GetSize()[2]}, result
 
 
-def healthy_ct_check(predictor: Predictor, case: NegativeCase | None = None) -> dict:
+def coarse_rendering(image: sitk.Image, side: int) -> sitk.Image:
+    """``image`` (a CT volume, any pixel type) resampled in plane to ``side`` × ``side`` pixels over the same extent;
+    slices, origin and direction unchanged; voxel type kept."""
+    size, spacing = image.GetSize(), image.GetSpacing()
+    new_spacing = (spacing[0] * size[0] / side, spacing[1] * size[1] / side, spacing[2])
+    smoothed = sitk.SmoothingRecursiveGaussian(
+        sitk.Cast(image, sitk.sitkFloat32), [ANTI_ALIAS_SIGMA * new_spacing[0], ANTI_ALIAS_SIGMA * new_spacing[1], 1e-3 * spacing[2]]
+    )
+    # the new grid covers the same extent: pixel centres move by half the change of spacing
+    first_centre = [(new - old) / (2 * old) for new, old in zip(new_spacing[:2], spacing[:2], strict=True)]  # in old pixels
+    origin = image.TransformContinuousIndexToPhysicalPoint([*first_centre, 0.0])
+    values = sitk.GetArrayViewFromImage(image)
+    lowest, highest = float(values.min()), float(values.max())
+    resampled = sitk.Resample(smoothed, (side, side, size[2]), sitk.Transform(), sitk.sitkLinear, origin, new_spacing,
+                              image.GetDirection(), lowest, sitk.sitkFloat32)
+    # within the input's range (the recursive Gaussian over- and undershoots a little at edges)
+    return sitk.Cast(sitk.Round(sitk.Clamp(resampled, lowerBound=lowest, upperBound=highest)), image.GetPixelID())
+
+
+def coarse_check(predictor: Predictor, image: sitk.Image, side: int) -> dict | None:
+    """:func:`false_lesion_check` of lesion-free ``image`` re-rendered at ``side``² (:func:`coarse_rendering`); None where
+    it has ``side`` pixels or fewer in plane already."""
+    return false_lesion_check(predictor, coarse_rendering(image, side))[0] if min(image.GetSize()[:2]) > side else None
+
+
+def healthy_ct_check(predictor: Predictor, case: NegativeCase | None = None, coarse_side: int | None = None) -> dict:
     """:func:`false_lesion_check` on a lesion-free folder's ``case`` (default :func:`ctchest4`), with its file name. Where
     the case has a tumour mask, ``false_lesion_ml_off_tumour`` leaves out the slices that training leaves out
-    (:func:`~.negatives.tumour_free_slices`: a tumour is an opacity, if not COVID-19)."""
+    (:func:`~.negatives.tumour_free_slices`: a tumour is an opacity, if not COVID-19). With ``coarse_side``, ``coarse``
+    is :func:`coarse_check` at that side."""
     path = case.volume if case else ctchest4()
     image = io.read_image(path)
     check, result = false_lesion_check(predictor, image)
@@ -205,7 +233,8 @@ def healthy_ct_check(predictor: Predictor, case: NegativeCase | None = None) -> 
         lesion = sitk.GetArrayViewFromImage(io.to_radiological(result.masks["lesion"])) > 0
         kept = tumour_free_slices(case, len(lesion))
         off_tumour = float(lesion[kept].sum()) * VoxelGrid.of_image(image).voxel_ml
-    return {"file": path.name, **check, "false_lesion_ml_off_tumour": off_tumour}
+    coarse = {"coarse": coarse_check(predictor, image, coarse_side)} if coarse_side else {}
+    return {"file": path.name, **check, "false_lesion_ml_off_tumour": off_tumour, **coarse}
 
 
 def measure(
@@ -230,8 +259,10 @@ def measure(
         "held_out_by_orientation": by_orientation, "guard_rails": predictor.guard_rails.to_dict(),
         "golden": {"slice_step": GOLDEN_SLICE_STEP, **held_out_scores(predictor, data_dir, holdout, GOLDEN_SLICE_STEP)},
         "shifted_inputs_lesion_dice": shifted_input_scores(predictor, data_dir, holdout),
-        "healthy_ct": healthy_ct_check(predictor),
-        "held_out_lesion_free": [healthy_ct_check(predictor, case) for case in held_out_negative_cases(negatives_dir, negative_patients)],
+        "healthy_ct": healthy_ct_check(predictor, coarse_side=COARSE_SIDE),
+        "held_out_lesion_free": [healthy_ct_check(predictor, case, COARSE_SIDE)
+                                 for case in held_out_negative_cases(negatives_dir, negative_patients)],
+        "coarse_side": COARSE_SIDE,
         "lesion_free_training_patients": lesion_free_training_patients(config),
         "cpu": {"threads": torch.get_num_threads(), "held_out_seconds_per_slice_network_path": 1 / slices_per_second},
         "date": date.today().isoformat(), "torch": torch.__version__,
@@ -407,11 +438,20 @@ def card_markdown(card: dict, command: str, po_validation: str, crossval: dict |
         for name, scores in card.get("held_out_by_orientation", {}).items()
     )
     lesion_free = [healthy, *card.get("held_out_lesion_free", [])]
+    coarse_side = card.get("coarse_side")  # cards made before it have no coarse rendering
     lesion_free_rows = "\n".join(
         f"| `{entry['file']}` | {entry['size'][0]}×{entry['size'][1]}×{entry['size'][2]} | {number(entry['false_lesion_ml'], 1)} | "
         f"{number(entry.get('false_lesion_ml_off_tumour'), 1)} | {entry['slices_with_false_lesion']} | {number(entry['lung_ml'], 0)} | "
         f"{number(entry['false_percent_opacity'], 2)} |"
+        + (f" {number((entry.get('coarse') or {}).get('false_lesion_ml'), 1)} |" if coarse_side else "")
         for entry in lesion_free
+    )
+    coarse_header, coarse_rule, coarse_text = (
+        (f" at {coarse_side}² (mL) |", "---|",
+         f"The last column: the same volume re-rendered coarser, {coarse_side}² in plane over the same field of view "
+         f"(`{healthy['file']}` is {coarse_side}² already), as a low-resolution reconstruction shows it "
+         "(`covidlesionseg-coarse-renderings` measures it on its own).")
+        if coarse_side else ("", "", "")
     )
     body_crop = config.get("field_of_view") == "body"
     guard_rails = guard_rails_words(card.get("guard_rails", {})) or "none (predate them)"
@@ -477,12 +517,13 @@ every {card['golden']['slice_step']}nd held-out slice ({card['golden']['slices']
 {shifted}
 
 ## Chest CT without COVID-19 (never trained on; every lesion voxel is false)
-| volume | size | false lesion (mL) | off the tumour slices (mL) | slices with it | predicted lung (mL) | false PO (%) |
-|---|---|---|---|---|---|---|
+| volume | size | false lesion (mL) | off the tumour slices (mL) | slices with it | predicted lung (mL) | false PO (%) |{coarse_header}
+|---|---|---|---|---|---|---|{coarse_rule}
 {lesion_free_rows}
 
 `{healthy['file']}` is slicerio's test data (raw HU); the others are lesion-free patients it never trained on. Where a volume holds
 a marked lung tumour or nodule (an opacity, but not COVID-19), "off the tumour slices" leaves out the slices that training leaves out.
+{coarse_text}
 
 ## Percentage of opacity (PO) against the reference
 {po_section(po_validation, crossval, crossval_path)}
