@@ -15,6 +15,7 @@ from COVIDLesionSegTraining.negatives import (
     NegativeVolumeDataset,
     add_dependent_density,
     read_negative_cases,
+    slab_hu,
     tumour_free_slices,
 )
 
@@ -129,6 +130,69 @@ def test_dependent_density_renders_lung_slices_anew_and_keeps_their_targets(nega
         TrainConfig(data_dir="d", output_dir="o", dependent_density=0.5)  # no lesion-free slices to apply it to
     config = TrainConfig(data_dir="d", output_dir="o", negatives_dir="n", negative_fraction=0.25, dependent_density=0.5)
     assert "dependent density" in "\n".join(config.differences_from_paper())
+
+
+def brute_force_slab(hu: np.ndarray, z: int, slice_mm: float, thickness_mm: float, usable: np.ndarray) -> np.ndarray:
+    """The slab of :func:`slab_hu` by sampling it finely along z: each sample takes the slice it falls in."""
+    low = z
+    while low > 0 and usable[low - 1]:
+        low -= 1
+    high = z
+    while high < len(hu) - 1 and usable[high + 1]:
+        high += 1
+    positions = np.linspace(z * slice_mm - thickness_mm / 2, z * slice_mm + thickness_mm / 2, 200001)
+    indices = np.rint(positions / slice_mm).astype(int)
+    indices = indices[(indices >= low) & (indices <= high)]
+    return hu[indices].astype(np.float64).mean(axis=0)
+
+
+@pytest.mark.parametrize(
+    ("z", "slice_mm", "thickness_mm", "unusable"),
+    [(5, 5.0, 10.0, ()), (5, 2.5, 7.3, ()), (0, 2.5, 10.0, ()), (11, 1.5, 9.0, ()), (5, 2.5, 10.0, (3,)), (5, 1.0, 8.0, (4, 9))],
+)
+def test_slab_hu_weighs_slices_by_their_overlap_and_stops_at_unusable_slices(z, slice_mm, thickness_mm, unusable):
+    hu = np.random.default_rng(z).normal(-800, 100, size=(12, 6, 5)).astype(np.float32)
+    usable = np.ones(12, dtype=bool)
+    usable[list(unusable)] = False
+    slab = slab_hu(hu, z, slice_mm, thickness_mm, usable)
+    assert slab.dtype == np.float32 and slab.shape == hu.shape[1:]
+    np.testing.assert_allclose(slab, brute_force_slab(hu, z, slice_mm, thickness_mm, usable), atol=0.2)
+    assert not np.array_equal(slab, hu[z])
+
+
+def test_slab_no_thicker_than_a_slice_is_the_slice_itself():
+    hu = np.random.default_rng(0).normal(-800, 100, size=(5, 4, 4)).astype(np.float32)
+    np.testing.assert_array_equal(slab_hu(hu, 2, 5.0, 4.0, np.ones(5, dtype=bool)), hu[2])
+    np.testing.assert_array_equal(slab_hu(hu, 2, 1.0, 10.0, np.array([True, False, True, False, True])), hu[2])  # no neighbour usable
+
+
+def test_thick_slices_render_lesion_free_slices_as_slabs_and_keep_their_targets(negatives_dir):
+    options = {"channels": ("lesion", "lung"), "preprocessing": BODY, "only_patients": ["pyradiomics_lung1"]}
+    plain = NegativeVolumeDataset(negatives_dir, **options)
+    thick = NegativeVolumeDataset(negatives_dir, thick_slices=1.0, **options)
+    assert plain.volumes == {} and thick.slices == plain.slices
+    index = thick.slices.index(("pyradiomics_lung1", 20))
+    image, lesion, lung = thick.load_slice(index)
+    plain_image, _, plain_lung = plain.load_slice(index)
+    assert not np.array_equal(image, plain_image) and not lesion.any()
+    np.testing.assert_array_equal(lung, plain_lung)
+    np.testing.assert_array_equal(image, thick.load_slice(index)[0])  # the same draw within an epoch
+    volume, usable = thick.volumes["pyradiomics_lung1"]
+    assert volume.slice_mm == 5.0 and not usable[31:36].any()  # tumour slices 32–34 and one either side: no slab reaches them
+    thick.set_epoch(1)
+    assert not np.array_equal(thick.load_slice(index)[0], image)  # another thickness next epoch
+    with pytest.raises(ValueError, match="probability"):
+        NegativeVolumeDataset(negatives_dir, thick_slices=-0.1, **options)
+    with pytest.raises(ValueError, match="thick_slices"):
+        TrainConfig(data_dir="d", output_dir="o", thick_slices=0.5)  # no lesion-free slices to apply it to
+    from COVIDLesionSegTraining.train import build_parser, config_from_arguments
+
+    command = ["--data", "d", "--output", "o", "--negatives", "n", "--negative-fraction", "0.25", "--thick-slices", "0.5"]
+    arguments = vars(build_parser().parse_args(command))
+    config = config_from_arguments({key: arguments[key] for key in ("data_dir", "output_dir", "negatives_dir", "negative_fraction",
+                                                                    "thick_slices")})
+    assert config.thick_slices == 0.5
+    assert "thick_slices: 50% of lesion-free slices shown as 5–10 mm slabs" in config.differences_from_paper()
 
 
 def test_montage_shows_the_lesion_free_slices_and_their_dependent_density(tiny_data, negatives_dir, tmp_path):

@@ -55,6 +55,7 @@ class TrainConfig:
     negative_holdout: tuple[str, ...] = ()  # negatives_dir patients never trained on (false-positive tests)
     negative_validation: tuple[str, ...] = ()  # negatives_dir patients validated on (checkpoint choice sees false lesion), never trained on
     dependent_density: float = 0.0  # probability that a lesion-free slice is rendered with synthetic dependent density (negatives.py)
+    thick_slices: float = 0.0  # probability that a lesion-free slice is rendered as a 5–10 mm slab (negatives.slab_hu)
     low_resolution: float = 0.0  # probability that a training slice is shown at a lower resolution (augment.lower_resolution)
     low_resolution_min_scale: float = LOW_RESOLUTION_SCALES[0]  # its scales: this (0.6 unless lowered) to 0.9 of the resolution
     vertical_flip: float = 0.0  # probability that a training slice is shown upside down (anterior–posterior), its masks with it
@@ -102,6 +103,8 @@ class TrainConfig:
             raise ValueError(f"weight_average_decay must be in (0, 1) or None, got {self.weight_average_decay}")
         if not 0.0 <= self.dependent_density <= 1.0 or (self.dependent_density > 0 and not self.negatives_dir):
             raise ValueError(f"dependent_density is a probability applied to negatives_dir's slices, got {self.dependent_density}")
+        if not 0.0 <= self.thick_slices <= 1.0 or (self.thick_slices > 0 and not self.negatives_dir):
+            raise ValueError(f"thick_slices is a probability applied to negatives_dir's slices, got {self.thick_slices}")
         for name in ("image_size", "batch_size", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -204,6 +207,8 @@ class TrainConfig:
                                f"{self.heavy_disease_repeat}× per epoch")
         if self.dependent_density:
             differences.append(f"dependent_density: {self.dependent_density:.0%} of lesion-free slices with synthetic dependent density")
+        if self.thick_slices:
+            differences.append(f"thick_slices: {self.thick_slices:.0%} of lesion-free slices shown as 5–10 mm slabs")
         precision = self.effective_precision(device_type or "cpu")
         if precision != "fp32":
             meaning = {"bf16": "bf16 autocast", "fp16": "fp16 autocast with loss scaling"}

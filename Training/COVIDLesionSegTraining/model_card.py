@@ -214,10 +214,37 @@ def coarse_rendering(image: sitk.Image, side: int) -> sitk.Image:
     return sitk.Cast(sitk.Round(sitk.Clamp(resampled, lowerBound=lowest, upperBound=highest)), image.GetPixelID())
 
 
-def coarse_check(predictor: Predictor, image: sitk.Image, side: int) -> dict | None:
-    """:func:`false_lesion_check` of lesion-free ``image`` re-rendered at ``side``² (:func:`coarse_rendering`); None where
-    it has ``side`` pixels or fewer in plane already."""
-    return false_lesion_check(predictor, coarse_rendering(image, side))[0] if min(image.GetSize()[:2]) > side else None
+def thick_rendering(image: sitk.Image, slab_mm: float) -> sitk.Image:
+    """``image`` (a CT volume, any pixel type) with every run of k = round(``slab_mm`` / slice spacing) slices averaged
+    into one slab, as a thicker reconstruction of the same chest shows it (a last, incomplete run is dropped); the
+    in-plane grid, direction and voxel type kept, each slab centred between the slices it averages. ``image`` itself
+    where k ≤ 1."""
+    spacing = image.GetSpacing()
+    per_slab = round(slab_mm / spacing[2])
+    if per_slab <= 1:
+        return image
+    values = sitk.GetArrayViewFromImage(image)
+    slabs = len(values) // per_slab
+    if slabs == 0:
+        raise ValueError(f"a {slab_mm:g} mm slab needs {per_slab} slices; the volume has {len(values)}")
+    averaged = values[: slabs * per_slab].reshape(slabs, per_slab, *values.shape[1:]).mean(axis=1, dtype=np.float64)
+    if np.issubdtype(values.dtype, np.integer):
+        averaged = np.rint(averaged)
+    thick = sitk.GetImageFromArray(averaged.astype(values.dtype))
+    thick.SetSpacing((spacing[0], spacing[1], spacing[2] * per_slab))
+    thick.SetDirection(image.GetDirection())
+    thick.SetOrigin(image.TransformContinuousIndexToPhysicalPoint([0.0, 0.0, (per_slab - 1) / 2]))
+    return thick
+
+
+def coarse_check(predictor: Predictor, image: sitk.Image, side: int, slab_mm: float | None = None) -> dict | None:
+    """:func:`false_lesion_check` of lesion-free ``image`` re-rendered at ``side``² (:func:`coarse_rendering`; not where it
+    has ``side`` pixels or fewer in plane already) and, with ``slab_mm``, in slabs that thick (:func:`thick_rendering`);
+    None where neither changes it."""
+    rendered = coarse_rendering(image, side) if min(image.GetSize()[:2]) > side else image
+    if slab_mm:
+        rendered = thick_rendering(rendered, slab_mm)
+    return None if rendered is image else false_lesion_check(predictor, rendered)[0]
 
 
 def healthy_ct_check(predictor: Predictor, case: NegativeCase | None = None, coarse_side: int | None = None) -> dict:

@@ -113,7 +113,7 @@ def dependent_density_montage(negatives: Sequence[tuple[NegativeCase, PreparedNe
         for z in with_lung[np.linspace(0, len(with_lung) - 1, pairs_per_case).round().astype(int)]:
             rng = np.random.default_rng((0, 0, int(z), DEPENDENT_DENSITY_STREAM))
             plain, _ = volume.render(z)
-            dense, _ = volume.render(z, add_dependent_density(volume.hu[z], volume.lung[z], volume.row_mm, rng))
+            dense, _ = volume.render(z, volume.hu[z] + add_dependent_density(volume.hu[z], volume.lung[z], volume.row_mm, rng))
             tiles += [tile(plain, label=f"{case.case} z{z}"), tile(dense, label="+ dependent")]
         rows.append(np.hstack(tiles))
     return np.vstack(rows)

@@ -17,6 +17,9 @@ network trained on it alone has never seen a healthy lung, an apex or base, or a
 - ``dependent_density`` (a probability) renders a slice now and then from its HU with synthetic
   gravity-dependent density added in the lung (:func:`add_dependent_density`), still labelled "no lesion":
   the shipped models' false lesion on healthy lungs lies in this dependent, posterior density.
+- ``thick_slices`` (a probability) renders a slice now and then as a thicker reconstruction would show it: the
+  HU averaged over a slab of 5–10 mm around it (:func:`slab_hu`). Thick slices blur vessels and the diaphragm's dome
+  into hazy density, and the shipped models mark more false lesion on lesion-free volumes averaged into 10 mm slabs.
 
 :class:`MixedSliceDataset` puts them beside the lesion slices at a chosen share of every epoch.
 """
@@ -94,21 +97,22 @@ class PreparedNegative:
 
     ``hu``: float32 ``[z, side, side]`` on the box at the scan's resolution (padded with the volume's
     minimum); ``lung``: bool, the classical lung mask on the same grid; ``row_mm``: the pixel height in mm;
-    ``hounsfield``: whether the volume is in HU (decided once per volume, as inference does).
-    :meth:`render` turns a slice into what the network sees.
+    ``slice_mm``: the slice spacing in mm; ``hounsfield``: whether the volume is in HU (decided once per volume,
+    as inference does). :meth:`render` turns a slice into what the network sees.
     """
 
     hu: np.ndarray
     lung: np.ndarray
     row_mm: float
+    slice_mm: float
     hounsfield: bool
     preprocessing: PreprocessingConfig
 
-    def render(self, z: int, added_hu: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Slice ``z`` (plus ``added_hu`` ``[side, side]``) as uint8 ``[size, size]`` through the inference
-        preprocessing (the slice of ``prepare_volume``), and its lung mask resized like it."""
-        hu = self.hu[z] if added_hu is None else self.hu[z] + added_hu
-        return slice_to_uint8(hu, self.preprocessing, self.hounsfield), resize_mask(self.lung[z], self.preprocessing)
+    def render(self, z: int, hu: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Slice ``z`` (its CT values replaced by ``hu[side, side]`` if given) as uint8 ``[size, size]`` through the
+        inference preprocessing (the slice of ``prepare_volume``), and its lung mask resized like it."""
+        plane = self.hu[z] if hu is None else hu
+        return slice_to_uint8(plane, self.preprocessing, self.hounsfield), resize_mask(self.lung[z], self.preprocessing)
 
 
 def prepare_negative_case(case: NegativeCase, preprocessing: PreprocessingConfig) -> PreparedNegative:
@@ -119,7 +123,31 @@ def prepare_negative_case(case: NegativeCase, preprocessing: PreprocessingConfig
     box = body_crop_box(hu, preprocessing)
     hu = crop_volume(hu, box)
     lung = np.stack([crop_slice(plane, box) for plane in lung])
-    return PreparedNegative(hu, lung, float(image.GetSpacing()[1]), is_hounsfield(hu, preprocessing), preprocessing)
+    spacing = image.GetSpacing()
+    return PreparedNegative(hu, lung, float(spacing[1]), float(spacing[2]), is_hounsfield(hu, preprocessing), preprocessing)
+
+
+THICK_SLICE_MM = (5.0, 10.0)  # slab thickness of --thick-slices, drawn uniformly: common thick reconstructions
+THICK_SLICES_STREAM = 13  # its random numbers are drawn apart from the augmentation's and the dependent density's
+
+
+def slab_hu(hu: np.ndarray, z: int, slice_mm: float, thickness_mm: float, usable: np.ndarray) -> np.ndarray:
+    """float32 ``[H, W]``: the CT ``hu[z, H, W]`` averaged over a slab ``thickness_mm`` thick centred on slice ``z``,
+    as a thicker reconstruction shows it. Each slice (``slice_mm`` apart, each that thick) weighs by its overlap with
+    the slab; slices outside the run of ``usable`` (bool ``[z]``) slices around ``z`` are left out (a slab must not
+    reach a tumour or past the volume's end). A slab no thicker than one slice is slice ``z`` itself."""
+    half_slices = thickness_mm / (2 * slice_mm)  # half the slab, in slices
+    reach = int(np.ceil(half_slices - 0.5))
+    low, high = z, z
+    while low > max(0, z - reach) and usable[low - 1]:
+        low -= 1
+    while high < min(len(hu) - 1, z + reach) and usable[high + 1]:
+        high += 1
+    offsets = np.arange(low, high + 1) - z
+    weights = np.clip(np.minimum(offsets + 0.5, half_slices) - np.maximum(offsets - 0.5, -half_slices), 0.0, 1.0)
+    if weights.sum() <= 0 or len(offsets) == 1:
+        return hu[z]
+    return np.tensordot(weights / weights.sum(), hu[low : high + 1], axes=1).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -169,8 +197,9 @@ def add_dependent_density(
 class NegativeVolumeDataset(SliceDataset):
     """Every tumour-free axial slice of the lesion-free volumes in ``root``: patients in ``exclude_patients`` left
     out; if ``only_patients`` is given, only those. ``dependent_density``: the probability that an item is
-    rendered with :func:`add_dependent_density` (drawn from its own stream of (seed, epoch, index), so the
-    other augmentation draws stay as without it).
+    rendered with :func:`add_dependent_density`; ``thick_slices``: that it is rendered as a slab of
+    ``THICK_SLICE_MM`` (:func:`slab_hu`; with both, the density is added to the slab). Each is drawn from its own
+    stream of (seed, epoch, index), so the other augmentation draws stay as without it.
 
     Items are those of :class:`~.data.SliceDataset` with an all-zero lesion target.
     """
@@ -181,12 +210,14 @@ class NegativeVolumeDataset(SliceDataset):
         exclude_patients: Sequence[str] = (),
         only_patients: Sequence[str] | None = None,
         dependent_density: float = 0.0,
+        thick_slices: float = 0.0,
         **options,
     ):
         super().__init__(**options)
-        if not 0.0 <= dependent_density <= 1.0:
-            raise ValueError(f"dependent_density is a probability, got {dependent_density}")
-        self.dependent_density = dependent_density
+        for name, value in (("dependent_density", dependent_density), ("thick_slices", thick_slices)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} is a probability, got {value}")
+        self.dependent_density, self.thick_slices = dependent_density, thick_slices
         cases = read_negative_cases(root)
         unknown = sorted(set(exclude_patients).union(only_patients or ()) - {case.patient for case in cases})
         if unknown:
@@ -196,18 +227,19 @@ class NegativeVolumeDataset(SliceDataset):
         self.images: list[np.ndarray] = []  # per kept slice: uint8 [size, size]
         self.lungs: list[np.ndarray] = []  # per kept slice: bool [size, size]
         self.slices: list[tuple[str, int]] = []  # (case, z)
-        self.volumes: dict[str, PreparedNegative] = {}  # kept only to render dependent density
+        self.volumes: dict[str, tuple[PreparedNegative, np.ndarray]] = {}  # kept only to render anew: volume, usable slices
         for case in cases:
             if case.patient in exclude_patients:
                 continue
             volume = prepare_negative_case(case, self.preprocessing)
-            for z in np.flatnonzero(tumour_free_slices(case, len(volume.hu))):
+            usable = tumour_free_slices(case, len(volume.hu))
+            for z in np.flatnonzero(usable):
                 image, lung = volume.render(z)
                 self.images.append(image)
                 self.lungs.append(lung)
                 self.slices.append((case.case, int(z)))
-            if dependent_density > 0:
-                self.volumes[case.case] = volume
+            if dependent_density > 0 or thick_slices > 0:
+                self.volumes[case.case] = (volume, usable)
         self.cases = list(dict.fromkeys(case for case, _ in self.slices))
 
     def __len__(self) -> int:
@@ -216,12 +248,19 @@ class NegativeVolumeDataset(SliceDataset):
     def load_slice(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         lung = self.lungs[index]
         image = self.images[index]
-        if self.dependent_density > 0:
-            rng = np.random.default_rng((self.seed, self.epoch, index, DEPENDENT_DENSITY_STREAM))
+        if self.volumes:
             case, z = self.slices[index]
-            volume = self.volumes[case]
-            if rng.random() < self.dependent_density and volume.hounsfield and volume.lung[z].any():
-                image, _ = volume.render(z, add_dependent_density(volume.hu[z], volume.lung[z], volume.row_mm, rng))
+            volume, usable = self.volumes[case]
+            hu = None
+            thick = np.random.default_rng((self.seed, self.epoch, index, THICK_SLICES_STREAM))
+            if thick.random() < self.thick_slices:
+                hu = slab_hu(volume.hu, z, volume.slice_mm, thick.uniform(*THICK_SLICE_MM), usable)
+            dense = np.random.default_rng((self.seed, self.epoch, index, DEPENDENT_DENSITY_STREAM))
+            if dense.random() < self.dependent_density and volume.hounsfield and volume.lung[z].any():
+                plane = volume.hu[z] if hu is None else hu
+                hu = plane + add_dependent_density(plane, volume.lung[z], volume.row_mm, dense)
+            if hu is not None:
+                image, _ = volume.render(z, hu)
         return image, np.zeros_like(lung), lung
 
     def volume_id(self, index: int) -> str:

@@ -528,7 +528,7 @@ def train_process(config: TrainConfig, resume: bool, context: DistributedContext
     if config.negatives_dir:
         not_trained = (*config.negative_holdout, *config.negative_validation)
         negatives = NegativeVolumeDataset(config.negatives_dir, exclude_patients=not_trained, **augmentation,
-                                          dependent_density=config.dependent_density, **options)
+                                          dependent_density=config.dependent_density, thick_slices=config.thick_slices, **options)
         train_set = MixedSliceDataset(train_set, negatives, config.negative_fraction, config.seed)
         if context.is_main:
             logger.info("lesion-free slices: %d from %s, %d per epoch", len(negatives), ", ".join(negatives.cases),
@@ -839,6 +839,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="P",
         help="probability that a --negatives slice is shown with synthetic gravity-dependent density in its lung (default 0)",
+    )
+    group.add_argument(
+        "--thick-slices",
+        type=float,
+        metavar="P",
+        help="probability that a --negatives slice is shown as a thicker reconstruction: its HU averaged over a 5–10 mm slab (default 0)",
     )
     group.add_argument(
         "--init-from", metavar="CHECKPOINT", help="start from this checkpoint's weights (file or registry name): fine-tuning; same network"
