@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -58,6 +59,32 @@ def test_thick_rendering_averages_runs_of_slices_into_slabs_centred_between_them
         model_card.thick_rendering(image, 50.0)
 
 
+class MarksEveryDenseVoxel:
+    """A stand-in predictor: lesion wherever the CT is above -500 HU, on the image's own grid."""
+
+    def segment_image(self, image: sitk.Image) -> SimpleNamespace:
+        lesion = sitk.Cast(image > -500, sitk.sitkUInt8)
+        voxels = int(sitk.GetArrayViewFromImage(lesion).sum())
+        ml = voxels * float(np.prod(image.GetSpacing())) / 1000
+        statistics = SimpleNamespace(lesion_ml=ml, lesion_slices=int(sitk.GetArrayViewFromImage(lesion).any(axis=(1, 2)).sum()),
+                                     lung_ml=1000.0, percent_opacity=ml / 10)
+        return SimpleNamespace(masks={"lesion": lesion}, statistics=statistics)
+
+
+@pytest.mark.parametrize(("tumour_free", "off_tumour_slabs"), [([1, 1, 1, 1, 0, 1, 1], 0), ([0, 1, 1, 1, 1, 1, 1], 1)])
+def test_coarse_check_counts_false_lesion_off_the_tumour_on_slabs_of_tumour_free_slices_only(tumour_free, off_tumour_slabs):
+    values = np.full((7, 8, 8), -900, dtype=np.int16)
+    values[:2] = 0  # dense in the first two stored slices: the last two of the radiological order (the z axis runs feet to head)
+    image = sitk.GetImageFromArray(values)
+    image.SetSpacing((1.0, 1.0, 2.5))
+    image.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, -1))
+    check = model_card.coarse_check(MarksEveryDenseVoxel(), image, side=8, slab_mm=5.0, tumour_free=np.array(tumour_free, dtype=bool))
+    assert check["size"] == [8, 8, 3]  # radiological slices (0, 1), (2, 3), (4, 5); the 7th dropped
+    assert check["false_lesion_ml"] == pytest.approx(64 * 5.0 / 1000)  # slab (4, 5): half dense, above -500 HU
+    assert check["false_lesion_ml_off_tumour"] == pytest.approx(off_tumour_slabs * 64 * 5.0 / 1000)
+    assert model_card.coarse_check(MarksEveryDenseVoxel(), image, side=8) is None  # nothing to re-render
+
+
 def test_command_measures_a_real_lesion_free_volume_as_reconstructed_and_coarser(tmp_path, capsys):
     if not (NEGATIVES / "manifest.csv").is_file():
         pytest.skip(f"lesion-free data not present at {NEGATIVES}")
@@ -69,10 +96,10 @@ def test_command_measures_a_real_lesion_free_volume_as_reconstructed_and_coarser
     assert text == capsys.readouterr().out
     (row,) = result["volumes"]
     assert row["file"] == "totalsegmentator_example_ct.nii.gz" and (result["side"], result["slab_mm"]) == (48, 10)
-    assert row["coarse"]["size"] == [48, 48, row["as_reconstructed"]["size"][2] // 3]  # 3 mm slices, three to a slab
+    assert row["coarse"]["size"] == [48, 48, row["size"][2] // 3]  # 3 mm slices, three to a slab
     assert row["coarse"]["spacing_mm"][2] == pytest.approx(9.0) and "at 48², 10 mm slabs (mL)" in text
-    for rendering in ("as_reconstructed", "coarse"):
-        assert row[rendering]["false_lesion_ml"] >= 0 and row[rendering]["lung_ml"] > 10  # its lung bases found at both resolutions
+    for check in (row, row["coarse"]):
+        assert check["false_lesion_ml"] >= 0 and check["lung_ml"] > 10  # its lung bases found at both resolutions
     assert f"`{row['file']}`" in text and "covidlesionseg-coarse-renderings --model" in text
     assert coarse_renderings.main([*argv[:5], "nobody", *argv[6:]]) == 1
     assert "patients ['nobody'] are not in" in capsys.readouterr().err

@@ -214,14 +214,18 @@ def coarse_rendering(image: sitk.Image, side: int) -> sitk.Image:
     return sitk.Cast(sitk.Round(sitk.Clamp(resampled, lowerBound=lowest, upperBound=highest)), image.GetPixelID())
 
 
+def slices_per_slab(image: sitk.Image, slab_mm: float | None) -> int:
+    """How many of ``image``'s slices :func:`thick_rendering` averages into one ``slab_mm`` slab (1: none; None: no slabs)."""
+    return max(1, round(slab_mm / image.GetSpacing()[2])) if slab_mm else 1
+
+
 def thick_rendering(image: sitk.Image, slab_mm: float) -> sitk.Image:
-    """``image`` (a CT volume, any pixel type) with every run of k = round(``slab_mm`` / slice spacing) slices averaged
-    into one slab, as a thicker reconstruction of the same chest shows it (a last, incomplete run is dropped); the
-    in-plane grid, direction and voxel type kept, each slab centred between the slices it averages. ``image`` itself
-    where k ≤ 1."""
+    """``image`` (a CT volume, any pixel type) with every run of k = :func:`slices_per_slab` slices averaged into one
+    slab, as a thicker reconstruction of the same chest shows it (a last, incomplete run is dropped); the in-plane grid,
+    direction and voxel type kept, each slab centred between the slices it averages. ``image`` itself where k = 1."""
     spacing = image.GetSpacing()
-    per_slab = round(slab_mm / spacing[2])
-    if per_slab <= 1:
+    per_slab = slices_per_slab(image, slab_mm)
+    if per_slab == 1:
         return image
     values = sitk.GetArrayViewFromImage(image)
     slabs = len(values) // per_slab
@@ -237,30 +241,46 @@ def thick_rendering(image: sitk.Image, slab_mm: float) -> sitk.Image:
     return thick
 
 
-def coarse_check(predictor: Predictor, image: sitk.Image, side: int, slab_mm: float | None = None) -> dict | None:
+def coarse_check(
+    predictor: Predictor, image: sitk.Image, side: int, slab_mm: float | None = None, tumour_free: np.ndarray | None = None
+) -> dict | None:
     """:func:`false_lesion_check` of lesion-free ``image`` re-rendered at ``side``² (:func:`coarse_rendering`; not where it
     has ``side`` pixels or fewer in plane already) and, with ``slab_mm``, in slabs that thick (:func:`thick_rendering`);
-    None where neither changes it."""
+    None where neither changes it. ``tumour_free`` (bool per slice of ``image`` in radiological order, as
+    :func:`~.negatives.tumour_free_slices`) adds ``false_lesion_ml_off_tumour``: the false lesion on the rendered
+    slices made of tumour-free slices only."""
+    if tumour_free is not None:
+        image = io.to_radiological(image)  # slabs grouped in the order of tumour_free
     rendered = coarse_rendering(image, side) if min(image.GetSize()[:2]) > side else image
     if slab_mm:
         rendered = thick_rendering(rendered, slab_mm)
-    return None if rendered is image else false_lesion_check(predictor, rendered)[0]
+    if rendered is image:
+        return None
+    check, result = false_lesion_check(predictor, rendered)
+    if tumour_free is not None:
+        per_slab, slabs = slices_per_slab(image, slab_mm), rendered.GetSize()[2]
+        kept = tumour_free[: per_slab * slabs].reshape(slabs, per_slab).all(axis=1)
+        lesion = sitk.GetArrayViewFromImage(result.masks["lesion"]) > 0
+        check["false_lesion_ml_off_tumour"] = float(lesion[kept].sum()) * VoxelGrid.of_image(rendered).voxel_ml
+    return check
 
 
-def healthy_ct_check(predictor: Predictor, case: NegativeCase | None = None, coarse_side: int | None = None) -> dict:
+def healthy_ct_check(
+    predictor: Predictor, case: NegativeCase | None = None, coarse_side: int | None = None, slab_mm: float | None = None
+) -> dict:
     """:func:`false_lesion_check` on a lesion-free folder's ``case`` (default :func:`ctchest4`), with its file name. Where
     the case has a tumour mask, ``false_lesion_ml_off_tumour`` leaves out the slices that training leaves out
     (:func:`~.negatives.tumour_free_slices`: a tumour is an opacity, if not COVID-19). With ``coarse_side``, ``coarse``
-    is :func:`coarse_check` at that side."""
+    is :func:`coarse_check` at that side (and ``slab_mm``)."""
     path = case.volume if case else ctchest4()
     image = io.read_image(path)
     check, result = false_lesion_check(predictor, image)
-    off_tumour = None
+    off_tumour = kept = None
     if case and case.tumour_mask:
         lesion = sitk.GetArrayViewFromImage(io.to_radiological(result.masks["lesion"])) > 0
         kept = tumour_free_slices(case, len(lesion))
         off_tumour = float(lesion[kept].sum()) * VoxelGrid.of_image(image).voxel_ml
-    coarse = {"coarse": coarse_check(predictor, image, coarse_side)} if coarse_side else {}
+    coarse = {"coarse": coarse_check(predictor, image, coarse_side, slab_mm, kept)} if coarse_side else {}
     return {"file": path.name, **check, "false_lesion_ml_off_tumour": off_tumour, **coarse}
 
 
