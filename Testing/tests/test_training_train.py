@@ -87,6 +87,10 @@ def test_config_round_trips_through_json_and_lists_its_departures(tmp_path):
         ({"augment": "heavy"}, "augment"),
         ({"max_steps": 0}, "max_steps"),
         ({"channels": ()}, "channels"),
+        ({"final_lr_steps": 5, "final_lr": 1e-5}, "fewer than max_steps"),  # no budget to end
+        ({"max_steps": 10, "final_lr_steps": 10, "final_lr": 1e-5}, "fewer than max_steps"),
+        ({"max_steps": 10, "final_lr_steps": 2}, "final_lr > 0"),
+        ({"final_lr": 1e-5}, "needs final_lr_steps"),
     ],
 )
 def test_invalid_configs_are_refused(changes, message):
@@ -188,6 +192,39 @@ def test_an_averaged_run_saves_the_average_and_resumes_exactly(tiny_data, tmp_pa
     plain = train(tiny_config(tiny_data, tmp_path / "plain", max_steps=4, augment="robust"))
     assert plain["step"] == 4
     assert not any(name.startswith("training_weights.") for name in load_file(str(tmp_path / "plain" / "last.state.safetensors")))
+
+
+def test_final_learning_rate_takes_the_last_steps_of_the_budget_and_resumes_exactly(tiny_data, tmp_path, monkeypatch):
+    ending = {"max_steps": 4, "final_lr_steps": 2, "final_lr": 1e-6, "learning_rate": 1e-2}
+    config = tiny_config(tiny_data, tmp_path / "o", **ending)
+    assert [config.learning_rate_at(step) for step in range(4)] == [1e-2, 1e-2, 1e-6, 1e-6]
+    assert "final_lr: the last 2 steps at learning rate 1e-06 (paper: one rate)" in config.differences_from_paper()
+    train(tiny_config(tiny_data, tmp_path / "straight", **ending))
+    state = json.loads((tmp_path / "straight" / "last.state.json").read_text(encoding="utf-8"))
+    assert {group["lr"] for group in state["param_groups"]} == {1e-6}  # the rate of the last step
+    train(tiny_config(tiny_data, tmp_path / "constant", max_steps=4, learning_rate=1e-2))
+    weights, constant = final_weights(tmp_path / "straight"), final_weights(tmp_path / "constant")
+    assert any(not torch.equal(weights[name], constant[name]) for name in weights)  # the final rate changed the last two steps
+
+    calls = []
+    original_forward = train_module.SegmentationLoss.forward
+
+    def forward_then_interrupt(self, logits, targets):
+        calls.append(1)
+        if len(calls) == 3:  # during the third optimizer step, the first at the final rate
+            signal.raise_signal(signal.SIGINT)
+        return original_forward(self, logits, targets)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module.SegmentationLoss, "forward", forward_then_interrupt)
+        assert train(tiny_config(tiny_data, tmp_path / "resumed", **ending))["step"] == 3
+    assert train(tiny_config(tiny_data, tmp_path / "resumed", **ending), resume=True)["step"] == 4
+    resumed = final_weights(tmp_path / "resumed")
+    assert all(torch.equal(resumed[name], weights[name]) for name in weights)
+    # stopped on an epoch's last step: resuming validates that epoch first, as the straight run did, with no training loss
+    rows, straight_rows = read_log(tmp_path / "resumed"), read_log(tmp_path / "straight")
+    assert [row["step"] for row in rows] == [row["step"] for row in straight_rows] == ["3", "4"]
+    assert rows[0]["train_loss"] == "nan" and rows[0]["val_loss"] == straight_rows[0]["val_loss"]
 
 
 def test_validation_every_n_steps_crosses_epochs_and_leaves_training_unchanged(tiny_data, tmp_path):

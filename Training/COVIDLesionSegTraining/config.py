@@ -42,6 +42,8 @@ class TrainConfig:
     dice_weight: float = 0.0  # loss = BCEWithLogits + dice_weight × soft Dice; 0 = the paper's BCE
     dice_mode: str = "per-slice"  # soft Dice of each slice, averaged (v1–v4), or "batch": pooled over the batch's slices
     learning_rate: float = 1e-4  # Adam
+    final_lr_steps: int = 0  # the last this many steps of max_steps are taken at final_lr (0: one learning rate throughout)
+    final_lr: float | None = None  # Adam's learning rate over those final steps
     batch_size: int = 2  # per process
     epochs: int = 200
     max_steps: int | None = None  # stop after this many optimizer steps (even mid-epoch); None = no budget
@@ -113,6 +115,19 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1 (or None), got {getattr(self, name)}")
         if self.learning_rate <= 0 or self.dice_weight < 0 or self.num_workers < 0:
             raise ValueError("learning_rate must be > 0, dice_weight ≥ 0 and num_workers ≥ 0")
+        if self.final_lr_steps:
+            if self.max_steps is None or not 0 < self.final_lr_steps < self.max_steps or not (self.final_lr or 0) > 0:
+                raise ValueError(f"final_lr_steps ({self.final_lr_steps}) must be fewer than max_steps ({self.max_steps}), "
+                                 f"with a final_lr > 0 (got {self.final_lr})")
+        elif self.final_lr is not None or self.final_lr_steps < 0:
+            raise ValueError(f"final_lr ({self.final_lr}) needs final_lr_steps > 0 (got {self.final_lr_steps})")
+
+    def learning_rate_at(self, step: int) -> float:
+        """Adam's learning rate for optimizer step ``step`` (counted from 0): ``final_lr`` over the last ``final_lr_steps``
+        of the ``max_steps`` budget, ``learning_rate`` before."""
+        if self.final_lr_steps and step >= self.max_steps - self.final_lr_steps:
+            return self.final_lr
+        return self.learning_rate
 
     def low_resolution_scales(self) -> tuple[float, float]:
         """Smallest and largest scale of the lower-resolution rendering (``low_resolution``)."""
@@ -183,6 +198,8 @@ class TrainConfig:
             differences.append(f"loss: BCEWithLogits + {self.dice_weight} × soft Dice{pooled} (paper: BCEWithLogitsLoss only)")
         if self.max_steps is not None:
             differences.append(f"max_steps: {self.max_steps} optimizer steps budget (paper: {paper.epochs} full epochs)")
+        if self.final_lr_steps:
+            differences.append(f"final_lr: the last {self.final_lr_steps} steps at learning rate {self.final_lr:g} (paper: one rate)")
         if self.validate_every_steps is not None:
             differences.append(
                 f"validate_every_steps: validation every {self.validate_every_steps} optimizer steps (paper: after each epoch)"

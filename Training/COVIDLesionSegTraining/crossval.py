@@ -64,9 +64,9 @@ from .validate_po import VolumeResult, agreement, agreement_text, validate_fold
 logger = logging.getLogger(__name__)
 REPORTED_METRICS = ("F1", "Pc", "Sen", "Sp", "IoU")
 # TrainConfig fields the command line may change
-CLI_CHANGES = ("max_steps", "augment", "dice_weight", "dice_mode", "low_resolution", "weight_average_decay", "negative_fraction",
-               "dependent_density", "thick_slices", "field_of_view", "vertical_flip", "heavy_disease_repeat", "low_resolution_min_scale",
-               "seed")
+CLI_CHANGES = ("max_steps", "final_lr_steps", "final_lr", "augment", "dice_weight", "dice_mode", "low_resolution", "weight_average_decay",
+               "negative_fraction", "dependent_density", "thick_slices", "field_of_view", "vertical_flip", "heavy_disease_repeat",
+               "low_resolution_min_scale", "seed")
 HEALTHY_CT_FIELDS = (
     "file", "false_lesion_ml", "false_lesion_ml_off_tumour", "slices_with_false_lesion", "lung_ml", "false_percent_opacity"
 )
@@ -543,6 +543,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--folds", type=int, nargs="+", metavar="K", help="run only these folds (default: all not carried)")
     group = parser.add_argument_group("changes to the recipe (default: keep it)")
     group.add_argument("--max-steps", type=int, help="step budget")
+    group.add_argument("--final-lr-steps", type=int, metavar="N", help="take the last N steps of the budget at --final-lr")
+    group.add_argument("--final-lr", type=float, metavar="LR", help="Adam learning rate of those final steps")
     group.add_argument("--augment", choices=AUGMENT_MODES, help="augmentation")
     group.add_argument("--dice-weight", type=float, help="loss = BCE + this × soft Dice")
     group.add_argument("--dice-mode", choices=DICE_MODES, help="soft Dice per slice or pooled over the batch")

@@ -629,6 +629,8 @@ def train_process(config: TrainConfig, resume: bool, context: DistributedContext
                 batches_of_epoch = loader_batches(loader, device)
             network.train()
             for images, targets in batches_of_epoch:
+                for group in optimizer.param_groups:
+                    group["lr"] = config.learning_rate_at(progress.step)
                 with autocast or nullcontext():
                     logits = network(images)
                 loss = loss_function(logits.float(), targets)
@@ -674,7 +676,7 @@ def train_process(config: TrainConfig, resume: bool, context: DistributedContext
             row = {
                 "epoch": round(progress.epoch + progress.batches_done / steps_per_epoch, 4),
                 "step": progress.step,
-                "train_loss": loss_sum / batches,
+                "train_loss": loss_sum / batches if batches else float("nan"),  # none: resumed where only validation was left
                 "val_loss": val_loss,
                 "val_dice": val_dice,
                 "seconds": round(time.perf_counter() - started, 2),
@@ -780,6 +782,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--batch-size", type=int, help=f"slices per step and process (default {defaults.batch_size})")
     group.add_argument("--epochs", type=int, help=f"(default {defaults.epochs})")
     group.add_argument("--max-steps", type=int, help="stop after this many optimizer steps, even mid-epoch (default: no budget)")
+    group.add_argument("--final-lr-steps", type=int, metavar="N", help="take the last N steps of --max-steps at --final-lr (default 0)")
+    group.add_argument("--final-lr", type=float, metavar="LR", help="Adam learning rate of those final steps")
     group.add_argument(
         "--validate-every-steps",
         type=int,
