@@ -103,10 +103,10 @@ class TrainConfig:
             raise ValueError(f"unknown dice_mode {self.dice_mode!r}; valid: {', '.join(DICE_MODES)}")
         if self.weight_average_decay is not None and not 0.0 < self.weight_average_decay < 1.0:
             raise ValueError(f"weight_average_decay must be in (0, 1) or None, got {self.weight_average_decay}")
-        if not 0.0 <= self.dependent_density <= 1.0 or (self.dependent_density > 0 and not self.negatives_dir):
-            raise ValueError(f"dependent_density is a probability applied to negatives_dir's slices, got {self.dependent_density}")
-        if not 0.0 <= self.thick_slices <= 1.0 or (self.thick_slices > 0 and not self.negatives_dir):
-            raise ValueError(f"thick_slices is a probability applied to negatives_dir's slices, got {self.thick_slices}")
+        for name in ("dependent_density", "thick_slices"):  # renderings of the lesion-free slices
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0 or (value > 0 and not self.negatives_dir):
+                raise ValueError(f"{name} is a probability applied to negatives_dir's slices, got {value}")
         for name in ("image_size", "batch_size", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -119,7 +119,7 @@ class TrainConfig:
             if self.max_steps is None or not 0 < self.final_lr_steps < self.max_steps or not (self.final_lr or 0) > 0:
                 raise ValueError(f"final_lr_steps ({self.final_lr_steps}) must be fewer than max_steps ({self.max_steps}), "
                                  f"with a final_lr > 0 (got {self.final_lr})")
-        elif self.final_lr is not None or self.final_lr_steps < 0:
+        elif self.final_lr is not None:
             raise ValueError(f"final_lr ({self.final_lr}) needs final_lr_steps > 0 (got {self.final_lr_steps})")
 
     def learning_rate_at(self, step: int) -> float:

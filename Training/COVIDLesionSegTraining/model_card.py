@@ -260,9 +260,14 @@ def coarse_check(
     if tumour_free is not None:
         per_slab, slabs = slices_per_slab(image, slab_mm), rendered.GetSize()[2]
         kept = tumour_free[: per_slab * slabs].reshape(slabs, per_slab).all(axis=1)
-        lesion = sitk.GetArrayViewFromImage(result.masks["lesion"]) > 0
-        check["false_lesion_ml_off_tumour"] = float(lesion[kept].sum()) * VoxelGrid.of_image(rendered).voxel_ml
+        check["false_lesion_ml_off_tumour"] = ml_on_slices(result.masks["lesion"], kept)  # on the oriented image's grid
     return check
+
+
+def ml_on_slices(mask: sitk.Image, slices: np.ndarray) -> float:
+    """Volume in mL of 0/1 ``mask``, radiologically oriented (:func:`~COVIDLesionSegLib.io.to_radiological`), on the
+    slices where ``slices`` (bool per slice) is True."""
+    return float((sitk.GetArrayViewFromImage(mask)[slices] > 0).sum()) * VoxelGrid.of_image(mask).voxel_ml
 
 
 def healthy_ct_check(
@@ -277,9 +282,9 @@ def healthy_ct_check(
     check, result = false_lesion_check(predictor, image)
     off_tumour = kept = None
     if case and case.tumour_mask:
-        lesion = sitk.GetArrayViewFromImage(io.to_radiological(result.masks["lesion"])) > 0
-        kept = tumour_free_slices(case, len(lesion))
-        off_tumour = float(lesion[kept].sum()) * VoxelGrid.of_image(image).voxel_ml
+        lesion = io.to_radiological(result.masks["lesion"])
+        kept = tumour_free_slices(case, lesion.GetSize()[2])
+        off_tumour = ml_on_slices(lesion, kept)
     coarse = {"coarse": coarse_check(predictor, image, coarse_side, slab_mm, kept)} if coarse_side else {}
     return {"file": path.name, **check, "false_lesion_ml_off_tumour": off_tumour, **coarse}
 
