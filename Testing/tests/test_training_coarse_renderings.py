@@ -105,3 +105,7 @@ def test_command_measures_a_real_lesion_free_volume_as_reconstructed_and_coarser
     assert "patients ['nobody'] are not in" in capsys.readouterr().err
     assert coarse_renderings.main([*argv[:9], "0", *argv[10:]]) == 1
     assert "--slab-mm 0.0: a slab between 0 and 50 mm thick" in capsys.readouterr().err
+    too_thin = tmp_path / "too_thin"  # 20 slices of 2 mm cannot make one 50 mm slab
+    assert coarse_renderings.main([*argv[:5], "totalsegmentator_example_dicom", *argv[6:9], "50", "--output", str(too_thin)]) == 1
+    assert "totalsegmentator_example_ct_dicom.nii.gz: a 50 mm slab needs 25 slices; the volume has 20" in capsys.readouterr().err
+    assert not too_thin.exists()

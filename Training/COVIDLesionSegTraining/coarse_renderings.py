@@ -85,7 +85,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = {"command": shlex.join(["covidlesionseg-coarse-renderings", *(sys.argv[1:] if argv is None else argv)]),
               "model": predictor.name, "sha256": predictor.sha256, "guard_rails": predictor.guard_rails.to_dict(), "side": arguments.side,
               "slab_mm": arguments.slab_mm}
-    result["volumes"] = [healthy_ct_check(predictor, case, arguments.side, arguments.slab_mm) for case in cases]
+    result["volumes"] = []
+    for case in cases:
+        try:
+            result["volumes"].append(healthy_ct_check(predictor, case, arguments.side, arguments.slab_mm))
+        except (OSError, ValueError) as error:  # nothing is written: the results are of all the volumes or none
+            print(f"ERROR {case.volume}: {error}", file=sys.stderr)
+            return 1
     text = render_markdown(result)
     arguments.output.mkdir(parents=True, exist_ok=True)
     with atomic_output(arguments.output / "coarse_renderings.json") as temporary:
