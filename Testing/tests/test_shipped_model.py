@@ -52,6 +52,9 @@ def test_readme_quotes_the_generated_card_and_cross_validation(shipped):
     assert f"pooled lesion Dice of {held_out['lesion_dice']:.3f} and a lung Dice of {held_out['lung_dice']:.3f}" in readme
     for entry in [card["healthy_ct"], *card["held_out_lesion_free"]]:
         assert f"{entry['false_lesion_ml']:.1f} mL (`{entry['file']}`)" in readme
+        density = entry["false_lesion_density"]
+        lesion, mirror = (f"{density[key]:.0f}".replace("-", "−") for key in ("lesion_median_hu", "mirror_median_hu"))
+        assert f"{lesion} against {mirror} HU" in readme
     command = (resources_dir() / "Models" / "MODEL_CARD.md").read_text(encoding="utf-8")  # the card's command names its recipe's CV
     crossval = json.loads((repository / re.search(r"--crossval (\S+)", command).group(1)).read_text(encoding="utf-8"))
     lesion, lung = crossval["overall"]["channels"]["lesion"], crossval["overall"]["channels"]["lung"]

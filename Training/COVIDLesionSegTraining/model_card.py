@@ -270,6 +270,45 @@ def ml_on_slices(mask: sitk.Image, slices: np.ndarray) -> float:
     return float((sitk.GetArrayViewFromImage(mask)[slices] > 0).sum()) * VoxelGrid.of_image(mask).voxel_ml
 
 
+def lung_midline_mm(lung: np.ndarray, grid: VoxelGrid) -> float | None:
+    """LPS x (mm) halfway between the centroids of the lung's right and left halves (split at its centroid): the
+    midline between the two lungs, whether or not they touch. ``lung[z, y, x]`` bool; None when empty."""
+    x_mm = np.concatenate([grid.x_mm_of_slice(lung.shape[1:], z)[plane] for z, plane in enumerate(lung)])
+    if x_mm.size == 0:
+        return None
+    right = x_mm < x_mm.mean()  # LPS: the patient's right at smaller x
+    return float((x_mm[right].mean() + x_mm[~right].mean()) / 2) if right.any() else float(x_mm.mean())
+
+
+def mirror_image_density(ct_hu: sitk.Image, lesion: sitk.Image, lung: sitk.Image) -> dict | None:
+    """How dense the lung is where the model marks lesion, and at the same place in the other lung.
+
+    ``ct_hu``: a CT in HU; ``lesion``, ``lung``: 0/1 masks on its grid (the lung includes the lesion). Each lesion
+    voxel's centre is mirrored across the lungs' midline (:func:`lung_midline_mm`) to the nearest voxel. Returns the
+    median HU of the lesion voxels (``lesion_median_hu``), of their mirror images that lie in the lung
+    (``mirror_median_hu``; None if none do), and the share of mirror images in the lung (``mirror_in_lung_share``). On a
+    healthy chest, a lesion much denser than its mirror image marks lung denser than the same place on the other side.
+    None without lesion."""
+    lesion_mask = sitk.GetArrayViewFromImage(lesion) > 0
+    if not lesion_mask.any():
+        return None
+    lung_mask = sitk.GetArrayViewFromImage(lung) > 0
+    grid = VoxelGrid.of_image(ct_hu)
+    index_to_mm = np.asarray(grid.direction, dtype=np.float64).reshape(3, 3) * np.asarray(grid.spacing_mm)  # column per index axis
+    indices = np.argwhere(lesion_mask)[:, ::-1]  # x, y, z
+    points = np.asarray(grid.origin_mm) + indices @ index_to_mm.T
+    points[:, 0] = 2 * lung_midline_mm(lung_mask, grid) - points[:, 0]
+    mirrored = np.rint((points - np.asarray(grid.origin_mm)) @ np.linalg.inv(index_to_mm).T).astype(np.int64)[:, ::-1]  # z, y, x
+    mirrored = mirrored[np.all((mirrored >= 0) & (mirrored < lesion_mask.shape), axis=1)]
+    in_lung = mirrored[lung_mask[tuple(mirrored.T)]]
+    values = sitk.GetArrayViewFromImage(ct_hu)
+    return {
+        "lesion_median_hu": float(np.median(values[lesion_mask])),
+        "mirror_median_hu": float(np.median(values[tuple(in_lung.T)])) if len(in_lung) else None,
+        "mirror_in_lung_share": len(in_lung) / len(indices),
+    }
+
+
 def healthy_ct_check(
     predictor: Predictor, case: NegativeCase | None = None, coarse_side: int | None = None, slab_mm: float | None = None
 ) -> dict:
@@ -286,7 +325,9 @@ def healthy_ct_check(
         kept = tumour_free_slices(case, lesion.GetSize()[2])
         off_tumour = ml_on_slices(lesion, kept)
     coarse = {"coarse": coarse_check(predictor, image, coarse_side, slab_mm, kept)} if coarse_side else {}
-    return {"file": path.name, **check, "false_lesion_ml_off_tumour": off_tumour, **coarse}
+    hu_and_lung = result.statistics.input_is_hu and "lung" in result.masks
+    density = mirror_image_density(image, result.masks["lesion"], result.masks["lung"]) if hu_and_lung else None
+    return {"file": path.name, **check, "false_lesion_ml_off_tumour": off_tumour, "false_lesion_density": density, **coarse}
 
 
 def measure(
@@ -319,6 +360,14 @@ def measure(
         "cpu": {"threads": torch.get_num_threads(), "held_out_seconds_per_slice_network_path": 1 / slices_per_second},
         "date": date.today().isoformat(), "torch": torch.__version__,
     }
+
+
+def density_text(density: dict | None) -> str:
+    """``lesion / mirror (share of the mirror image in the lung)`` of :func:`mirror_image_density`; n/a without it."""
+    if not density:
+        return "n/a"
+    share = round(100 * density["mirror_in_lung_share"])
+    return f"{density['lesion_median_hu']:.0f} / {number(density['mirror_median_hu'], 0)} ({share} %)"
 
 
 def patients_text(patients: list[str] | None) -> str:
@@ -491,20 +540,31 @@ def card_markdown(card: dict, command: str, po_validation: str, crossval: dict |
     )
     lesion_free = [healthy, *card.get("held_out_lesion_free", [])]
     coarse_side = card.get("coarse_side")  # cards made before it have no coarse rendering
+    with_density = any("false_lesion_density" in entry for entry in lesion_free)  # cards made before it lack it
     lesion_free_rows = "\n".join(
         f"| `{entry['file']}` | {entry['size'][0]}×{entry['size'][1]}×{entry['size'][2]} | {number(entry['false_lesion_ml'], 1)} | "
         f"{number(entry.get('false_lesion_ml_off_tumour'), 1)} | {entry['slices_with_false_lesion']} | {number(entry['lung_ml'], 0)} | "
         f"{number(entry['false_percent_opacity'], 2)} |"
         + (f" {number((entry.get('coarse') or {}).get('false_lesion_ml'), 1)} |" if coarse_side else "")
+        + (f" {density_text(entry.get('false_lesion_density'))} |" if with_density else "")
         for entry in lesion_free
     )
     coarse_header, coarse_rule, coarse_text = (
         (f" at {coarse_side}² (mL) |", "---|",
-         f"The last column: the same volume re-rendered coarser, {coarse_side}² in plane over the same field of view "
+         f"\"At {coarse_side}²\": the same volume re-rendered coarser, {coarse_side}² in plane over the same field of view "
          f"(`{healthy['file']}` is {coarse_side}² already), as a low-resolution reconstruction shows it "
          "(`covidlesionseg-coarse-renderings` measures it on its own).")
         if coarse_side else ("", "", "")
     )
+    density_header, density_rule, density_text_line = (
+        (" false lesion / its mirror image (median HU) |", "---|",
+         "\"False lesion / its mirror image\": the median CT value of the false lesion, and of the same places mirrored into "
+         "the other lung (across the midline between the lungs; in brackets, the share of them that lies in the lung, over "
+         "which that median is taken). False lesion much denser than its mirror image lies on lung denser than the other side's: "
+         "dependent or partial-volume density, atelectasis, ground glass around a tumour, or disease.")
+        if with_density else ("", "", "")
+    )
+    extra_header, extra_rule = coarse_header + density_header, coarse_rule + density_rule
     body_crop = config.get("field_of_view") == "body"
     guard_rails = guard_rails_words(card.get("guard_rails", {})) or "none (predate them)"
     if config.get("negatives_dir"):
@@ -569,13 +629,14 @@ every {card['golden']['slice_step']}nd held-out slice ({card['golden']['slices']
 {shifted}
 
 ## Chest CT without COVID-19 (never trained on; every lesion voxel is false)
-| volume | size | false lesion (mL) | off the tumour slices (mL) | slices with it | predicted lung (mL) | false PO (%) |{coarse_header}
-|---|---|---|---|---|---|---|{coarse_rule}
+| volume | size | false lesion (mL) | off the tumour slices (mL) | slices with it | predicted lung (mL) | false PO (%) |{extra_header}
+|---|---|---|---|---|---|---|{extra_rule}
 {lesion_free_rows}
 
 `{healthy['file']}` is slicerio's test data (raw HU); the others are lesion-free patients it never trained on. Where a volume holds
 a marked lung tumour or nodule (an opacity, but not COVID-19), "off the tumour slices" leaves out the slices that training leaves out.
 {coarse_text}
+{density_text_line}
 
 ## Percentage of opacity (PO) against the reference
 {po_section(po_validation, crossval, crossval_path)}
