@@ -59,7 +59,8 @@ RUN_COLUMNS = {
     "error": "why the case failed or was skipped",
 }
 TRAILING_COLUMNS = {"report": "the visual report PNG (with --report)", "seconds": "time spent on the case",
-                    "warnings": "notes on the input: a conversion made, or why it may not be a chest CT"}
+                    "warnings": "notes on the input: a conversion made, why it may not be a chest CT, or that it is "
+                                "coarser in plane than any slice the model trained on"}
 SUMMARY_COLUMNS = [*RUN_COLUMNS, *(measure.name for measure in MEASURES), *TRAILING_COLUMNS]
 KEPT_WHEN_SKIPPED = SUMMARY_COLUMNS[len(RUN_COLUMNS):]
 RECORD_SUFFIX = ".case.json"
@@ -401,9 +402,12 @@ def segment_case(case: Case, target: Path, predictor, output_dir: Path, include_
             image = io.read_image(case.path, case.series_id, warnings)
         result = predictor.segment_image(image, on_progress=on_progress, high_opacity_threshold_hu=high_opacity_threshold_hu,
                                          return_probabilities=probabilities, probability_dtype="uint8")
+        for warning in result.warnings:
+            io.note(warnings, f"{case.label}: {warning}")
         row.update(result.statistics.formatted(), warnings="; ".join(warnings))
         if report:
-            row["report"] = str(write_case_report(output_dir / f"{case.name}.report.png", image, result, case.name, notes))
+            row["report"] = str(write_case_report(output_dir / f"{case.name}.report.png", image, result, case.name,
+                                                  [*notes, *result.warnings]))
             fault_point("report written")
         del image  # the CT is not needed for writing: let its memory go before the writers take theirs
         if probabilities:

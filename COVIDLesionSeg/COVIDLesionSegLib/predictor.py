@@ -29,7 +29,7 @@ import ctypes
 import logging
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import cv2
@@ -48,11 +48,13 @@ from .checkpoints import Checkpoint, locate_model, sha256_of
 from .classical_lung import classical_lung_mask
 from .components import ChunkedComponents
 from .preprocessing import (
+    LOW_RESOLUTION_SCALES,
     CropBox,
     PreprocessingConfig,
     body_crop_box,
     crop_slice,
     is_hounsfield,
+    network_grid_share,
     resize_slice,
     slice_to_uint8,
     to_network_input,
@@ -281,14 +283,35 @@ def contrasted_enough(
     return kept
 
 
+def coarsest_trained_share(train_config: dict) -> float:
+    """The coarsest :func:`~.preprocessing.network_grid_share` at which a checkpoint's recipe (``train_config``) showed
+    training slices: the smallest ``--low-resolution`` scale where it used one, else 1 (the 256² slices as they are)."""
+    if not train_config.get("low_resolution"):
+        return 1.0
+    return float(train_config.get("low_resolution_min_scale", LOW_RESOLUTION_SCALES[0]))
+
+
+def coarse_input_warning(volume: np.ndarray, config: PreprocessingConfig, train_config: dict) -> str | None:
+    """Why ``volume[z, y, x]`` is coarser in plane than anything the checkpoint trained on, or None when it is not."""
+    side, share = network_grid_share(volume, config)
+    coarsest = coarsest_trained_share(train_config)
+    if share >= coarsest:
+        return None
+    return (f"coarse in plane: the {side} pixels across what the network sees fill its {config.size}² grid "
+            f"at {share:.2f} of its resolution, coarser than any slice this model trained on ({coarsest:g}); coarse "
+            "reconstructions get more false lesion (model card, 'at 128²'): check each lesion by eye")
+
+
 @dataclass
 class SegmentationResult:
     """Masks (uint8 0/1 ``sitk.Image`` on the input's grid, keyed by channel) and their statistics; with
-    ``segment_image(return_probabilities=True)`` also the lesion probability (float32, same grid; see there)."""
+    ``segment_image(return_probabilities=True)`` also the lesion probability (float32, same grid; see there).
+    ``warnings``: why the result deserves less trust than the model card's figures (:func:`coarse_input_warning`)."""
 
     masks: dict[str, sitk.Image]
     statistics: LesionStatistics
     lesion_probability: sitk.Image | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 class Predictor:
@@ -477,6 +500,7 @@ class Predictor:
         oriented = io.to_radiological(image)
         ct = sitk.GetArrayViewFromImage(oriented)
         grid = VoxelGrid.of_image(oriented)
+        coarse = coarse_input_warning(ct, self.preprocessing, self.checkpoint.train_config)
         if return_probabilities:
             masks, probability = self.stream_masks(ct, on_progress, probability_dtype=probability_dtype)
             masks = self.guarded(masks, ct, grid)
@@ -492,4 +516,4 @@ class Predictor:
                 written[channel] = io.restore_orientation(grid.image_of(mask), image)
             del mask
         lesion_probability = None if probability is None else io.restore_orientation(grid.image_of(probability), image)
-        return SegmentationResult(written, statistics, lesion_probability)
+        return SegmentationResult(written, statistics, lesion_probability, [coarse] if coarse else [])

@@ -46,6 +46,7 @@ FIELDS_OF_VIEW = ("full", "body")
 BODY_THRESHOLD_HU = -500.0  # tissue above, air below (HU volumes)
 BODY_THRESHOLD_FRACTION = 0.45  # the same for other volumes, as a fraction of their value range
 OPENING_RADIUS = 0.02  # of the slice side: removes the table, field-of-view rim and lines from the body mask
+LOW_RESOLUTION_SCALES = (0.6, 0.9)  # training's --low-resolution scales (unless lowered), of the network grid's resolution
 
 
 @dataclass(frozen=True)
@@ -227,6 +228,17 @@ def crop_slice(image: np.ndarray, box: CropBox | None, fill: float = 0) -> np.nd
     if bottom > top and right > left:
         out[top - box.top : bottom - box.top, left - box.left : right - box.left] = image[top:bottom, left:right]
     return out
+
+
+def network_grid_share(volume: np.ndarray, config: PreprocessingConfig) -> tuple[int, float]:
+    """How finely the network sees ``volume[z, y, x]``: the side in input pixels of what is resized to the network
+    grid (the body box with its margin, or for ``"full"`` and a volume without a body the whole slice's longer side),
+    and that side as a share of ``config.size``. Below 1 the network grid holds more pixels than the input gave it:
+    the training slices (256², body box with margin) are shown at about 1, and ``--low-resolution`` renders them
+    down to its smallest scale (:data:`LOW_RESOLUTION_SCALES`)."""
+    box = body_crop_box(volume, config)
+    side = box.side if box is not None else max(np.shape(volume)[-2:])
+    return side, side / config.size
 
 
 def prepare_volume(volume: np.ndarray, config: PreprocessingConfig, preprocessed: bool = False) -> tuple[np.ndarray, CropBox | None]:

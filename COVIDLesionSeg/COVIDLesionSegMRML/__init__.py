@@ -443,7 +443,8 @@ def update_statistics_table(table_node, rows: list[dict[str, str]], include_lung
         warnings = [row.get("warnings") or "" for row in rows]
         if any(warnings):
             table_node.AddColumn(_string_column(WARNINGS_COLUMN, warnings))
-            table_node.SetColumnDescription(WARNINGS_COLUMN, "notes on the input: a conversion made, or why it may not be a chest CT")
+            table_node.SetColumnDescription(WARNINGS_COLUMN, "notes on the input: a conversion made, why it may not be a chest CT, "
+                                            "or that it is coarser in plane than any slice the model trained on")
         table_node.AddColumn(_string_column(SOURCE_COLUMN, sources or [""] * len(rows)))
         table_node.SetColumnDescription(SOURCE_COLUMN, "the segmentation the measures were computed from: the model's output, "
                                                        "or the segments as edited when recomputed (Recompute from segments)")

@@ -139,7 +139,8 @@ def test_the_first_case_read_while_the_model_loads_keeps_its_warnings_and_is_tak
     arguments = ["segment", str(folder), "-o", str(out), "--weights", str(tiny_checkpoint), "--device", "cpu", "--progress", "none"]
     assert cli.main(arguments) == 0
     rows = read_rows(out / "summary.csv")
-    assert "converted to HU" in rows["a_unsigned.nrrd"]["warnings"] and rows["b_hu.nrrd"]["warnings"] == ""
+    assert "converted to HU" in rows["a_unsigned.nrrd"]["warnings"] and "converted to HU" not in rows["b_hu.nrrd"]["warnings"]
+    assert all("coarse in plane: the 64 pixels" in row["warnings"] for row in rows.values())  # 64² slices: coarser than training
     assert rows["a_unsigned.nrrd"]["lung_ml"] == rows["b_hu.nrrd"]["lung_ml"]  # the same CT once converted
 
     first, second = cli.find_cases([folder])

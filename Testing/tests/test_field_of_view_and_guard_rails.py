@@ -19,16 +19,19 @@ from COVIDLesionSegLib.predictor import (
     GuardRails,
     Predictor,
     apply_guard_rails,
+    coarsest_trained_share,
     components_at_least,
     contrasted_enough,
     smoothed_plane,
 )
 from COVIDLesionSegLib.preprocessing import (
     BODY_BOX_MAX_SLICES,
+    LOW_RESOLUTION_SCALES,
     CropBox,
     PreprocessingConfig,
     body_crop_box,
     crop_slice,
+    network_grid_share,
     prepare_volume,
     resize_mask,
     uncrop_probabilities,
@@ -319,3 +322,34 @@ def test_segment_image_applies_guard_rails_with_the_image_spacing(tiny_checkpoin
     assert result.statistics.lesion_ml == 0  # every lesion component is below 10⁶ mL
     predictor.guard_rails = OFF
     assert predictor.segment_image(image).statistics.lesion_ml > 0
+
+
+@pytest.mark.parametrize("size", [128, 512])
+def test_network_grid_share_is_the_body_box_side_over_the_network_size(size):
+    hu, _ = chest_phantom(size=size, depth=4)
+    side, share = network_grid_share(hu, BODY)
+    assert side == body_crop_box(hu, BODY).side and share == side / 256
+    assert side == pytest.approx(0.6 * size * (1 + 2 * BODY.body_margin), rel=0.03)
+    assert network_grid_share(hu, PreprocessingConfig()) == (size, size / 256)  # "full" (v1): the whole slice
+    assert network_grid_share(hu[:, :, : size // 2], PreprocessingConfig()) == (size, size / 256)  # its longer side
+    assert network_grid_share(np.zeros((2, 40, 30)), BODY) == (40, 40 / 256)  # no body: the whole slice
+
+
+def test_coarsest_trained_share_is_the_recipes_smallest_low_resolution_scale():
+    assert coarsest_trained_share({}) == 1.0  # v1-v3: the training slices as they are
+    assert coarsest_trained_share({"low_resolution": 0.3}) == LOW_RESOLUTION_SCALES[0]  # v4, v5: the scale's default then
+    assert coarsest_trained_share({"low_resolution": 0.3, "low_resolution_min_scale": 0.4}) == 0.4
+    assert coarsest_trained_share({"low_resolution": 0.0, "low_resolution_min_scale": 0.4}) == 1.0
+
+
+def test_segment_image_warns_on_a_volume_coarser_in_plane_than_any_training_slice(tiny_checkpoint):
+    predictor = Predictor.from_checkpoint(tiny_checkpoint, device="cpu")
+    predictor.preprocessing = BODY
+    predictor.checkpoint = replace(predictor.checkpoint, train_config={"low_resolution": 0.3})
+    coarse, fine = (sitk.GetImageFromArray(chest_phantom(size=size, depth=2)[0].astype(np.int16)) for size in (200, 280))
+    (warning,) = predictor.segment_image(coarse).warnings  # a 0.6 × 200 px body: a 132-pixel box, 0.52 of 256
+    side, share = network_grid_share(sitk.GetArrayViewFromImage(coarse), BODY)
+    assert share < 0.6 < network_grid_share(sitk.GetArrayViewFromImage(fine), BODY)[1]
+    assert warning.startswith(f"coarse in plane: the {side} pixels across what the network sees fill its 256² grid at {share:.2f}")
+    assert "coarser than any slice this model trained on (0.6)" in warning and warning.endswith("check each lesion by eye")
+    assert predictor.segment_image(fine).warnings == []

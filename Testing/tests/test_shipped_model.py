@@ -66,3 +66,25 @@ def test_readme_quotes_the_generated_card_and_cross_validation(shipped):
     assert f"{len(folds)} of the {crossval['split']['num_folds']} folds" in readme
     budget, own = crossval["recipe"]["changes"]["max_steps"], crossval["recipe"]["train_config"]["max_steps"]
     assert f"cut to {budget:,} of its {own:,} steps" in readme
+
+
+def test_a_coarse_reconstruction_is_flagged_in_the_summary_and_the_report(shipped, tmp_path):
+    """CTChest4.nrrd (3 mm pixels) is coarser in plane than any slice the default model trained on; the sample is not."""
+    import csv
+
+    from PIL import Image
+    from slicerio.data_helper import get_testdata_file
+
+    from COVIDLesionSegLib import cli
+    from COVIDLesionSegLib.report import PNG_TEXT_KEY
+
+    sample = resources_dir() / "Samples" / "radiopaedia_27_86410_0.nii.gz"
+    arguments = ["segment", get_testdata_file("CTChest4.nrrd"), str(sample), "-o", str(tmp_path), "--device", "cpu", "--report"]
+    assert cli.main([*arguments, "--progress", "none"]) == 0
+    with open(tmp_path / "summary.csv", newline="") as stream:
+        rows = {row["input"].rsplit("/", 1)[-1]: row for row in csv.DictReader(stream)}
+    warning = ("coarse in plane: the 138 pixels across what the network sees fill its 256² grid at 0.54 of its resolution, "
+               "coarser than any slice this model trained on (0.6)")
+    assert warning in rows["CTChest4.nrrd"]["warnings"] and rows["radiopaedia_27_86410_0.nii.gz"]["warnings"] == ""
+    with Image.open(rows["CTChest4.nrrd"]["report"]) as png:
+        assert any(note.startswith(warning) for note in json.loads(png.text[PNG_TEXT_KEY])["notes"])

@@ -107,7 +107,8 @@ def test_lower_resolution_blurs_the_image_and_keeps_its_size(real_slice):
 
 
 def test_low_resolution_items_keep_their_targets_and_the_other_draws(shared_data):
-    from COVIDLesionSegTraining.augment import LOW_RESOLUTION_SCALES, LOW_RESOLUTION_STREAM, lower_resolution
+    from COVIDLesionSegLib.preprocessing import LOW_RESOLUTION_SCALES
+    from COVIDLesionSegTraining.augment import LOW_RESOLUTION_STREAM, lower_resolution
     from COVIDLesionSegTraining.data import ManifestSliceDataset
 
     records = [r for r in read_manifest(shared_data) if r.volume_id == "coronacases_003"][:6]
@@ -143,7 +144,8 @@ def test_low_resolution_is_a_recipe_option_of_training_and_cross_validation():
 
 
 def test_low_resolution_min_scale_reaches_coarser_renderings_and_defaults_to_the_v4_range(shared_data):
-    from COVIDLesionSegTraining.augment import LOW_RESOLUTION_SCALES, LOW_RESOLUTION_STREAM, lower_resolution
+    from COVIDLesionSegLib.preprocessing import LOW_RESOLUTION_SCALES
+    from COVIDLesionSegTraining.augment import LOW_RESOLUTION_STREAM, lower_resolution
     from COVIDLesionSegTraining.config import TrainConfig
     from COVIDLesionSegTraining.crossval import build_parser as crossval_parser
     from COVIDLesionSegTraining.data import ManifestSliceDataset

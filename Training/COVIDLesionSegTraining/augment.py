@@ -93,8 +93,9 @@ def augment_slice(
 
 LOW_RESOLUTION_STREAM = 13  # lower_resolution's random numbers are drawn apart from the augmentation's (seed, epoch, index)
 VERTICAL_FLIP_STREAM = 17  # and so are the vertical flip's
-LOW_RESOLUTION_SCALES = (0.6, 0.9)  # as RobustAugmentation.zoom_out_range: fields of view up to 1/0.6 of the training slices'
-# (the default; TrainConfig.low_resolution_min_scale lowers the smallest scale, e.g. to 0.4 for 128² reconstructions)
+# lower_resolution's scales: preprocessing.LOW_RESOLUTION_SCALES (inference warns below them), as
+# RobustAugmentation.zoom_out_range: fields of view up to 1/0.6 of the training slices' (the default;
+# TrainConfig.low_resolution_min_scale lowers the smallest scale, e.g. to 0.4 for 128² reconstructions)
 
 
 def lower_resolution(image: np.ndarray, scale: float) -> np.ndarray:

@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from COVIDLesionSegLib.models import MODELS
-from COVIDLesionSegLib.preprocessing import PreprocessingConfig
+from COVIDLesionSegLib.preprocessing import LOW_RESOLUTION_SCALES, PreprocessingConfig
 
-from .augment import LOW_RESOLUTION_SCALES, check_augment_mode
+from .augment import check_augment_mode
 from .data import HEAVY_DISEASE_SHARE, check_channels, check_orientation
 from .splits import SplitSpec
 

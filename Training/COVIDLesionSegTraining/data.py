@@ -39,6 +39,7 @@ from torch.utils.data import Dataset
 
 from COVIDLesionSegLib.io import read_image, to_radiological
 from COVIDLesionSegLib.preprocessing import (
+    LOW_RESOLUTION_SCALES,
     CropBox,
     PreprocessingConfig,
     body_crop_box,
@@ -50,7 +51,6 @@ from COVIDLesionSegLib.preprocessing import (
 )
 
 from .augment import (
-    LOW_RESOLUTION_SCALES,
     LOW_RESOLUTION_STREAM,
     VERTICAL_FLIP_STREAM,
     augment_slice,
