@@ -439,7 +439,9 @@ class COVIDLesionSegLogic(ScriptedLoadableModuleLogic):
                     parameters.probabilityVolume = probability
                     self.showProbabilityOverlay(probability, parameters.probabilityThreshold, parameters.overlayOpacity, volume)
                     overlay = f" Probability map '{probability.GetName()}' shown over the CT (Review and export)."
-            return f"Done: lesion volume {row['lesion_ml']} mL in {row['lesion_slices']} slices.{report}{overlay}"
+            warnings = mrml.warnings_text(row, workDir)
+            warning = f" Warning: {warnings}." if warnings else ""
+            return f"Done: lesion volume {row['lesion_ml']} mL in {row['lesion_slices']} slices.{warning}{report}{overlay}"
 
         self._start(command, parameters.device, onProgress, onLog, onFinished, loadResult, workDir)
 

@@ -37,6 +37,7 @@ import csv
 import html
 import importlib.metadata
 import math
+import os
 import re
 import shutil
 import time
@@ -396,6 +397,13 @@ def read_summary(path: str | Path, written_after: float | None = None) -> list[d
         raise FileNotFoundError(f"{path}: the segmentation process wrote no summary")
     with open(path, newline="", encoding="utf-8") as stream:
         return list(csv.DictReader(stream))
+
+
+def warnings_text(row: dict[str, str], work_dir: str | Path) -> str:
+    """A summary row's warnings for the module's status line, the work folder left out of the file names they begin
+    with ('' when the case has none)."""
+    folder = os.path.join(os.fspath(Path(work_dir)), "")  # with its trailing separator
+    return (row.get("warnings") or "").replace(folder, "")
 
 
 def case_name(row: dict[str, str]) -> str:

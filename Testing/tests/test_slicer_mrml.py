@@ -458,3 +458,10 @@ def test_constraints_pin_the_packages_slicer_ships_at_their_installed_versions(t
     assert f"numpy=={importlib.metadata.version('numpy')}" in pins
     assert f"SimpleITK=={importlib.metadata.version('SimpleITK')}" in pins
     assert all(pin.split("==")[0] in mrml.SLICER_PACKAGES for pin in pins)
+
+
+def test_warnings_for_the_status_line_leave_out_the_work_folder(tmp_path):
+    work = tmp_path / "COVIDLesionSeg"
+    row = dict(SUMMARY[0], warnings=f"{work / 'CT.nrrd'}: coarse in plane: the 138 pixels …; {work / 'CT.nrrd'}: converted to HU")
+    assert mrml.warnings_text(row, work) == "CT.nrrd: coarse in plane: the 138 pixels …; CT.nrrd: converted to HU"
+    assert mrml.warnings_text(SUMMARY[0], work) == "" and mrml.warnings_text(dict(SUMMARY[0], warnings=""), work) == ""

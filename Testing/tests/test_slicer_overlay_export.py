@@ -482,6 +482,7 @@ def test_gui_contrast_guard_rail_defaults_to_the_clis_and_reaches_the_cli_option
 def test_logic_loads_the_probability_map_of_a_run_and_rethresholds_with_the_tested_functions():
     start = method_source("COVIDLesionSegLogic", "startSegmentation")
     assert "mrml.load_probability_result(" in start and "algorithm_name=" in start
+    assert "mrml.warnings_text(row, workDir)" in start  # a coarse input's warning reaches the status line
     assert "probabilities=parameters.probabilityMap" in method_source("COVIDLesionSegLogic", "_cliOptions")
     assert "mrml.threshold_probability_into_segment(" in method_source("COVIDLesionSegLogic", "applyProbabilityThreshold")
     assert "mrml.show_probability_overlay(" in method_source("COVIDLesionSegLogic", "showProbabilityOverlay")
