@@ -315,12 +315,14 @@ def test_lesion_free_sampling_field_of_view_and_seed_are_cross_validation_change
     from COVIDLesionSegTraining.crossval import build_parser as crossval_parser
 
     arguments = ["--recipe", "r", "--data", "d", "--runs", "x", "--output", "y", "--negative-fraction", "0.5", "--dependent-density", "0.7"]
-    args = crossval_parser().parse_args([*arguments, "--seed", "1", "--field-of-view", "full", "--thick-slices", "0.5"])
+    args = crossval_parser().parse_args([*arguments, "--seed", "1", "--field-of-view", "full", "--thick-slices", "0.5",
+                                         "--coarse-reconstructions", "0.4"])
     changes = {name: value for name in CLI_CHANGES if (value := getattr(args, name)) is not None}
-    assert changes == {"negative_fraction": 0.5, "dependent_density": 0.7, "field_of_view": "full", "seed": 1, "thick_slices": 0.5}
+    assert changes == {"negative_fraction": 0.5, "dependent_density": 0.7, "field_of_view": "full", "seed": 1, "thick_slices": 0.5,
+                       "coarse_reconstructions": 0.4}
     recipe = TrainConfig(data_dir="d", output_dir="o", negatives_dir="n", negative_fraction=0.25, field_of_view="body").to_dict()
     config = fold_config(recipe, "d", "runs", fold=1, num_folds=5, changes=changes)
     assert (config.negative_fraction, config.dependent_density, config.negatives_dir, config.split.fold) == (0.5, 0.7, "n", 1)
-    assert config.thick_slices == 0.5
+    assert config.thick_slices == 0.5 and config.coarse_reconstructions == 0.4
     assert config.field_of_view == "full" and config.preprocessing().field_of_view == "full"
     assert config.seed == 1 and config.split.seed == TrainConfig(data_dir="d", output_dir="o").split.seed  # the same patients per fold

@@ -14,6 +14,7 @@ from COVIDLesionSegTraining.negatives import (
     MixedSliceDataset,
     NegativeVolumeDataset,
     add_dependent_density,
+    coarse_hu,
     read_negative_cases,
     slab_hu,
     tumour_free_slices,
@@ -193,6 +194,41 @@ def test_thick_slices_render_lesion_free_slices_as_slabs_and_keep_their_targets(
                                                                     "thick_slices")})
     assert config.thick_slices == 0.5
     assert "thick_slices: 50% of lesion-free slices shown as 5–10 mm slabs" in config.differences_from_paper()
+
+
+def test_coarse_hu_averages_the_area_of_each_coarser_pixel():
+    plane = np.arange(12 * 12, dtype=np.float32).reshape(12, 12)
+    coarse = coarse_hu(plane, 1.0, 3.0)  # 1 mm pixels → 3 mm: 4 × 4, each the mean of a 3 × 3 block
+    assert coarse.shape == (4, 4) and coarse.dtype == np.float32
+    np.testing.assert_allclose(coarse, plane.reshape(4, 3, 4, 3).mean(axis=(1, 3)))
+    assert coarse_hu(plane, 3.0, 2.5) is plane  # already coarser than asked: unchanged
+
+
+def test_coarse_reconstructions_render_lesion_free_slices_as_coarse_thick_scans_and_keep_their_targets(negatives_dir):
+    import COVIDLesionSegTraining.negatives as negatives
+
+    options = {"channels": ("lesion", "lung"), "preprocessing": BODY, "only_patients": ["pyradiomics_lung1"]}
+    plain = NegativeVolumeDataset(negatives_dir, **options)
+    coarse = NegativeVolumeDataset(negatives_dir, coarse_reconstructions=1.0, **options)
+    index = coarse.slices.index(("pyradiomics_lung1", 20))
+    image, lesion, lung = coarse.load_slice(index)
+    plain_image, _, plain_lung = plain.load_slice(index)
+    assert image.shape == plain_image.shape and not lesion.any()
+    np.testing.assert_array_equal(lung, plain_lung)
+    volume, usable = coarse.volumes["pyradiomics_lung1"]
+    rng = np.random.default_rng((0, 0, index, negatives.COARSE_RECONSTRUCTIONS_STREAM))  # the dataset's draws, in its order
+    assert rng.random() < 1.0
+    pixel_mm, thickness_mm = rng.uniform(*negatives.COARSE_PIXEL_MM), rng.uniform(*negatives.THICK_SLICE_MM)
+    expected = coarse_hu(slab_hu(volume.hu, 20, volume.slice_mm, thickness_mm, usable), volume.row_mm, pixel_mm)
+    assert expected.shape[0] == round(volume.hu.shape[1] * volume.row_mm / pixel_mm) < volume.hu.shape[1] / 2
+    np.testing.assert_array_equal(image, volume.render(20, expected)[0])
+    with pytest.raises(ValueError, match="probability"):
+        NegativeVolumeDataset(negatives_dir, coarse_reconstructions=2.0, **options)
+    with pytest.raises(ValueError, match="coarse_reconstructions"):
+        TrainConfig(data_dir="d", output_dir="o", coarse_reconstructions=0.5)  # no lesion-free slices to apply it to
+    config = TrainConfig(data_dir="d", output_dir="o", negatives_dir="n", negative_fraction=0.25, coarse_reconstructions=0.5)
+    expected_text = "coarse_reconstructions: 50% of lesion-free slices shown as 5–10 mm slabs with 2.5–4 mm pixels"
+    assert expected_text in config.differences_from_paper()
 
 
 def test_montage_shows_the_lesion_free_slices_and_their_dependent_density(tiny_data, negatives_dir, tmp_path):

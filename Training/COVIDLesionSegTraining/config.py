@@ -58,6 +58,7 @@ class TrainConfig:
     negative_validation: tuple[str, ...] = ()  # negatives_dir patients validated on (checkpoint choice sees false lesion), never trained on
     dependent_density: float = 0.0  # probability that a lesion-free slice is rendered with synthetic dependent density (negatives.py)
     thick_slices: float = 0.0  # probability that a lesion-free slice is rendered as a 5–10 mm slab (negatives.slab_hu)
+    coarse_reconstructions: float = 0.0  # probability that it is rendered as a coarse, thick scan (negatives.coarse_hu)
     low_resolution: float = 0.0  # probability that a training slice is shown at a lower resolution (augment.lower_resolution)
     low_resolution_min_scale: float = LOW_RESOLUTION_SCALES[0]  # its scales: this (0.6 unless lowered) to 0.9 of the resolution
     vertical_flip: float = 0.0  # probability that a training slice is shown upside down (anterior–posterior), its masks with it
@@ -103,7 +104,7 @@ class TrainConfig:
             raise ValueError(f"unknown dice_mode {self.dice_mode!r}; valid: {', '.join(DICE_MODES)}")
         if self.weight_average_decay is not None and not 0.0 < self.weight_average_decay < 1.0:
             raise ValueError(f"weight_average_decay must be in (0, 1) or None, got {self.weight_average_decay}")
-        for name in ("dependent_density", "thick_slices"):  # renderings of the lesion-free slices
+        for name in ("dependent_density", "thick_slices", "coarse_reconstructions"):  # renderings of the lesion-free slices
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0 or (value > 0 and not self.negatives_dir):
                 raise ValueError(f"{name} is a probability applied to negatives_dir's slices, got {value}")
@@ -226,6 +227,9 @@ class TrainConfig:
             differences.append(f"dependent_density: {self.dependent_density:.0%} of lesion-free slices with synthetic dependent density")
         if self.thick_slices:
             differences.append(f"thick_slices: {self.thick_slices:.0%} of lesion-free slices shown as 5–10 mm slabs")
+        if self.coarse_reconstructions:
+            differences.append(f"coarse_reconstructions: {self.coarse_reconstructions:.0%} of lesion-free slices shown as 5–10 mm "
+                               "slabs with 2.5–4 mm pixels")
         precision = self.effective_precision(device_type or "cpu")
         if precision != "fp32":
             meaning = {"bf16": "bf16 autocast", "fp16": "fp16 autocast with loss scaling"}

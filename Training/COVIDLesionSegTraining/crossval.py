@@ -65,8 +65,8 @@ logger = logging.getLogger(__name__)
 REPORTED_METRICS = ("F1", "Pc", "Sen", "Sp", "IoU")
 # TrainConfig fields the command line may change
 CLI_CHANGES = ("max_steps", "final_lr_steps", "final_lr", "augment", "dice_weight", "dice_mode", "low_resolution", "weight_average_decay",
-               "negative_fraction", "dependent_density", "thick_slices", "field_of_view", "vertical_flip", "heavy_disease_repeat",
-               "low_resolution_min_scale", "seed")
+               "negative_fraction", "dependent_density", "thick_slices", "coarse_reconstructions", "field_of_view", "vertical_flip",
+               "heavy_disease_repeat", "low_resolution_min_scale", "seed")
 HEALTHY_CT_FIELDS = (
     "file", "false_lesion_ml", "false_lesion_ml_off_tumour", "slices_with_false_lesion", "lung_ml", "false_percent_opacity"
 )
@@ -553,6 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--negative-fraction", type=float, metavar="F", help="share of each epoch from the recipe's lesion-free slices")
     group.add_argument("--dependent-density", type=float, metavar="P", help="share of lesion-free slices given synthetic dependent density")
     group.add_argument("--thick-slices", type=float, metavar="P", help="share of lesion-free slices shown as 5–10 mm slabs")
+    group.add_argument("--coarse-reconstructions", type=float, metavar="P",
+                       help="share of lesion-free slices shown as 5–10 mm slabs with 2.5–4 mm pixels")
     group.add_argument("--low-resolution-min-scale", type=float, metavar="S", help="smallest scale of the lower-resolution rendering")
     group.add_argument("--vertical-flip", type=float, metavar="P", help="share of training slices shown upside down")
     group.add_argument("--heavy-disease-repeat", type=int, metavar="R",

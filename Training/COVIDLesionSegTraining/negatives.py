@@ -21,6 +21,9 @@ network trained on it alone has never seen a healthy lung, an apex or base, or a
   HU averaged over a slab of 5–10 mm around it (:func:`slab_hu`). Thick slices blur vessels and the diaphragm's dome
   into hazy density; with coarse pixels as well, the shipped v5 model marks five times the false lesion on the same
   lesion-free chests (``Training/results/thick-renderings-v5``).
+- ``coarse_reconstructions`` (a probability) renders a slice as such a coarse, thick scan shows it: a 5–10 mm slab
+  with 2.5–4 mm pixels (:func:`slab_hu`, then :func:`coarse_hu`), in HU before the inference preprocessing, as
+  ``CTChest4.nrrd`` (3 mm pixels, 10 mm slices) reaches the network.
 
 :class:`MixedSliceDataset` puts them beside the lesion slices at a chosen share of every epoch.
 """
@@ -32,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import SimpleITK as sitk
 from torch.utils.data import Dataset
@@ -130,6 +134,8 @@ def prepare_negative_case(case: NegativeCase, preprocessing: PreprocessingConfig
 
 THICK_SLICE_MM = (5.0, 10.0)  # slab thickness of --thick-slices, drawn uniformly: common thick reconstructions
 THICK_SLICES_STREAM = 13  # its random numbers are drawn apart from the augmentation's and the dependent density's
+COARSE_PIXEL_MM = (2.5, 4.0)  # pixel size of --coarse-reconstructions, drawn uniformly: 128² over a 320–510 mm field of view
+COARSE_RECONSTRUCTIONS_STREAM = 19  # its random numbers are drawn apart from the others'
 
 
 def slab_hu(hu: np.ndarray, z: int, slice_mm: float, thickness_mm: float, usable: np.ndarray) -> np.ndarray:
@@ -149,6 +155,18 @@ def slab_hu(hu: np.ndarray, z: int, slice_mm: float, thickness_mm: float, usable
     if len(offsets) == 1:
         return hu[z]
     return np.tensordot(weights / weights.sum(), hu[low : high + 1], axes=1).astype(np.float32)
+
+
+def coarse_hu(plane: np.ndarray, row_mm: float, pixel_mm: float) -> np.ndarray:
+    """float32 ``[n, n]``: the square HU plane ``plane[side, side]`` (pixels ``row_mm`` high) as a reconstruction with
+    ``pixel_mm`` pixels shows it, each new pixel the mean of the area it covers (``n`` = side × row_mm / pixel_mm,
+    rounded; the plane itself when that is not fewer pixels). Inference then resizes it to the network grid like
+    any slice, as it does a coarse scan's body box."""
+    side = plane.shape[-1]
+    pixels = max(1, round(side * row_mm / pixel_mm))
+    if pixels >= side:
+        return plane
+    return cv2.resize(plane.astype(np.float32), (pixels, pixels), interpolation=cv2.INTER_AREA)
 
 
 @dataclass(frozen=True)
@@ -199,8 +217,10 @@ class NegativeVolumeDataset(SliceDataset):
     """Every tumour-free axial slice of the lesion-free volumes in ``root``: patients in ``exclude_patients`` left
     out; if ``only_patients`` is given, only those. ``dependent_density``: the probability that an item is
     rendered with :func:`add_dependent_density`; ``thick_slices``: that it is rendered as a slab of
-    ``THICK_SLICE_MM`` (:func:`slab_hu`; with both, the density is added to the slab). Each is drawn from its own
-    stream of (seed, epoch, index), so the other augmentation draws stay as without it.
+    ``THICK_SLICE_MM`` (:func:`slab_hu`; with both, the density is added to the slab); ``coarse_reconstructions``: that
+    it is rendered as a slab of ``THICK_SLICE_MM`` with pixels of ``COARSE_PIXEL_MM`` (in place of a plain slab; any
+    density is added before the pixels are coarsened). Each is drawn from its own stream of (seed, epoch, index), so
+    the other augmentation draws stay as without it.
 
     Items are those of :class:`~.data.SliceDataset` with an all-zero lesion target.
     """
@@ -212,13 +232,16 @@ class NegativeVolumeDataset(SliceDataset):
         only_patients: Sequence[str] | None = None,
         dependent_density: float = 0.0,
         thick_slices: float = 0.0,
+        coarse_reconstructions: float = 0.0,
         **options,
     ):
         super().__init__(**options)
-        for name, value in (("dependent_density", dependent_density), ("thick_slices", thick_slices)):
+        renderings = {"dependent_density": dependent_density, "thick_slices": thick_slices,
+                      "coarse_reconstructions": coarse_reconstructions}
+        for name, value in renderings.items():
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} is a probability, got {value}")
-        self.dependent_density, self.thick_slices = dependent_density, thick_slices
+        self.dependent_density, self.thick_slices, self.coarse_reconstructions = dependent_density, thick_slices, coarse_reconstructions
         cases = read_negative_cases(root)
         unknown = sorted(set(exclude_patients).union(only_patients or ()) - {case.patient for case in cases})
         if unknown:
@@ -239,7 +262,7 @@ class NegativeVolumeDataset(SliceDataset):
                 self.images.append(image)
                 self.lungs.append(lung)
                 self.slices.append((case.case, int(z)))
-            if dependent_density > 0 or thick_slices > 0:
+            if any(renderings.values()):
                 self.volumes[case.case] = (volume, usable)
         self.cases = list(dict.fromkeys(case for case, _ in self.slices))
 
@@ -254,12 +277,18 @@ class NegativeVolumeDataset(SliceDataset):
             volume, usable = self.volumes[case]
             hu = None
             thick = np.random.default_rng((self.seed, self.epoch, index, THICK_SLICES_STREAM))
-            if thick.random() < self.thick_slices:
+            coarse = np.random.default_rng((self.seed, self.epoch, index, COARSE_RECONSTRUCTIONS_STREAM))
+            coarse_pixel_mm = coarse.uniform(*COARSE_PIXEL_MM) if coarse.random() < self.coarse_reconstructions else None
+            if coarse_pixel_mm is not None:
+                hu = slab_hu(volume.hu, z, volume.slice_mm, coarse.uniform(*THICK_SLICE_MM), usable)
+            elif thick.random() < self.thick_slices:
                 hu = slab_hu(volume.hu, z, volume.slice_mm, thick.uniform(*THICK_SLICE_MM), usable)
             dense = np.random.default_rng((self.seed, self.epoch, index, DEPENDENT_DENSITY_STREAM))
             if dense.random() < self.dependent_density and volume.hounsfield and volume.lung[z].any():
                 plane = volume.hu[z] if hu is None else hu
                 hu = plane + add_dependent_density(plane, volume.lung[z], volume.row_mm, dense)
+            if coarse_pixel_mm is not None:
+                hu = coarse_hu(hu, volume.row_mm, coarse_pixel_mm)
             if hu is not None:
                 image, _ = volume.render(z, hu)
         return image, np.zeros_like(lung), lung

@@ -528,7 +528,8 @@ def train_process(config: TrainConfig, resume: bool, context: DistributedContext
     if config.negatives_dir:
         not_trained = (*config.negative_holdout, *config.negative_validation)
         negatives = NegativeVolumeDataset(config.negatives_dir, exclude_patients=not_trained, **augmentation,
-                                          dependent_density=config.dependent_density, thick_slices=config.thick_slices, **options)
+                                          dependent_density=config.dependent_density, thick_slices=config.thick_slices,
+                                          coarse_reconstructions=config.coarse_reconstructions, **options)
         train_set = MixedSliceDataset(train_set, negatives, config.negative_fraction, config.seed)
         if context.is_main:
             logger.info("lesion-free slices: %d from %s, %d per epoch", len(negatives), ", ".join(negatives.cases),
@@ -849,6 +850,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="P",
         help="probability that a --negatives slice is shown as a thicker reconstruction: its HU averaged over a 5–10 mm slab (default 0)",
+    )
+    group.add_argument(
+        "--coarse-reconstructions",
+        type=float,
+        metavar="P",
+        help="probability that a --negatives slice is shown as a coarse, thick reconstruction: a 5–10 mm slab with 2.5–4 mm "
+        "pixels (default 0)",
     )
     group.add_argument(
         "--init-from", metavar="CHECKPOINT", help="start from this checkpoint's weights (file or registry name): fine-tuning; same network"
