@@ -237,9 +237,14 @@ def test_montage_shows_the_lesion_free_slices_and_their_dependent_density(tiny_d
     from COVIDLesionSegTraining.montage import main as montage_main
 
     assert montage_main(["--data", str(tiny_data), "--negatives", str(negatives_dir), "--output", str(tmp_path)]) == 0
-    pictures = {name: cv2.imread(str(tmp_path / name)) for name in ("orientation.png", "negatives.png", "dependent-density.png")}
+    names = ("orientation.png", "negatives.png", "dependent-density.png", "coarse-reconstructions.png")
+    pictures = {name: cv2.imread(str(tmp_path / name)) for name in names}
     assert all(picture is not None and picture.std() > 10 for picture in pictures.values())
-    assert pictures["dependent-density.png"].shape[1] == 8 * 128  # four pairs per lung-bearing case
+    assert pictures["dependent-density.png"].shape[1] == pictures["coarse-reconstructions.png"].shape[1] == 8 * 128  # four pairs
+    assert pictures["coarse-reconstructions.png"].shape == pictures["dependent-density.png"].shape  # the same slices
+    left_tiles = [pictures[name][:, :128] for name in ("dependent-density.png", "coarse-reconstructions.png")]
+    np.testing.assert_array_equal(*left_tiles)  # each pair's plain slice
+    assert not np.array_equal(pictures["coarse-reconstructions.png"], pictures["dependent-density.png"])
 
 
 def test_mixed_epochs_hold_the_chosen_share_of_negatives_drawn_anew_each_epoch(tiny_data, negatives_dir):

@@ -14,13 +14,15 @@ writes
   preprocessing with the body crop), with the derived classical lung mask in green; tiles of slices left
   out for a nearby tumour are crossed out in red;
 - ``dependent-density.png``: lung-bearing lesion-free slices as they are (left of each pair) and with the
-  synthetic dependent density that ``--dependent-density`` trains on (right), drawn with seed 0.
+  synthetic dependent density that ``--dependent-density`` trains on (right), drawn with seed 0;
+- ``coarse-reconstructions.png``: the same slices as they are and as ``--coarse-reconstructions`` shows them: a
+  5–10 mm slab with 2.5–4 mm pixels, drawn with seed 0.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import cv2
@@ -31,12 +33,17 @@ from COVIDLesionSegLib.preprocessing import PreprocessingConfig
 
 from .data import ManifestSliceDataset, read_manifest
 from .negatives import (
+    COARSE_PIXEL_MM,
+    COARSE_RECONSTRUCTIONS_STREAM,
     DEPENDENT_DENSITY_STREAM,
+    THICK_SLICE_MM,
     NegativeCase,
     PreparedNegative,
     add_dependent_density,
+    coarse_hu,
     prepare_negative_case,
     read_negative_cases,
+    slab_hu,
     tumour_free_slices,
 )
 
@@ -102,8 +109,11 @@ def negatives_montage(negatives: Sequence[tuple[NegativeCase, PreparedNegative]]
     return np.vstack(rows)
 
 
-def dependent_density_montage(negatives: Sequence[tuple[NegativeCase, PreparedNegative]], pairs_per_case: int = 4) -> np.ndarray:
-    """Per HU case with lung: ``pairs_per_case`` lung-bearing slices, each as is and with dependent density."""
+def rendering_montage(negatives: Sequence[tuple[NegativeCase, PreparedNegative]], label: str, stream: int,
+                      rendered_hu: Callable[[NegativeCase, PreparedNegative, int, np.random.Generator], np.ndarray],
+                      pairs_per_case: int = 4) -> np.ndarray:
+    """Per HU case with lung: ``pairs_per_case`` lung-bearing slices, each as is and as ``rendered_hu(case, volume, z, rng)``
+    (its HU, ``rng`` seeded with (0, 0, z, ``stream``)) makes it through the inference preprocessing, tiled ``label``."""
     rows = []
     for case, volume in negatives:
         with_lung = np.flatnonzero(volume.lung.sum(axis=(1, 2)) > 0.05 * volume.lung[0].size)
@@ -111,12 +121,24 @@ def dependent_density_montage(negatives: Sequence[tuple[NegativeCase, PreparedNe
             continue
         tiles = []
         for z in with_lung[np.linspace(0, len(with_lung) - 1, pairs_per_case).round().astype(int)]:
-            rng = np.random.default_rng((0, 0, int(z), DEPENDENT_DENSITY_STREAM))
             plain, _ = volume.render(z)
-            dense, _ = volume.render(z, volume.hu[z] + add_dependent_density(volume.hu[z], volume.lung[z], volume.row_mm, rng))
-            tiles += [tile(plain, label=f"{case.case} z{z}"), tile(dense, label="+ dependent")]
+            changed, _ = volume.render(z, rendered_hu(case, volume, int(z), np.random.default_rng((0, 0, int(z), stream))))
+            tiles += [tile(plain, label=f"{case.case} z{z}"), tile(changed, label=label)]
         rows.append(np.hstack(tiles))
     return np.vstack(rows)
+
+
+def with_dependent_density(case: NegativeCase, volume: PreparedNegative, z: int, rng: np.random.Generator) -> np.ndarray:
+    """Slice ``z``'s HU with synthetic dependent density (``--dependent-density``)."""
+    return volume.hu[z] + add_dependent_density(volume.hu[z], volume.lung[z], volume.row_mm, rng)
+
+
+def as_coarse_reconstruction(case: NegativeCase, volume: PreparedNegative, z: int, rng: np.random.Generator) -> np.ndarray:
+    """Slice ``z`` as ``--coarse-reconstructions`` renders it: a slab of ``THICK_SLICE_MM`` (never reaching a tumour
+    slice) with pixels of ``COARSE_PIXEL_MM``."""
+    pixel_mm, thickness_mm = rng.uniform(*COARSE_PIXEL_MM), rng.uniform(*THICK_SLICE_MM)
+    slab = slab_hu(volume.hu, z, volume.slice_mm, thickness_mm, tumour_free_slices(case, len(volume.hu)))
+    return coarse_hu(slab, volume.row_mm, pixel_mm)
 
 
 def write_png(image: np.ndarray, path: Path) -> None:
@@ -130,14 +152,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, required=True, help="the covid19-ct-seg-20cases-png256 folder")
     parser.add_argument("--negatives", type=Path, help="the chest-ct-hu-no-covid folder")
     parser.add_argument("--field-of-view", default="body", choices=("full", "body"), help="the recipe's field of view (default body)")
-    parser.add_argument("--output", type=Path, required=True, help="folder for orientation.png (and negatives.png, dependent-density.png)")
+    parser.add_argument("--output", type=Path, required=True, help="folder for orientation.png (and negatives.png, dependent-density.png, "
+                        "coarse-reconstructions.png)")
     args = parser.parse_args(argv)
     preprocessing = PreprocessingConfig(field_of_view=args.field_of_view)
     write_png(orientation_montage(args.data, preprocessing), args.output / "orientation.png")
     if args.negatives:
         negatives = prepared_negatives(args.negatives, preprocessing)
         write_png(negatives_montage(negatives), args.output / "negatives.png")
-        write_png(dependent_density_montage(negatives), args.output / "dependent-density.png")
+        write_png(rendering_montage(negatives, "+ dependent", DEPENDENT_DENSITY_STREAM, with_dependent_density),
+                  args.output / "dependent-density.png")
+        write_png(rendering_montage(negatives, "coarse, thick", COARSE_RECONSTRUCTIONS_STREAM, as_coarse_reconstruction),
+                  args.output / "coarse-reconstructions.png")
     return 0
 
 
